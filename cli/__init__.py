@@ -1,0 +1,1 @@
+"""The ``fdcache`` command line (typer): parse, call one library function, print."""

@@ -1,0 +1,181 @@
+"""``fdcache`` commands. Each parses its options, calls one library function and prints;
+library errors (:class:`fdcache.errors.FdcacheError`) become a message and an exit code."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fdcache.errors import FdcacheError, VerifyError
+
+app = typer.Typer(
+    name="fdcache", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="Cache a CLIP teacher's feature maps once; train feature-distillation students fast.")
+out = Console()
+err = Console(stderr=True)
+
+
+def _fail(e: FdcacheError) -> None:
+    err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+    for p in getattr(e, "problems", []):
+        err.print(f"  - {p}", highlight=False, soft_wrap=True)
+    raise typer.Exit(e.exit_code)
+
+
+def handles_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FdcacheError as e:
+            _fail(e)
+    return wrapper
+
+
+@app.command()
+@handles_errors
+def extract(
+    data: Path = typer.Argument(..., help="Image folder (ImageFolder layout root/<class>/<image>)."),
+    out_: str = typer.Option(..., "--out", "-o", help="Store path or fsspec URL (Zarr v3 group)."),
+    teacher: str = typer.Option(..., help="open_clip name (ViT-B-16), openclip:<name> or timm:<name>."),
+    pretrained: Optional[str] = typer.Option(None, help="open_clip/timm weight tag (openai) or a local checkpoint path."),
+    random_init: bool = typer.Option(False, "--random-init", help="Seeded random teacher (tests, benchmarks)."),
+    init_seed: int = typer.Option(0, help="Seed of --random-init weights (recorded in the store)."),
+    seeds: int = typer.Option(1, help="Augmentation seeds (views per image); raise later to append."),
+    resolution: Optional[int] = typer.Option(None, help="Teacher input size (default: the model's)."),
+    codec: str = typer.Option("fp16", help="Target codec: fp16 (lossless vs the teacher) or int8 (per-token scale/offset)."),
+    compressor: str = typer.Option("zstd", help="Lossless compressor under the codec: zstd or none."),
+    batch_size: int = typer.Option(64, help="Teacher batch size."),
+    shard_size: int = typer.Option(128, help="Samples per shard (the unit of writing and resuming)."),
+    global_seed: int = typer.Option(0, help="Seed of the view generator."),
+    views: str = typer.Option("rrc", help="View policy: rrc (RandomResizedCrop 0.08-1 + flip, as FD) or full."),
+    file_list: Optional[Path] = typer.Option(None, help="Text file of 'relative/path [label]' lines under DATA instead of an ImageFolder."),
+    skip_bad: bool = typer.Option(False, help="Record unreadable images as skipped instead of stopping."),
+    overwrite: bool = typer.Option(False, help="Replace an existing store made differently."),
+    threads: int = typer.Option(4, help="DALI decoder threads."),
+    device: str = typer.Option("auto", help="auto | cuda | cpu."),
+):
+    """Run the teacher on recorded crop views of every image and store its feature maps.
+
+    Resumable (re-run the same command), appendable (raise --seeds), and sharded over
+    processes with `torchrun --nproc-per-node N -m fdcache extract ...`.
+    """
+    from fdcache.codecs import CodecSpec
+    from fdcache.extract import ExtractConfig, extract as run
+    from fdcache.views import ViewPolicy
+
+    cfg = ExtractConfig(data=str(data), out=out_, teacher=teacher, pretrained=pretrained,
+                        random_init=random_init, init_seed=init_seed, resolution=resolution,
+                        seeds=seeds, codec=_spec(CodecSpec, name=codec, compressor=compressor),
+                        policy=_spec(ViewPolicy, kind=views), batch_size=batch_size,
+                        shard_size=shard_size, global_seed=global_seed,
+                        file_list=str(file_list) if file_list else None, skip_bad=skip_bad,
+                        overwrite=overwrite, num_threads=threads, device=device,
+                        progress=sys.stderr.isatty())
+    r = run(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        out.print(f"extracted {r.samples} sample-views in {r.shards} shard(s) "
+                  f"({r.already_done} shard(s) already done) in {r.seconds:.1f}s, "
+                  f"{r.images_per_s:.1f} img/s -> {r.store}")
+        if r.skipped:
+            err.print(f"[yellow]skipped {len(r.skipped)} unreadable image(s)[/] (recorded in the store): "
+                      + ", ".join(r.skipped[:10]))
+
+
+def _spec(cls, **kw):
+    try:
+        return cls(**kw)
+    except ValueError as e:
+        raise typer.BadParameter(str(e))
+
+
+@app.command("inspect")
+@handles_errors
+def inspect_(store: str = typer.Argument(..., help="Store path or URL."),
+             as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
+    """Teacher, shapes, codec, bytes per sample-view, compression ratio, completeness."""
+    from fdcache.inspection import inspect_store
+
+    r = inspect_store(store)
+    if as_json:
+        print(json.dumps(r, indent=2))
+        return
+    t = r["teacher"]
+    table = Table(title=f"fdcache store {store}", show_header=False)
+    table.add_row("teacher", t["label"])
+    table.add_row("feature map", f"{t['tokens']} tokens ({t['prefix_tokens']} prefix) x {t['dim']} dims, "
+                  f"patch {t['patch']}, {t['layer']} layer, post-norm={t['post_norm']}")
+    table.add_row("weights sha256", t["weights_sha256"][:16] + "...")
+    table.add_row("shape [S, N, L, D]", str(list(r["shape"].values())))
+    table.add_row("view policy", json.dumps(r["view_policy"]))
+    table.add_row("codec", json.dumps(r["codec"]))
+    table.add_row("bytes / sample-view", f"{r['bytes_per_sample_view']:,.0f} (raw fp16 "
+                  f"{r['raw_fp16_bytes_per_sample_view']:,}; ratio "
+                  f"{r['compression_ratio'] or 0:.2f}x)")
+    table.add_row("stored", f"{r['bytes_stored'] / 1e6:,.2f} MB")
+    for c in r["completeness"]:
+        table.add_row(f"seed {c['seed']}", f"{c['shards_done']}/{c['shards']} shards, "
+                      f"{c['samples_done']} samples, {c['skipped']} skipped")
+    out.print(table)
+
+
+@app.command()
+@handles_errors
+def verify(store: str = typer.Argument(..., help="Store path or URL."),
+           data: Optional[Path] = typer.Option(None, help="Image folder, if moved since extraction."),
+           no_files: bool = typer.Option(False, help="Skip the image-folder check.")):
+    """Read and checksum every chunk, check completeness and that the images still match.
+
+    Exit 0 when the store is whole, 1 naming each problem otherwise."""
+    from fdcache.inspection import verify_store
+
+    r = verify_store(store, data=data, check_files=not no_files)
+    out.print(f"[green]ok[/]: {r['shards_checked']} shard(s) of {r['seeds']} seed(s) x "
+              f"{r['samples']} samples checksummed; {r['files_checked']} image file(s) unchanged")
+
+
+@app.command()
+@handles_errors
+def quickstart(workdir: Optional[Path] = typer.Option(None, help="Where to put images and store (default: a temp dir)."),
+               images: int = typer.Option(24, help="Synthetic images to generate.")):
+    """A minute-long tour on CPU: make images, extract with a tiny random teacher, inspect, verify."""
+    from fdcache.extract import ExtractConfig, extract as run
+    from fdcache.inspection import verify_store
+    from fdcache.samples import make_image_folder
+    from fdcache.teachers import TINY_TEACHER
+
+    root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fdcache-quickstart-"))
+    data, store = root / "images", str(root / "teacher.zarr")
+    t0 = time.perf_counter()
+    make_image_folder(data, classes=3, per_class=max(1, images // 3))
+    out.print(f"1. made {images} images in 3 classes under {data}")
+    cfg = ExtractConfig(data=str(data), out=store, teacher=TINY_TEACHER, random_init=True,
+                        seeds=2, batch_size=8, shard_size=8, overwrite=True, progress=False)
+    r = run(cfg)
+    out.print(f"2. extract: {r.samples} sample-views (2 seeds) from random-init {TINY_TEACHER} "
+              f"in {r.seconds:.1f}s -> {store}")
+    out.print(f"   (same as: fdcache extract {data} --out {store} --teacher {TINY_TEACHER} "
+              "--random-init --seeds 2 --batch-size 8 --shard-size 8)")
+    out.print("3. inspect:")
+    inspect_(store, as_json=False)
+    v = verify_store(store)
+    out.print(f"4. verify: ok, {v['shards_checked']} shards checksummed")
+    out.print(f"done in {time.perf_counter() - t0:.1f}s")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from fdcache.cli.app import main
+
+main()

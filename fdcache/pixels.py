@@ -1,0 +1,200 @@
+"""The one pixel path: encoded file + recorded view -> normalized CHW float tensor.
+
+Extraction and training both call :func:`pixel_pipeline`; the teacher and the student see
+the same pixels. DALI decodes only the recorded window (``fn.decoders.image_slice``,
+EXIF-oriented coordinates), resizes it to the model resolution with an antialiased
+triangle filter, flips and normalizes. ``device="gpu"`` decodes with ``mixed`` (nvJPEG)
+and runs the rest on the GPU; ``device="cpu"`` uses CPU operators and needs no GPU.
+
+:func:`reference_pixels` is an independent PIL + NumPy implementation of the same maths,
+used by tests and ``fdcache verify --recompute`` to check the store without DALI.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .errors import BadImageError, DataError
+
+
+def _placeholder_png() -> np.ndarray:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (128, 128, 128)).save(buf, format="PNG")
+    return np.frombuffer(buf.getvalue(), dtype=np.uint8).copy()
+
+
+PLACEHOLDER = _placeholder_png()
+PLACEHOLDER_WINDOW = np.array([0, 0, 8, 8], dtype=np.int32)  # x, y, w, h
+
+
+@dataclass
+class ViewBatches:
+    """The work list of a pipeline: batches of (file, view) pairs, read in order.
+
+    ``batches[k]`` holds indices into ``files`` and ``views[k]`` their views, int32
+    ``[b, 5]`` (y, x, h, w, flip). Files listed in ``skip`` are fed a placeholder image
+    (their outputs are recorded as skipped, never used). Picklable, so it can run in
+    DALI's parallel (spawned) workers.
+    """
+
+    files: Sequence[str]
+    batches: list[np.ndarray]
+    views: list[np.ndarray]
+    skip: frozenset[int] = frozenset()
+
+    def __call__(self, iteration: int):
+        if iteration >= len(self.batches):
+            raise StopIteration
+        encoded, windows, flips = [], [], []
+        for r, view in zip(self.batches[iteration], self.views[iteration]):
+            r = int(r)
+            y, x, h, w, flip = (int(v) for v in view)
+            if r in self.skip:
+                encoded.append(PLACEHOLDER); windows.append(PLACEHOLDER_WINDOW)
+                flips.append(np.array(0, np.int32))
+                continue
+            try:
+                encoded.append(np.fromfile(self.files[r], dtype=np.uint8))
+            except OSError as e:
+                raise DataError(f"cannot read {self.files[r]}: {e.strerror or e}") from e
+            windows.append(np.array([x, y, w, h], dtype=np.int32))
+            flips.append(np.array(flip, dtype=np.int32))
+        return encoded, windows, flips
+
+
+def dali_device() -> str:
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def pixel_pipeline(source: Callable, *, batch_size: int, resolution: int,
+                   mean: Sequence[float], std: Sequence[float], device: str = "cpu",
+                   num_threads: int = 4, device_id: int | None = None, prefetch: int = 2,
+                   parallel: bool = False, py_workers: int = 2):
+    """Build the DALI pipeline. ``source(iteration)`` returns (encoded, windows, flips)
+    lists for one batch (see :class:`ViewBatches`); mean/std are in [0, 1] units."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    if device not in ("cpu", "gpu"):
+        raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
+    if device == "gpu" and device_id is None:
+        device_id = torch.cuda.current_device()
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads,
+                  device_id=device_id if device == "gpu" else None,
+                  prefetch_queue_depth=prefetch, exec_dynamic=True,
+                  py_num_workers=py_workers, py_start_method="spawn")
+    def pipe():
+        encoded, window, flip = fn.external_source(
+            source=source, num_outputs=3, batch=True, parallel=parallel,
+            dtype=[types.UINT8, types.INT32, types.INT32], ndim=[1, 1, 0])
+        decoder_kw = {"hw_decoder_load": 0.65, "jpeg_fancy_upsampling": True} if device == "gpu" else {}
+        img = fn.decoders.image_slice(
+            encoded, window[0:2], window[2:4], normalized_anchor=False, normalized_shape=False,
+            output_type=types.RGB, device="mixed" if device == "gpu" else "cpu", **decoder_kw)
+        img = fn.resize(img, size=[resolution, resolution], interp_type=types.INTERP_LINEAR,
+                        antialias=True, subpixel_scale=False, dtype=types.FLOAT)
+        return fn.crop_mirror_normalize(
+            img, mirror=flip, mean=[255.0 * m for m in mean], std=[255.0 * s for s in std],
+            output_layout="CHW", dtype=types.FLOAT)
+
+    p = pipe()
+    p.build()
+    return p
+
+
+def find_undecodable(files: Sequence[str]) -> list[str]:
+    """Files among ``files`` that PIL cannot fully decode (DALI's batch errors name none)."""
+    bad = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im.load()
+        except Exception:
+            bad.append(f)
+    return bad
+
+
+class PixelStream:
+    """Iterate a :class:`ViewBatches` through :func:`pixel_pipeline`, yielding
+    ``(batch_index, images)`` with images a float32 ``[b, 3, R, R]`` torch tensor on the
+    pipeline's device. A decode failure raises :class:`BadImageError` naming the files."""
+
+    def __init__(self, work: ViewBatches, *, root_len: int = 0, **pipeline_kw):
+        self.work = work
+        self.root_len = root_len
+        max_batch = max((len(b) for b in work.batches), default=1)
+        self.pipe = pixel_pipeline(work, batch_size=max_batch, **pipeline_kw)
+        self.device = pipeline_kw.get("device", "cpu")
+
+    def __iter__(self):
+        for k in range(len(self.work.batches)):
+            try:
+                (out,) = self.pipe.run()
+            except StopIteration:
+                return
+            except RuntimeError as e:
+                raise self._explain(k, e) from e
+            yield k, self._to_torch(out)
+
+    def _to_torch(self, out) -> torch.Tensor:
+        t = out.as_tensor()
+        x = torch.from_dlpack(t)
+        return x.clone()  # DALI reuses its buffers on the next run
+
+    def _explain(self, k: int, err: RuntimeError) -> Exception:
+        # The failing batch is the one requested or one already prefetched after it.
+        rows = np.concatenate(self.work.batches[k:k + 3]) if self.work.batches[k:k + 3] else []
+        files = [self.work.files[int(r)] for r in rows if int(r) not in self.work.skip]
+        bad = find_undecodable(files)
+        if not bad:
+            return DataError(f"DALI failed on batch {k} and no file in it fails to decode with "
+                             f"PIL; DALI said: {str(err).splitlines()[0][:500]}")
+        names = [f[self.root_len:] for f in bad]
+        return BadImageError(
+            f"cannot decode {len(bad)} image(s): {', '.join(names[:5])}"
+            f"{' ...' if len(names) > 5 else ''}. Remove or fix them, or pass --skip-bad "
+            "to record them as skipped.", names)
+
+
+
+# ---------------------------------------------------------------------------------------
+# Independent reference (PIL + NumPy): the same maths as the pipeline, no DALI.
+
+def _resize_weights(n_in: int, n_out: int) -> np.ndarray:
+    """Antialiased triangle filter ``[n_out, n_in]`` with edge clamping (DALI's border
+    rule; torchvision instead renormalizes the cut-off weights, which differs at edges)."""
+    s = n_in / n_out
+    support = max(s, 1.0)
+    W = np.zeros((n_out, n_in), np.float64)
+    for i in range(n_out):
+        c = (i + 0.5) * s
+        js = np.arange(int(np.floor(c - support)), int(np.ceil(c + support)) + 1)
+        w = np.maximum(0.0, 1.0 - np.abs((js + 0.5 - c) / support))
+        w /= w.sum()
+        np.add.at(W[i], np.clip(js, 0, n_in - 1), w)
+    return W
+
+
+def load_oriented_rgb(path: str) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+
+
+def reference_pixels(path: str, view: Sequence[int], resolution: int,
+                     mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """``[3, R, R]`` float32 pixels of ``view`` = (y, x, h, w, flip) of the image at ``path``."""
+    y, x, h, w, flip = (int(v) for v in view)
+    img = load_oriented_rgb(path)[y:y + h, x:x + w].astype(np.float64)
+    out = np.einsum("ih,hwc,jw->cij", _resize_weights(h, resolution), img,
+                    _resize_weights(w, resolution))
+    if flip:
+        out = out[:, :, ::-1]
+    m = np.asarray(mean, np.float64)[:, None, None] * 255.0
+    s = np.asarray(std, np.float64)[:, None, None] * 255.0
+    return ((out - m) / s).astype(np.float32)

@@ -1,0 +1,218 @@
+"""Teachers: an open_clip or timm image tower that maps images to its final token map.
+
+Feature map = the last transformer block's tokens after the model's final norm (CLIP
+``ln_post``), CLS (and any other prefix tokens) included, before the projection, as in
+FD's reference code. A :class:`TeacherSpec` describes it and is stored in the cache, so a
+cache can only be read with the teacher that wrote it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import TeacherError
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+TINY_TEACHER = "fdcache-tiny-vit"  # random-init test teacher shipped with the package
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    source: str  # "openclip" | "timm"
+    name: str
+    pretrained: str | None  # tag, local checkpoint file name, or None (random init)
+    init_seed: int | None
+    resolution: int
+    patch: int
+    tokens: int  # incl. prefix tokens (CLS)
+    prefix_tokens: int
+    dim: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    weights_sha256: str
+    layer: str = "final"
+    post_norm: bool = True
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TeacherSpec":
+        d = dict(d)
+        d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
+        return cls(**d)
+
+    @property
+    def label(self) -> str:
+        weights = self.pretrained or f"random-init(seed={self.init_seed})"
+        return f"{self.source}:{self.name}/{weights}@{self.resolution}"
+
+
+def parse_teacher_name(name: str) -> tuple[str, str]:
+    """``ViT-B-16`` / ``openclip:ViT-B-16`` -> open_clip; ``timm:<name>`` -> timm."""
+    if ":" in name:
+        source, _, model = name.partition(":")
+        source = {"open_clip": "openclip", "oc": "openclip"}.get(source, source)
+        if source not in ("openclip", "timm"):
+            raise TeacherError(f"unknown teacher source {source!r} in {name!r}; "
+                               "use openclip:<name> or timm:<name>")
+        return source, model
+    return "openclip", name
+
+
+def _register_configs() -> None:
+    import open_clip
+    if TINY_TEACHER not in open_clip.list_models():
+        open_clip.add_model_config(CONFIG_DIR)
+
+
+def weights_sha256(module: nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes() if v.dtype != torch.bfloat16
+                 else v.detach().cpu().float().numpy().tobytes())
+    return h.hexdigest()
+
+
+class Teacher(nn.Module):
+    """``forward(images [B,3,R,R]) -> tokens [B, L, D]`` in eval mode, under no_grad."""
+
+    def __init__(self, features: nn.Module, fn, spec: TeacherSpec | None = None):
+        super().__init__()
+        self.model = features
+        self._fn = fn
+        self.spec = spec
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.is_cuda:
+            with torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16):
+                return self._fn(self.model, images)
+        return self._fn(self.model, images)
+
+
+def _openclip_tokens(visual, x):
+    x = visual._embeds(x)
+    x = visual.transformer(x)
+    return visual.ln_post(x)
+
+
+def _trunk_tokens(visual, x):
+    return visual.trunk.forward_features(x)
+
+
+def _timm_tokens(model, x):
+    return model.forward_features(x)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None):
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        yield
+
+
+def load_teacher(name: str, pretrained: str | None = None, *, random_init: bool = False,
+                 resolution: int | None = None, init_seed: int = 0,
+                 device: str | torch.device = "cpu") -> Teacher:
+    """Build the teacher. ``pretrained`` is an open_clip tag (``openai``), a timm tag, or a
+    local checkpoint path; without it ``random_init=True`` must be said explicitly."""
+    if pretrained is None and not random_init:
+        raise TeacherError(f"teacher {name!r}: give --pretrained TAG|PATH (e.g. openai) or "
+                           "--random-init for a seeded random teacher (tests, benchmarks)")
+    if pretrained is not None and random_init:
+        raise TeacherError("--pretrained and --random-init exclude each other")
+    source, model_name = parse_teacher_name(name)
+    local = pretrained is not None and os.path.exists(pretrained)
+    with _seeded(init_seed if random_init else None):
+        if source == "openclip":
+            features, fn, mean, std, patch = _build_openclip(model_name, pretrained, resolution)
+        else:
+            features, fn, mean, std, patch = _build_timm(model_name, pretrained, local, resolution)
+    features.eval().requires_grad_(False)
+    res = resolution or _native_resolution(features)
+    with torch.no_grad():
+        probe = fn(features, torch.zeros(1, 3, res, res))
+    if probe.ndim != 3:
+        raise TeacherError(f"teacher {name!r} returns features of shape {tuple(probe.shape)}; "
+                           "only token maps [B, L, D] (ViT-style) are supported")
+    tokens, dim = probe.shape[1], probe.shape[2]
+    grid = (res // patch) ** 2
+    spec = TeacherSpec(
+        source=source, name=model_name,
+        pretrained=(Path(pretrained).name if local else pretrained),
+        init_seed=init_seed if random_init else None, resolution=res, patch=patch,
+        tokens=tokens, prefix_tokens=tokens - grid, dim=dim,
+        mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std),
+        weights_sha256=weights_sha256(features))
+    teacher = Teacher(features, fn, spec)
+    return teacher.to(device)
+
+
+def _native_resolution(features: nn.Module) -> int:
+    size = getattr(features, "image_size", None) or getattr(getattr(features, "patch_embed", None), "img_size", None)
+    if size is None and hasattr(features, "trunk"):
+        size = features.trunk.patch_embed.img_size
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def _build_openclip(model_name, pretrained, resolution):
+    import open_clip
+    from open_clip.transformer import VisionTransformer
+
+    _register_configs()
+    if model_name not in open_clip.list_models():
+        raise TeacherError(f"unknown open_clip model {model_name!r}; see open_clip.list_models() "
+                           f"(e.g. ViT-B-16, ViT-L-14) or use timm:<name>")
+    kw = {"force_image_size": resolution} if resolution else {}
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
+    try:
+        model = open_clip.create_model(model_name, pretrained=pretrained, **kw)
+    except RuntimeError as e:
+        raise TeacherError(f"cannot load open_clip {model_name!r} with pretrained={pretrained!r}: "
+                           f"{e}. Known tags: {open_clip.list_pretrained_tags_by_model(model_name)}; "
+                           "or pass a local checkpoint path") from e
+    visual = model.visual
+    mean = getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+    std = getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
+    if isinstance(visual, VisionTransformer):
+        if visual.attn_pool is not None or visual.final_ln_after_pool:
+            raise TeacherError(f"{model_name}: attention-pooled / ln-after-pool towers have no "
+                               "post-norm token map; pick a plain CLIP ViT")
+        patch = visual.patch_size[0]
+        return visual, _openclip_tokens, mean, std, patch
+    if hasattr(visual, "trunk") and hasattr(visual.trunk, "forward_features"):
+        return visual, _trunk_tokens, mean, std, visual.trunk.patch_embed.patch_size[0]
+    raise TeacherError(f"{model_name}: image tower {type(visual).__name__} is not a ViT")
+
+
+def _build_timm(model_name, pretrained, local, resolution):
+    import timm
+
+    kw = {"num_classes": 0}
+    if resolution:
+        kw["img_size"] = resolution
+    full = model_name
+    if pretrained and not local:
+        full = f"{model_name}.{pretrained}" if "." not in model_name else model_name
+    try:
+        if local:
+            kw["pretrained_cfg_overlay"] = {"file": str(pretrained)}
+        model = timm.create_model(full, pretrained=bool(pretrained), **kw)
+    except RuntimeError as e:
+        raise TeacherError(f"cannot create timm model {full!r}: {e}") from e
+    cfg = model.pretrained_cfg
+    patch = getattr(model.patch_embed, "patch_size", (16,))[0] if hasattr(model, "patch_embed") else 1
+    return model, _timm_tokens, cfg.get("mean"), cfg.get("std"), patch

@@ -1,0 +1,219 @@
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tree_bytes
+from fdcache.codecs import CodecSpec, whitened_error
+from fdcache.errors import BadImageError, StoreError, StoreMismatchError, VerifyError
+from fdcache.extract import ExtractConfig, extract
+from fdcache.inspection import inspect_store, verify_store
+from fdcache.pixels import reference_pixels
+from fdcache.store import Store
+from fdcache.teachers import TINY_TEACHER
+
+
+def cfg(data, out, **kw) -> ExtractConfig:
+    base = dict(teacher=TINY_TEACHER, random_init=True, seeds=2, batch_size=4, shard_size=4,
+                progress=False, num_threads=2)
+    base.update(kw)
+    return ExtractConfig(data=str(data), out=str(out), **base)
+
+
+@pytest.fixture(scope="module")
+def fp16_store(image_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("s") / "fp16.zarr"
+    extract(cfg(image_root, out))
+    return out
+
+
+def _recompute(store: Store, teacher, seed: int, i: int) -> torch.Tensor:
+    m = store.manifest()
+    px = reference_pixels(m.abspath(i), store.views(seed)[i], teacher.spec.resolution,
+                          teacher.spec.mean, teacher.spec.std)
+    return teacher(torch.from_numpy(px)[None])[0]
+
+
+def test_stored_fp16_targets_equal_the_teacher_recomputed_from_the_file(fp16_store, tiny_teacher):
+    store = Store.open(str(fp16_store))
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for _ in range(8):
+        s, i = int(rng.integers(2)), int(rng.integers(18))
+        ref, got = _recompute(store, tiny_teacher, s, i), store.read(s, i, i + 1)[0]
+        # fp16 rounding: half an ulp is 2**-11 of the value; pixels agree to ~1e-5.
+        rel = ((got - ref).abs() / ref.abs().clamp_min(1e-2)).max().item()
+        worst = max(worst, rel)
+        torch.testing.assert_close(got, ref.half().float(), rtol=2e-3, atol=2e-3)
+    print(f"max relative error vs recomputed teacher (fp16): {worst:.2e}")
+
+
+def test_int8_store_error_after_whitening_is_under_one_percent(image_root, tmp_path, tiny_teacher):
+    out = tmp_path / "int8.zarr"
+    extract(cfg(image_root, out, seeds=1, codec=CodecSpec("int8")))
+    store = Store.open(str(out))
+    assert store.group["targets"].dtype == np.int8
+    refs = torch.stack([_recompute(store, tiny_teacher, 0, i) for i in range(18)])
+    err = whitened_error(refs, store.read(0, 0, 18))
+    print(f"int8 error after whitening-LN: rel L2 {err['rel_l2']:.4f}, cosine {err['cosine']:.6f}")
+    assert err["rel_l2"] < 0.01
+
+
+def test_store_layout_views_and_attributes(fp16_store, tiny_teacher):
+    store = Store.open(str(fp16_store))
+    g = store.group
+    assert g["targets"].shape == (2, 18, 17, 64) and g["targets"].dtype == np.float16
+    assert g["views"].shape == (2, 18, 5) and g["done"][:].all()
+    info = g.attrs["fdcache"]
+    assert info["teacher"]["weights_sha256"] == tiny_teacher.spec.weights_sha256
+    assert info["codec"]["name"] == "fp16" and info["view_policy"]["kind"] == "rrc"
+    from fdcache.views import sample_view
+    m = store.manifest()
+    assert tuple(store.views(1)[5]) == sample_view(0, 1, 5, int(m.widths[5]), int(m.heights[5]))
+
+
+def test_inspect_reports_bytes_ratio_and_completeness(fp16_store):
+    r = inspect_store(str(fp16_store))
+    assert r["shape"] == {"seeds": 2, "samples": 18, "tokens": 17, "dim": 64}
+    assert r["raw_fp16_bytes_per_sample_view"] == 17 * 64 * 2
+    assert r["bytes_per_sample_view"] == pytest.approx(r["bytes_stored"] / 36)
+    assert r["completeness"][1] == {"seed": 1, "shards_done": 5, "shards": 5, "samples_done": 18, "skipped": 0}
+    json.dumps(r)
+
+
+def test_write_error_mid_run_keeps_the_store_resumable_and_resume_is_byte_identical(
+        image_root, tmp_path, fp16_store, monkeypatch):
+    out = tmp_path / "crash.zarr"
+    real, calls = Store.write_shard, []
+
+    def failing(self, seed, k, arrays, skipped):
+        calls.append((seed, k))
+        if len(calls) == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, seed, k, arrays, skipped)
+
+    monkeypatch.setattr(Store, "write_shard", failing)
+    with pytest.raises(StoreError, match="No space left.*re-run the same command"):
+        extract(cfg(image_root, out, writers=1))
+    monkeypatch.setattr(Store, "write_shard", real)
+    assert 0 < Store.open(str(out)).done().sum() < 10
+    with pytest.raises(VerifyError, match="problem"):
+        verify_store(str(out))
+    r = extract(cfg(image_root, out))
+    assert r.already_done >= 3 and r.shards <= 7
+    assert tree_bytes(out) == tree_bytes(fp16_store)
+
+
+def test_sigkill_mid_run_then_resume_is_byte_identical(image_root, tmp_path):
+    args = [sys.executable, "-m", "fdcache", "extract", str(image_root), "--teacher", TINY_TEACHER,
+            "--random-init", "--seeds", "6", "--batch-size", "2", "--shard-size", "2", "--threads", "1"]
+    ref = tmp_path / "ref.zarr"
+    subprocess.run(args + ["--out", str(ref)], check=True, capture_output=True)
+    out = tmp_path / "killed.zarr"
+    proc = subprocess.Popen(args + ["--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if len(list((out / "done").rglob("c/*/*"))) >= 3:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = Store.open(str(out)).done()
+    assert 0 < done.sum() < done.size, "the kill must land mid-run"
+    subprocess.run(args + ["--out", str(out)], check=True, capture_output=True)
+    assert tree_bytes(out) == tree_bytes(ref)
+
+
+def test_raising_seeds_appends_and_equals_a_fresh_run(image_root, tmp_path, fp16_store):
+    out = tmp_path / "grow.zarr"
+    extract(cfg(image_root, out, seeds=1))
+    r = extract(cfg(image_root, out, seeds=2))
+    assert r.already_done == 5 and r.shards == 5
+    assert tree_bytes(out) == tree_bytes(fp16_store)
+
+
+def test_two_process_torchrun_equals_one_process(image_root, tmp_path, fp16_store):
+    out = tmp_path / "ddp.zarr"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "fdcache", "extract", str(image_root), "--out", str(out), "--teacher", TINY_TEACHER,
+           "--random-init", "--seeds", "2", "--batch-size", "4", "--shard-size", "4", "--threads", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert tree_bytes(out) == tree_bytes(fp16_store)
+
+
+@pytest.mark.parametrize("change,field", [
+    (dict(init_seed=1), "teacher.weights_sha256"),
+    (dict(codec=CodecSpec("int8")), "codec"),
+    (dict(global_seed=5), "global_seed"),
+])
+def test_existing_store_from_another_teacher_or_policy_is_refused(image_root, tmp_path, change, field):
+    out = tmp_path / "s.zarr"
+    extract(cfg(image_root, out, seeds=1))
+    before = tree_bytes(out)
+    with pytest.raises(StoreMismatchError, match=field.replace(".", r"\.")):
+        extract(cfg(image_root, out, seeds=1, **change))
+    assert tree_bytes(out) == before  # nothing lost
+    extract(cfg(image_root, out, seeds=1, overwrite=True, **change))
+    assert Store.open(str(out)).info.global_seed == change.get("global_seed", 0)
+
+
+def test_store_from_another_dataset_is_refused(images, tmp_path):
+    out = tmp_path / "s.zarr"
+    extract(cfg(images, out, seeds=1))
+    victim = next((images / "class_002").iterdir())
+    victim.unlink()
+    with pytest.raises(StoreMismatchError, match="dataset"):
+        extract(cfg(images, out, seeds=1))
+
+
+def test_undecodable_image_stops_naming_it_and_skip_bad_records_it(images, tmp_path, tiny_teacher):
+    victim = sorted((images / "class_001").glob("*.jpg"))[0]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 3])
+    rel = victim.relative_to(images).as_posix()
+    out = tmp_path / "bad.zarr"
+    with pytest.raises(BadImageError, match=rel):
+        extract(cfg(images, out, seeds=1))
+    r = extract(cfg(images, out, seeds=1, skip_bad=True))
+    assert r.skipped == [rel]
+    store = Store.open(str(out))
+    i = store.manifest().paths.index(rel)
+    assert store.skipped(0)[i] and store.skipped(0).sum() == 1
+    assert not store.read(0, i, i + 1).any()
+    # Neighbours in the same shard were still computed correctly.
+    j = i + 1 if i % 4 != 3 else i - 1
+    torch.testing.assert_close(store.read(0, j, j + 1)[0], _recompute(store, tiny_teacher, 0, j).half().float(),
+                               rtol=2e-3, atol=2e-3)
+
+
+def test_verify_passes_on_a_whole_store_and_fails_on_a_corrupt_chunk(image_root, tmp_path):
+    out = tmp_path / "v.zarr"
+    extract(cfg(image_root, out, seeds=1))
+    assert verify_store(str(out))["shards_checked"] == 5
+    shard = out / "targets" / "c" / "0" / "2" / "0" / "0"
+    raw = bytearray(shard.read_bytes())
+    raw[100] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(VerifyError) as e:
+        verify_store(str(out))
+    assert any("shard 2" in p for p in e.value.problems)
+
+
+def test_verify_names_files_changed_since_extraction(images, tmp_path):
+    out = tmp_path / "v.zarr"
+    extract(cfg(images, out, seeds=1))
+    victim = sorted((images / "class_000").iterdir())[1]
+    os.utime(victim, ns=(0, 0))
+    with pytest.raises(VerifyError) as e:
+        verify_store(str(out))
+    assert e.value.problems == [f"dataset: {victim.relative_to(images).as_posix()}: modified since indexing (mtime changed)"]

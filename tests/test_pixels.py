@@ -1,0 +1,54 @@
+import numpy as np
+import pytest
+import torch
+
+from fdcache.errors import BadImageError
+from fdcache.manifest import index
+from fdcache.pixels import PixelStream, ViewBatches, reference_pixels
+from fdcache.views import View, sample_views
+
+MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def _stream(files, views, batch, res=48):
+    batches = [np.arange(i, min(i + batch, len(files))) for i in range(0, len(files), batch)]
+    work = ViewBatches(files, batches, [views[b] for b in batches])
+    return PixelStream(work, resolution=res, mean=MEAN, std=STD, device="cpu", num_threads=2)
+
+
+def test_dali_cpu_path_matches_the_pil_numpy_reference_on_every_format(image_root):
+    m = index(image_root)  # baseline/progressive/gray/CMYK JPEG, RGBA PNG, EXIF-rotated JPEG
+    files = [m.abspath(i) for i in range(len(m))]
+    views = sample_views(0, 0, m.widths, m.heights)
+    out = torch.cat([x for _, x in _stream(files, views, batch=5)])
+    assert out.shape == (len(m), 3, 48, 48) and out.dtype == torch.float32
+    for i in range(len(m)):
+        ref = reference_pixels(files[i], views[i], 48, MEAN, STD)
+        # 1e-3 in normalized units is ~0.07 of a pixel level.
+        assert np.abs(out[i].numpy() - ref).max() < 1e-3, m.paths[i]
+
+
+def test_flip_mirrors_the_crop(image_root):
+    m = index(image_root)
+    f = [m.abspath(0)] * 2
+    v = np.array([View(3, 5, 30, 40, 0), View(3, 5, 30, 40, 1)], dtype=np.int32)
+    (_, out), = list(_stream(f, v, batch=2))
+    assert torch.equal(out[1], out[0].flip(-1))
+
+
+def test_upscaling_small_crops_matches_the_reference(image_root):
+    m = index(image_root)
+    v = np.array([View(0, 0, 7, 11, 0)], dtype=np.int32)
+    (_, out), = list(_stream([m.abspath(1)], v, batch=1, res=64))
+    assert np.abs(out[0].numpy() - reference_pixels(m.abspath(1), v[0], 64, MEAN, STD)).max() < 1e-3
+
+
+def test_a_truncated_jpeg_fails_naming_the_file(images):
+    m = index(images)
+    victim = m.abspath(6)
+    data = open(victim, "rb").read()
+    open(victim, "wb").write(data[: len(data) // 3])  # header intact: indexing cannot see it
+    views = sample_views(0, 0, m.widths, m.heights)
+    with pytest.raises(BadImageError) as e:
+        list(_stream([m.abspath(i) for i in range(len(m))], views, batch=4))
+    assert e.value.paths == [victim]

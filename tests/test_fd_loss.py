@@ -1,0 +1,186 @@
+"""The fused kernel against the plain-PyTorch reference in float64 (TRITON_INTERPRET=1 on CPU)."""
+
+import itertools
+
+import pytest
+import torch
+
+from fdcache.codecs import quantize_int8
+from fdcache.kernels import fd_loss, fd_loss_reference
+import fdcache.kernels.loss as kmod
+
+pytestmark = pytest.mark.skipif(not kmod.triton_available(), reason="triton not installed")
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+SUBNORMAL = {torch.float32: 0.0, torch.bfloat16: 0.0, torch.float16: 2 ** -24}
+
+
+@pytest.fixture(autouse=True)
+def poisoned(monkeypatch):
+    """Every output buffer starts as NaN, so an element the kernel misses fails the test."""
+    def empty(shape, dtype=None, device=None, **kw):
+        return torch.full(shape if isinstance(shape, tuple) else (shape,), float("nan"),
+                          dtype=dtype, device=device)
+    monkeypatch.setattr(kmod, "_empty", empty)
+
+
+def _inputs(shape, pred_dtype, target_dtype=torch.float16, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pred = (torch.randn(shape, generator=g) * 1.5).to(pred_dtype).requires_grad_()
+    target = (torch.randn(shape, generator=g) * scale + torch.randn(shape[:-1] + (1,), generator=g) * scale)
+    return pred, target.to(target_dtype)
+
+
+def _reference(pred, target, **kw):
+    p64 = pred.detach().double().requires_grad_()
+    loss = fd_loss_reference(p64, target, **kw)
+    grad_out = torch.randn_like(loss) if loss.ndim else torch.tensor(1.0, dtype=loss.dtype)
+    loss.backward(grad_out)
+    return loss.detach(), p64.grad, grad_out
+
+
+def _check(pred, target, reduction="mean", **kw):
+    ref_loss, ref_grad, grad_out = _reference(pred, target, reduction=reduction, **kw)
+    loss = fd_loss(pred, target, reduction=reduction, impl="triton", **kw)
+    loss.backward(grad_out.to(loss.dtype))
+    assert torch.isfinite(loss).all() and torch.isfinite(pred.grad).all()
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-7)
+    tol = TOL[pred.dtype]
+    torch.testing.assert_close(pred.grad.double(), ref_grad, rtol=tol,
+                               atol=tol * ref_grad.abs().max().item() + SUBNORMAL[pred.dtype])
+
+
+@pytest.mark.parametrize("D,L,B", list(itertools.product([64, 100, 768, 1024], [1, 17, 197], [1, 3])))
+def test_fp32_matches_reference_across_shapes(D, L, B):
+    _check(*_inputs((B, L, D), torch.float32))
+
+
+@pytest.mark.parametrize("pred_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("target_dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("D", [100, 768])
+def test_low_precision_pred_and_target_dtypes(pred_dtype, target_dtype, D):
+    _check(*_inputs((3, 17, D), pred_dtype, target_dtype))
+
+
+@pytest.mark.parametrize("D", [4096, 4099])
+def test_wide_rows_beyond_4096(D):
+    _check(*_inputs((1, 3, D), torch.float32))
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sum_and_per_token_reductions_with_upstream_gradients(reduction, dtype):
+    _check(*_inputs((2, 17, 100), dtype), reduction=reduction)
+
+
+def test_per_token_losses_have_the_token_shape_and_average_to_the_mean():
+    pred, target = _inputs((3, 17, 64), torch.float32)
+    per_token = fd_loss(pred, target, reduction="none", impl="triton")
+    assert per_token.shape == (3, 17)
+    torch.testing.assert_close(per_token.mean(), fd_loss(pred, target, impl="triton"))
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 2.0, 10.0])
+def test_beta_follows_torch_semantics_including_l1_at_zero(beta):
+    _check(*_inputs((2, 17, 100), torch.float32), beta=beta)
+
+
+def test_eps_is_an_argument():
+    _check(*_inputs((2, 5, 64), torch.float32, scale=1e-3), eps=1e-2)
+
+
+def test_constant_target_rows_have_zero_variance_and_stay_finite():
+    pred, target = _inputs((2, 17, 100), torch.float32)
+    target = target.clone()
+    target[0, 3] = 7.0
+    target[1, :] = -2.0
+    _check(pred, target)
+
+
+def test_large_magnitudes():
+    pred, target = _inputs((2, 17, 768), torch.float32, target_dtype=torch.float32, scale=1e4)
+    with torch.no_grad():
+        pred.mul_(1e4)
+    _check(pred, target)
+
+
+@pytest.mark.parametrize("D", [64, 100, 768])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_targets_match_dequantize_then_reference(D, dtype):
+    pred, target = _inputs((3, 17, D), dtype, torch.float32, scale=3.0)
+    q, qp = quantize_int8(target)
+    _check(pred, q, qparams=qp)
+    # ...and the reference on the dequantized fp32 target is the same loss.
+    deq = q.float() * qp[..., :1] + qp[..., 1:]
+    torch.testing.assert_close(fd_loss(pred, q, qparams=qp, impl="triton"),
+                               fd_loss_reference(pred, deq), rtol=1e-5, atol=1e-7)
+
+
+def test_non_contiguous_inputs_are_handled():
+    base_p, base_t = _inputs((17, 3, 100), torch.float32)
+    pred = base_p.detach().transpose(0, 1).requires_grad_()  # [3, 17, 100], rows not contiguous
+    target = base_t.transpose(0, 1)
+    assert not pred.is_contiguous()
+    _check(pred, target)
+    wide_t = torch.randn(3, 17, 200).half()[..., ::2]  # last dim strided
+    p2 = torch.randn(3, 17, 100, requires_grad=True)
+    _check(p2, wide_t)
+
+
+def test_reduction_is_deterministic():
+    pred, target = _inputs((3, 197, 100), torch.float32)
+    a = fd_loss(pred, target, impl="triton")
+    b = fd_loss(pred, target, impl="triton")
+    assert torch.equal(a, b)
+
+
+def test_reference_gradient_passes_finite_differences():
+    pred = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(2, 3, 8, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda p: fd_loss_reference(p, target, beta=0.7), (pred,))
+
+
+def test_reference_equals_fd_definition():
+    pred, target = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    want = torch.nn.SmoothL1Loss(beta=2.0)(pred, torch.nn.LayerNorm(16, elementwise_affine=False)(target))
+    torch.testing.assert_close(fd_loss_reference(pred, target), want)
+
+
+def test_bad_inputs_are_rejected_clearly():
+    p = torch.randn(2, 3, 8, requires_grad=True)
+    with pytest.raises(ValueError, match="differ in shape"):
+        fd_loss(p, torch.randn(2, 4, 8))
+    with pytest.raises(ValueError, match="qparams"):
+        fd_loss(p, torch.zeros(2, 3, 8, dtype=torch.int8))
+    with pytest.raises(ValueError, match="reduction"):
+        fd_loss(p, torch.randn(2, 3, 8), reduction="max")
+
+
+def test_second_backward_through_the_kernel_is_refused():
+    pred, target = _inputs((1, 2, 8), torch.float32)
+    loss = fd_loss(pred, target, impl="triton")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="once per forward"):
+        loss.backward()
+
+
+def test_auto_uses_triton_under_the_interpreter_and_the_reference_otherwise(monkeypatch):
+    pred, target = _inputs((1, 2, 8), torch.float32)
+    assert fd_loss(pred, target).grad_fn.name().startswith("_FDLoss")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "_FDLoss" not in fd_loss(pred, target).grad_fn.name()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_compiled_kernel_on_gpu_matches_reference(dtype, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    pred, target = _inputs((8, 197, 768), dtype)
+    pred = pred.detach().cuda().requires_grad_()
+    target = target.cuda()
+    ref_loss, ref_grad, _ = _reference(pred, target)
+    loss = fd_loss(pred, target)
+    loss.backward()
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(pred.grad.double(), ref_grad, rtol=TOL[dtype],
+                               atol=TOL[dtype] * ref_grad.abs().max().item() + SUBNORMAL[dtype])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -99,6 +100,84 @@ def _spec(cls, **kw):
         raise typer.BadParameter(str(e))
 
 
+def _overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--student-arg wants key=value, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+@app.command()
+@handles_errors
+def train(
+    out_: Path = typer.Option(..., "--out", "-o", help="Run directory: log.jsonl, checkpoints/, student.safetensors."),
+    cache: Optional[str] = typer.Option(None, help="Store made by fdcache extract (offline distillation)."),
+    data: Optional[Path] = typer.Option(None, help="Image folder (default for --cache: the one recorded in the store)."),
+    online: bool = typer.Option(False, "--online", help="Run the teacher in the loop instead of reading a store (baseline)."),
+    teacher: Optional[str] = typer.Option(None, help="--online: teacher, as for extract."),
+    pretrained: Optional[str] = typer.Option(None, help="--online: teacher weights tag or path."),
+    random_init: bool = typer.Option(False, "--random-init", help="--online: seeded random teacher."),
+    init_seed: int = typer.Option(0, help="--online: seed of --random-init teacher weights."),
+    student: str = typer.Option("beit_base_patch16_224", help="timm ViT name (FD's ViT-B/16 = beit_base_patch16_224 with shared rel-pos bias), or fd-tiny / fd-small."),
+    student_arg: list[str] = typer.Option([], help="timm option for the student, key=value (repeatable), e.g. depth=6."),
+    resolution: Optional[int] = typer.Option(None, help="Student input size (default: the teacher's)."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs (epoch e replays the store's seed e mod S)."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps (instead of --epochs)."),
+    batch_size: int = typer.Option(128, help="Images per rank per micro-batch."),
+    accum_steps: int = typer.Option(1, help="Micro-batches per optimizer step."),
+    lr: float = typer.Option(3e-4, help="Base lr per 512 images of total batch (scaled linearly)."),
+    warmup_epochs: float = typer.Option(10.0, help="Warmup from 5e-7 (scaled), in epochs."),
+    warmup_steps: Optional[int] = typer.Option(None, help="Warmup in steps (overrides --warmup-epochs)."),
+    weight_decay: float = typer.Option(0.05),
+    clip_grad: float = typer.Option(3.0, help="Gradient-norm clip (0: off)."),
+    drop_path: float = typer.Option(0.2),
+    layer_scale: float = typer.Option(0.1),
+    ema_decay: Optional[float] = typer.Option(None, help="Keep an EMA of the weights (timm ModelEmaV3)."),
+    loss_impl: str = typer.Option("auto", help="auto (Triton on CUDA) | triton | torch."),
+    amp: str = typer.Option("auto", help="auto (bf16 on CUDA) | bf16 | fp16 | none."),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile the student."),
+    resize_targets: bool = typer.Option(False, help="Resample the teacher's token grid to the student's."),
+    allow_partial: bool = typer.Option(False, help="Train on the completed shards of an unfinished store."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from checkpoints/last.pt."),
+    save_every: int = typer.Option(1000, help="Checkpoint every N steps (and at the end)."),
+    run_steps: Optional[int] = typer.Option(None, help="Stop this invocation after N steps (checkpointed; --resume continues)."),
+    log_every: int = typer.Option(1, help="Log (and check the loss is finite) every N steps."),
+    tensorboard: bool = typer.Option(False, help="Also write TensorBoard scalars to OUT/tb."),
+    seed: int = typer.Option(0, help="Run seed: student init and sample order."),
+    threads: int = typer.Option(4, help="DALI threads."),
+    loader_workers: int = typer.Option(0, help="DALI parallel external-source worker processes (0: in-process)."),
+    device: str = typer.Option("auto"),
+):
+    """Distill a student from a store (offline) or from the teacher in the loop (--online).
+
+    Multi-GPU: `torchrun --nproc-per-node N -m fdcache train ...` (DDP)."""
+    from fdcache.train import TrainConfig, train as run
+
+    cfg = TrainConfig(
+        out=str(out_), data=str(data) if data else None, cache=cache, online=online, teacher=teacher,
+        pretrained=pretrained, random_init=random_init, init_seed=init_seed, student=student,
+        student_overrides=_overrides(student_arg), resolution=resolution, drop_path=drop_path,
+        layer_scale=layer_scale or None, epochs=epochs, steps=steps, batch_size=batch_size,
+        accum_steps=accum_steps, base_lr=lr, warmup_epochs=warmup_epochs, warmup_steps=warmup_steps,
+        weight_decay=weight_decay, clip_grad=clip_grad or None, ema_decay=ema_decay, loss_impl=loss_impl,
+        amp=amp, compile=compile_, seed=seed, resize_targets=resize_targets, allow_partial=allow_partial,
+        resume=resume, save_every=save_every, run_steps=run_steps, log_every=log_every,
+        tensorboard=tensorboard, num_threads=threads, loader_workers=loader_workers, device=device,
+        progress=sys.stderr.isatty())
+    r = run(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        last = f"{r.losses[-1]:.4f}" if r.losses else "-"
+        out.print(f"trained {r.steps} step(s); last loss {last}; {r.images_per_s:,.1f} img/s; "
+                  f"data wait {100 * r.data_wait_fraction:.0f}%; checkpoint {r.checkpoint}"
+                  + (f"; student {r.export}" if r.export else ""))
+
+
 @app.command("inspect")
 @handles_errors
 def inspect_(store: str = typer.Argument(..., help="Store path or URL."),
@@ -148,7 +227,8 @@ def verify(store: str = typer.Argument(..., help="Store path or URL."),
 @handles_errors
 def quickstart(workdir: Optional[Path] = typer.Option(None, help="Where to put images and store (default: a temp dir)."),
                images: int = typer.Option(24, help="Synthetic images to generate.")):
-    """A minute-long tour on CPU: make images, extract with a tiny random teacher, inspect, verify."""
+    """A minute-long tour on CPU: make images, extract with a tiny random teacher, inspect,
+    verify, and train a tiny student on the cache."""
     from fdcache.extract import ExtractConfig, extract as run
     from fdcache.inspection import verify_store
     from fdcache.samples import make_image_folder
@@ -170,6 +250,15 @@ def quickstart(workdir: Optional[Path] = typer.Option(None, help="Where to put i
     inspect_(store, as_json=False)
     v = verify_store(store)
     out.print(f"4. verify: ok, {v['shards_checked']} shards checksummed")
+    from fdcache.train import TrainConfig, train as run_train
+
+    shutil.rmtree(root / "student", ignore_errors=True)
+    r = run_train(TrainConfig(out=str(root / "student"), cache=store, student="fd-tiny", steps=20,
+                              batch_size=8, warmup_steps=2, base_lr=0.01, progress=False, check_data=True))
+    out.print(f"5. train: {r.steps} steps of fd-tiny on the cache, loss {r.losses[0]:.4f} -> "
+              f"{r.losses[-1]:.4f}, {r.images_per_s:.0f} img/s -> {r.export}")
+    out.print(f"   (same as: fdcache train --cache {store} --student fd-tiny --steps 20 --batch-size 8 "
+              f"--warmup-steps 2 --lr 0.01 --out {root / 'student'})")
     out.print(f"done in {time.perf_counter() - t0:.1f}s")
 
 

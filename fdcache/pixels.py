@@ -93,19 +93,29 @@ def pixel_pipeline(source: Callable, *, batch_size: int, resolution: int,
         encoded, window, flip = fn.external_source(
             source=source, num_outputs=3, batch=True, parallel=parallel,
             dtype=[types.UINT8, types.INT32, types.INT32], ndim=[1, 1, 0])
-        decoder_kw = {"hw_decoder_load": 0.65, "jpeg_fancy_upsampling": True} if device == "gpu" else {}
-        img = fn.decoders.image_slice(
-            encoded, window[0:2], window[2:4], normalized_anchor=False, normalized_shape=False,
-            output_type=types.RGB, device="mixed" if device == "gpu" else "cpu", **decoder_kw)
-        img = fn.resize(img, size=[resolution, resolution], interp_type=types.INTERP_LINEAR,
-                        antialias=True, subpixel_scale=False, dtype=types.FLOAT)
-        return fn.crop_mirror_normalize(
-            img, mirror=flip, mean=[255.0 * m for m in mean], std=[255.0 * s for s in std],
-            output_layout="CHW", dtype=types.FLOAT)
+        return pixel_graph(encoded, window, flip, resolution=resolution, mean=mean, std=std,
+                           device=device)
 
     p = pipe()
     p.build()
     return p
+
+
+def pixel_graph(encoded, window, flip, *, resolution: int, mean: Sequence[float],
+                std: Sequence[float], device: str):
+    """The DALI operators of the pixel path, for use inside any ``@pipeline_def``:
+    encoded bytes + window (x, y, w, h) + flip -> float CHW, normalized."""
+    from nvidia.dali import fn, types
+
+    decoder_kw = {"hw_decoder_load": 0.65, "jpeg_fancy_upsampling": True} if device == "gpu" else {}
+    img = fn.decoders.image_slice(
+        encoded, window[0:2], window[2:4], normalized_anchor=False, normalized_shape=False,
+        output_type=types.RGB, device="mixed" if device == "gpu" else "cpu", **decoder_kw)
+    img = fn.resize(img, size=[resolution, resolution], interp_type=types.INTERP_LINEAR,
+                    antialias=True, subpixel_scale=False, dtype=types.FLOAT)
+    return fn.crop_mirror_normalize(
+        img, mirror=flip, mean=[255.0 * m for m in mean], std=[255.0 * s for s in std],
+        output_layout="CHW", dtype=types.FLOAT)
 
 
 def find_undecodable(files: Sequence[str]) -> list[str]:

@@ -1,0 +1,88 @@
+"""Training batches: recorded views through the shared pixel path, with their targets.
+
+One DALI pipeline per run: ``fn.external_source`` (per-sample :class:`TrainSource`,
+optionally in parallel worker processes with prefetch) yields encoded bytes, the recorded
+window, the flip and the stored target; images go through :func:`pixels.pixel_graph`
+(``mixed`` decode on GPU), targets ride along (copied to the GPU by DALI). Batches come
+out as torch tensors on the device, images and targets in matching order.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from .pixels import pixel_graph
+from .sources import TrainSource
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # [B, 3, R, R] float32, student-normalized
+    targets: torch.Tensor | None  # [B, L, D] fp16 | int8 (offline)
+    qparams: torch.Tensor | None  # [B, L, 2] float32 (int8 codec)
+    index: torch.Tensor  # [B] sample indices
+    epoch: int
+    step_in_epoch: int
+    wait_s: float  # time spent waiting for this batch
+
+
+def build_pipeline(source: TrainSource, *, resolution: int, mean, std, device: str = "cpu",
+                   num_threads: int = 4, parallel: bool = False, py_workers: int = 2, prefetch: int = 2,
+                   device_id: int | None = None):
+    from nvidia.dali import fn, pipeline_def, types
+
+    offline = source.store_url is not None
+    dtypes = [types.UINT8, types.INT32, types.INT32]
+    ndims = [1, 1, 0]
+    if offline:
+        import zarr
+        tdtype = zarr.open_array(source.store_url, path="targets", mode="r").dtype
+        dtypes.append(types.INT8 if tdtype.kind == "i" else types.FLOAT16)
+        ndims.append(2)
+        if source.with_qparams:
+            dtypes.append(types.FLOAT); ndims.append(2)
+    dtypes.append(types.INT64); ndims.append(0)
+    if device == "gpu" and device_id is None:
+        device_id = torch.cuda.current_device()
+
+    @pipeline_def(batch_size=source.batch_size, num_threads=num_threads,
+                  device_id=device_id if device == "gpu" else None, prefetch_queue_depth=prefetch,
+                  exec_dynamic=True, py_num_workers=py_workers, py_start_method="spawn")
+    def pipe():
+        outs = fn.external_source(source=source, num_outputs=len(dtypes), batch=False,
+                                  parallel=parallel, dtype=dtypes, ndim=ndims)
+        images = pixel_graph(outs[0], outs[1], outs[2], resolution=resolution, mean=mean, std=std,
+                             device=device)
+        extras = [o.gpu() if device == "gpu" else o for o in outs[3:]]
+        return (images, *extras)
+
+    p = pipe()
+    p.build()
+    return p
+
+
+def batches(source: TrainSource, **pipeline_kw) -> Iterator[Batch]:
+    """Endless stream of batches from ``source.start_epoch`` (skipping
+    ``source.skip_samples``), epoch after epoch."""
+    pipe = build_pipeline(source, **pipeline_kw)
+    offline = source.store_url is not None
+    epoch, step = source.start_epoch, source.skip_samples // source.batch_size
+    while True:
+        t0 = time.perf_counter()
+        try:
+            outs = pipe.run()
+        except StopIteration:
+            pipe.reset()
+            epoch, step = epoch + 1, 0
+            continue
+        tensors = [torch.from_dlpack(o.as_tensor()).clone() for o in outs]
+        wait = time.perf_counter() - t0
+        targets = tensors[1] if offline else None
+        qparams = tensors[2] if offline and source.with_qparams else None
+        yield Batch(images=tensors[0], targets=targets, qparams=qparams, index=tensors[-1],
+                    epoch=epoch, step_in_epoch=step, wait_s=wait)
+        step += 1

@@ -1,0 +1,194 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from fdcache.codecs import CodecSpec
+from fdcache.errors import FdcacheError, StoreError, StoreMismatchError
+from fdcache.extract import ExtractConfig, extract
+from fdcache.store import Store
+from fdcache.students import build_student, resize_token_grid
+from fdcache.teachers import TINY_TEACHER
+from fdcache.train import TrainConfig, Trainer, TrainError, train
+
+
+def _extract(data, out, **kw):
+    base = dict(teacher=TINY_TEACHER, random_init=True, seeds=2, batch_size=6, shard_size=6,
+                progress=False, num_threads=2)
+    extract(ExtractConfig(data=str(data), out=str(out), **(base | kw)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def store(image_root, tmp_path_factory):
+    return _extract(image_root, tmp_path_factory.mktemp("t") / "fp16.zarr")
+
+
+def tcfg(out, **kw) -> TrainConfig:
+    # base_lr is per 512 images: 0.5 at batch 4 is an effective 3.9e-3.
+    base = dict(student="fd-tiny", steps=6, batch_size=4, warmup_steps=1, base_lr=0.5,
+                loss_impl="torch", progress=False, num_threads=2, save_every=1000)
+    return TrainConfig(out=str(out), **(base | kw))
+
+
+def _log(out):
+    return [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+
+
+def test_loss_falls_on_a_tiny_set(store, tmp_path):
+    r = train(tcfg(tmp_path / "run", cache=str(store), steps=40))
+    first, last = np.mean(r.losses[:3]), np.mean(r.losses[-5:])
+    assert last < 0.85 * first, r.losses
+    rec = _log(tmp_path / "run")
+    assert len(rec) == 40 and {"step", "loss", "lr", "images_per_s", "data_wait"} <= set(rec[0])
+    assert rec[0]["lr"] < rec[2]["lr"]  # warmup
+
+
+def test_offline_and_online_give_the_same_step0_loss_and_gradients(image_root, store, tmp_path):
+    common = dict(drop_path=0.0, seed=3)
+    off = Trainer(tcfg(tmp_path / "off", cache=str(store), **common))
+    on = Trainer(tcfg(tmp_path / "on", online=True, teacher=TINY_TEACHER, random_init=True,
+                      data=str(image_root), **common))
+    b_off, b_on = next(off.stream()), next(on.stream())
+    assert torch.equal(b_off.index, b_on.index)  # same order
+    assert torch.equal(b_off.images, b_on.images)  # same recorded views, same pixels
+    l_off, l_on = off.forward_backward(b_off), on.forward_backward(b_on)
+    # The store holds the teacher's output in fp16: that rounding is the only difference.
+    torch.testing.assert_close(l_off, l_on, rtol=2e-3, atol=0)
+    for (name, p), q in zip(off.model.named_parameters(), on.model.parameters()):
+        assert p.grad is not None and q.grad is not None, name  # DDP needs every parameter used
+        err = (p.grad - q.grad).norm() / q.grad.norm().clamp_min(1e-12)
+        assert err < 5e-3, (name, err.item())
+
+
+def test_resume_reproduces_the_uninterrupted_loss_sequence_bit_exactly(store, tmp_path):
+    full = train(tcfg(tmp_path / "a", cache=str(store), steps=8, save_every=3, drop_path=0.2, ema_decay=0.9))
+    part = train(tcfg(tmp_path / "b", cache=str(store), steps=8, save_every=3, drop_path=0.2, ema_decay=0.9,
+                      run_steps=5))
+    assert part.steps == 5 and part.export is None
+    rest = train(tcfg(tmp_path / "b", cache=str(store), steps=8, save_every=3, drop_path=0.2, ema_decay=0.9,
+                      resume=True))
+    assert part.losses + rest.losses == full.losses
+    assert [r["loss"] for r in _log(tmp_path / "b")] == [r["loss"] for r in _log(tmp_path / "a")]
+    a = torch.load(tmp_path / "a/checkpoints/last.pt", weights_only=False)
+    b = torch.load(tmp_path / "b/checkpoints/last.pt", weights_only=False)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_an_existing_run_is_not_overwritten_without_resume(store, tmp_path):
+    train(tcfg(tmp_path / "r", cache=str(store), steps=2))
+    with pytest.raises(FdcacheError, match="--resume"):
+        train(tcfg(tmp_path / "r", cache=str(store), steps=2))
+
+
+def test_export_loads_into_timm_without_the_fd_head(store, tmp_path):
+    import timm
+    from safetensors.torch import load_file
+
+    r = train(tcfg(tmp_path / "r", cache=str(store), steps=2))
+    meta = json.loads((tmp_path / "r" / "student.json").read_text())
+    model = timm.create_model(meta["timm_name"], pretrained=False, num_classes=0, **meta["kwargs"])
+    state = load_file(r.export)
+    assert not any(k.startswith("head.") and "weight" in k and state[k].shape[0] == 64 for k in state if k == "head.weight")
+    model.load_state_dict(state, strict=True)
+
+
+def test_int8_store_trains_through_the_fused_kernel(image_root, tmp_path):
+    s = _extract(image_root, tmp_path / "int8.zarr", seeds=1, codec=CodecSpec("int8"))
+    t = Trainer(tcfg(tmp_path / "r", cache=str(s), loss_impl="triton"))
+    b = next(t.stream())
+    assert b.targets.dtype == torch.int8 and b.qparams.shape == (4, 17, 2)
+    loss = t.forward_backward(b)
+    ref = Trainer(tcfg(tmp_path / "r2", cache=str(s), loss_impl="torch"))
+    torch.testing.assert_close(loss, ref.forward_backward(next(ref.stream())), rtol=1e-5, atol=1e-6)
+
+
+def test_incomplete_store_is_refused_naming_the_seed_unless_allow_partial(image_root, tmp_path):
+    s = _extract(image_root, tmp_path / "p.zarr")
+    Store.open(str(s), mode="r+").group["done"][1, 2] = 0
+    with pytest.raises(StoreError, match="seed 1: 2/3 shards"):
+        Trainer(tcfg(tmp_path / "r", cache=str(s)))
+    t = Trainer(tcfg(tmp_path / "r", cache=str(s), allow_partial=True))
+    assert len(t.eligible[1]) == 12 and len(t.eligible[0]) == 18
+
+
+def test_changed_data_folder_is_refused_naming_the_file(images, tmp_path):
+    s = _extract(images, tmp_path / "s.zarr", seeds=1)
+    victim = sorted((images / "class_002").iterdir())[0]
+    victim.write_bytes(victim.read_bytes() + b"x")
+    with pytest.raises(StoreMismatchError, match=victim.name):
+        Trainer(tcfg(tmp_path / "r", cache=str(s)))
+
+
+def test_token_grid_mismatch_is_refused_or_resampled(store, tmp_path):
+    with pytest.raises(FdcacheError, match="--resize-targets"):
+        Trainer(tcfg(tmp_path / "r", cache=str(store), resolution=96))
+    t = Trainer(tcfg(tmp_path / "r", cache=str(store), resolution=96, resize_targets=True))
+    b = next(t.stream())
+    assert b.images.shape[-1] == 96 and torch.isfinite(t.forward_backward(b))
+
+
+def test_resize_token_grid_keeps_cls_and_interpolates_patches():
+    x = torch.arange(2 * 17 * 3, dtype=torch.float32).reshape(2, 17, 3)
+    y = resize_token_grid(x, prefix=1, tokens_out=37)
+    assert y.shape == (2, 37, 3) and torch.equal(y[:, 0], x[:, 0])
+    same = resize_token_grid(x, prefix=1, tokens_out=17)
+    assert same is x
+    const = torch.ones(1, 1 + 16, 4) * 5
+    assert torch.allclose(resize_token_grid(const, 1, 1 + 36), torch.full((1, 37, 4), 5.0))
+
+
+def test_non_finite_loss_stops_with_the_step_and_a_checkpoint(image_root, tmp_path):
+    s = _extract(image_root, tmp_path / "nan.zarr", seeds=1)
+    t = Store.open(str(s), mode="r+").group["targets"]
+    t[0] = np.full(t.shape[1:], np.nan, dtype=np.float16)
+    with pytest.raises(TrainError, match="at step 1"):
+        train(tcfg(tmp_path / "r", cache=str(s)))
+    assert (tmp_path / "r" / "checkpoints" / "nonfinite-step1.pt").exists()
+
+
+def test_student_layout_follows_fd():
+    model, spec = build_student("fd-tiny", teacher_dim=96, resolution=64)
+    bb = model.backbone
+    assert isinstance(bb.norm, torch.nn.LayerNorm)  # final norm on every token, as FD
+    assert bb.pos_embed is None and bb.rel_pos_bias is not None  # shared relative position bias
+    assert all(blk.attn.relative_position_bias_table is None for blk in bb.blocks)
+    torch.testing.assert_close(bb.blocks[0].gamma_1, torch.full_like(bb.blocks[0].gamma_1, 0.1))
+    assert spec.tokens == 17 and spec.prefix_tokens == 1
+    assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 17, 96)
+
+
+def test_two_process_ddp_matches_one_process_on_the_same_global_batch(store, tmp_path):
+    args = ["-m", "fdcache", "train", "--cache", str(store), "--student", "fd-tiny", "--steps", "3",
+            "--warmup-steps", "1", "--lr", "0.01", "--drop-path", "0", "--loss-impl", "torch", "--threads", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, *args, "--batch-size", "8", "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          *args, "--batch-size", "4", "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = [r["loss"] for r in _log(tmp_path / "one")]
+    b = [r["loss"] for r in _log(tmp_path / "two")]
+    assert len(a) == len(b) == 3
+    np.testing.assert_allclose(a, b, rtol=1e-4)
+
+
+def test_parallel_loader_workers_yield_the_same_batches(store, tmp_path):
+    a = Trainer(tcfg(tmp_path / "a", cache=str(store)))
+    b = Trainer(tcfg(tmp_path / "b", cache=str(store), loader_workers=1))
+    sa, sb = a.stream(), b.stream()
+    for _ in range(5):  # crosses the epoch boundary (4 batches per epoch)
+        x, y = next(sa), next(sb)
+        assert (x.epoch, x.step_in_epoch) == (y.epoch, y.step_in_epoch)
+        assert torch.equal(x.index, y.index) and torch.equal(x.images, y.images)
+        assert torch.equal(x.targets, y.targets)
+        # Images and targets belong together: the target is the store's (seed, index) row.
+        want = Store.open(str(store)).group["targets"].get_orthogonal_selection((x.epoch % 2, x.index.numpy()))
+        assert torch.equal(x.targets, torch.from_numpy(want))

@@ -178,6 +178,64 @@ def train(
                   + (f"; student {r.export}" if r.export else ""))
 
 
+@app.command()
+@handles_errors
+def bench(
+    student: str = typer.Option(..., help="Student (as for train), e.g. beit_base_patch16_224 or fd-tiny."),
+    teacher: str = typer.Option(..., help="Teacher (as for extract)."),
+    pretrained: Optional[str] = typer.Option(None, help="Teacher weights tag or path."),
+    random_init: bool = typer.Option(False, "--random-init", help="Seeded random teacher."),
+    resolution: Optional[int] = typer.Option(None, help="Input size for both models (default: the teacher's)."),
+    batch_size: int = typer.Option(32),
+    steps: int = typer.Option(10, help="Timed steps per mode and repeat."),
+    warmup: int = typer.Option(2, help="Untimed steps before each measurement."),
+    repeats: int = typer.Option(3, help="Interleaved repeats (median and spread are reported)."),
+    cache: Optional[str] = typer.Option(None, help="Use this store for offline mode instead of building one."),
+    data: Optional[Path] = typer.Option(None, help="Image folder (default: synthetic images)."),
+    student_arg: list[str] = typer.Option([], help="timm option for the student, key=value (repeatable)."),
+    codec: str = typer.Option("fp16", help="Codec of the store built for offline mode."),
+    loss_impl: str = typer.Option("auto"),
+    amp: str = typer.Option("auto"),
+    threads: int = typer.Option(4, help="DALI threads."),
+    loader_workers: int = typer.Option(0, help="DALI parallel external-source workers."),
+    modes: str = typer.Option(",".join(("ceiling", "offline", "online", "teacher", "extract")),
+                              help="Comma-separated subset of ceiling,offline,online,teacher,extract."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write every figure as JSON here."),
+    plot_out: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG bar chart here (needs matplotlib)."),
+):
+    """Throughput of offline vs online distillation vs the synthetic ceiling (interleaved)."""
+    from fdcache.bench import MODES, BenchConfig, plot, run_bench
+
+    chosen = tuple(m.strip() for m in modes.split(",") if m.strip())
+    unknown = set(chosen) - set(MODES)
+    if unknown:
+        raise typer.BadParameter(f"unknown mode(s) {sorted(unknown)}; choose from {MODES}")
+    cfg = BenchConfig(student=student, teacher=teacher, pretrained=pretrained, random_init=random_init,
+                      resolution=resolution, batch_size=batch_size, steps=steps, warmup=warmup,
+                      repeats=repeats, cache=cache, data=str(data) if data else None,
+                      student_overrides=_overrides(student_arg), codec=codec, loss_impl=loss_impl, amp=amp,
+                      threads=threads, loader_workers=loader_workers, modes=chosen)
+    r = run_bench(cfg, log=lambda m: err.print(m, highlight=False))
+    env = r["environment"]
+    table = Table(title=f"fdcache bench: {env['student']} <- {env['teacher']}, batch {env['batch_size']}, "
+                        f"{env['device']}")
+    for col in ("mode", "img/s (median)", "min..max", "data wait", "peak MiB"):
+        table.add_column(col, justify="right")
+    for m in MODES:
+        if m in r:
+            v = r[m]
+            table.add_row(m, f"{v['images_per_s']:,.1f}", f"{v['min']:,.1f}..{v['max']:,.1f}",
+                          "-" if v["data_wait_fraction"] is None else f"{100 * v['data_wait_fraction']:.0f}%",
+                          "-" if v["peak_memory_MiB"] is None else f"{v['peak_memory_MiB']:,.0f}")
+    out.print(table)
+    for k, v in r["ratios"].items():
+        out.print(f"{k}: {'-' if v is None else f'{v:.3f}'}")
+    if json_out:
+        json_out.write_text(json.dumps(r, indent=2))
+    if plot_out:
+        plot(r, str(plot_out))
+
+
 @app.command("inspect")
 @handles_errors
 def inspect_(store: str = typer.Argument(..., help="Store path or URL."),

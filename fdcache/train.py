@@ -109,8 +109,9 @@ def _lr_scale(cfg: TrainConfig, world: int) -> float:
 class Trainer:
     """Sets up data, models, optimizer and schedule; :meth:`fit` runs the loop."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, teacher=None):
         self.cfg = cfg
+        self._given_teacher = teacher
         self.dist = d = distributed.init()
         self.device = distributed.device_for(d, cfg.device)
         # Drop path draws from the global generator: seed it so runs (and resumes) repeat.
@@ -146,7 +147,7 @@ class Trainer:
             if error is not None:
                 raise error
         seeds = store.num_seeds
-        epochs_needed = self._epochs_hint()
+        epochs_needed = cfg.epochs
         needed = sorted({e % seeds for e in range(epochs_needed)}) if epochs_needed else list(range(seeds))
         done = store.done()
         skipped = store.skipped()
@@ -175,8 +176,9 @@ class Trainer:
         if not cfg.teacher or not cfg.data:
             raise FdcacheError("--online needs --teacher and --data")
         self.store = None
-        self.teacher = load_teacher(cfg.teacher, cfg.pretrained, random_init=cfg.random_init,
-                                    init_seed=cfg.init_seed, resolution=cfg.resolution, device=self.device)
+        self.teacher = self._given_teacher or load_teacher(
+            cfg.teacher, cfg.pretrained, random_init=cfg.random_init, init_seed=cfg.init_seed,
+            resolution=cfg.resolution, device=self.device)
         self.tspec = self.teacher.spec
         self.manifest = index(cfg.data)
         good = np.flatnonzero(~self.manifest.bad).astype(np.int64)
@@ -186,9 +188,6 @@ class Trainer:
             batch_size=cfg.batch_size, rank=self.dist.rank, world=self.dist.world, run_seed=cfg.seed,
             widths=self.manifest.widths, heights=self.manifest.heights, policy=cfg.policy,
             global_seed=cfg.global_seed)
-
-    def _epochs_hint(self) -> int | None:
-        return self.cfg.epochs
 
     # -- models --------------------------------------------------------------------
     def _setup_student(self):
@@ -227,16 +226,15 @@ class Trainer:
         from timm.scheduler import CosineLRScheduler
 
         cfg = self.cfg
-        micro = [self.source.samples_per_epoch(e) // cfg.batch_size for e in range(self._epochs_for_plan())]
-        if micro and micro[0] == 0:
+        first = self.micro_batches(0)
+        if first == 0:
             raise FdcacheError(f"{len(self.eligible[self.source.seed_of(0) if self.store else 0])} samples "
                                f"cannot fill one batch of {cfg.batch_size} x {self.dist.world} rank(s)")
-        self.micro_per_epoch = micro
-        steps_per_epoch = max(1, micro[0] // cfg.accum_steps) if micro else 1
+        steps_per_epoch = max(1, first // cfg.accum_steps)
         if cfg.steps:
             self.total_steps = cfg.steps
         elif cfg.epochs:
-            self.total_steps = sum(micro) // cfg.accum_steps
+            self.total_steps = sum(self.micro_batches(e) for e in range(cfg.epochs)) // cfg.accum_steps
         else:
             raise FdcacheError("give --epochs N or --steps N")
         scale = _lr_scale(cfg, self.dist.world)
@@ -249,18 +247,15 @@ class Trainer:
                                            t_in_epochs=False)
         self.step = 0
 
-    def _epochs_for_plan(self) -> int:
-        cfg = self.cfg
-        if cfg.epochs:
-            return cfg.epochs
-        per = max(1, self.source.samples_per_epoch(0) // cfg.batch_size)
-        return math.ceil((cfg.steps or 1) * cfg.accum_steps / per) + 1
+    def micro_batches(self, epoch: int) -> int:
+        """Micro-batches per rank in ``epoch`` (epochs differ only with --allow-partial)."""
+        return self.source.samples_per_epoch(epoch) // self.cfg.batch_size
 
     def position(self, micro_done: int) -> tuple[int, int]:
         """(epoch, samples to skip in it) after ``micro_done`` micro-batches."""
         e = 0
         while True:
-            n = self.source.samples_per_epoch(e) // self.cfg.batch_size
+            n = self.micro_batches(e)
             if micro_done < n:
                 return e, micro_done * self.cfg.batch_size
             micro_done -= n
@@ -330,6 +325,18 @@ class Trainer:
             self.scaler.scale(loss / self.cfg.accum_steps).backward()
         return loss.detach()
 
+    def optimizer_step(self) -> None:
+        """Clip, step (through the grad scaler), zero the grads, update the EMA."""
+        if self.cfg.clip_grad:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.step)
+        self.step += 1
+
     # -- the loop ------------------------------------------------------------------
     def stream(self):
         epoch, skip = self.position(self.step * self.cfg.accum_steps)
@@ -371,15 +378,7 @@ class Trainer:
                     wait_total += wait
                     loss_sum += self.forward_backward(batch, sync=m == cfg.accum_steps - 1)
                     window_images += batch.images.shape[0] * d.world
-                if cfg.clip_grad:
-                    self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
-                if self.ema is not None:
-                    self.ema.update(self.model, step=self.step)
-                self.step += 1
+                self.optimizer_step()
                 if self.step % cfg.log_every == 0 or self.step == stop:
                     loss = loss_sum / cfg.accum_steps
                     if d.world > 1:

@@ -230,6 +230,8 @@ def bench(
     out.print(table)
     for k, v in r["ratios"].items():
         out.print(f"{k}: {'-' if v is None else f'{v:.3f}'}")
+    for note in r["diagnosis"]:
+        out.print(f"[yellow]held back:[/] {note}", highlight=False)
     if json_out:
         json_out.write_text(json.dumps(r, indent=2))
     if plot_out:

@@ -224,7 +224,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             ratios["extract_over_teacher"] = ips["extract"] / ips["teacher"]
         import nvidia.dali
         import triton
-        return {**out, "ratios": ratios, "flops_per_image": f, "environment": {
+        return {**out, "ratios": ratios, "diagnosis": diagnose(out, ratios), "flops_per_image": f, "environment": {
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
             f"CPU ({platform.machine()}, {torch.get_num_threads()} threads) - CPU figures",
             "torch": torch.__version__, "triton": triton.__version__, "dali": nvidia.dali.__version__,
@@ -236,6 +236,28 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     finally:
         if cfg.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def diagnose(out: dict, ratios: dict, target: float = 0.9) -> list[str]:
+    """Which stage holds a missed target back, in words (from the measured figures)."""
+    notes = []
+    off = out.get("offline")
+    if off and ratios.get("offline_over_ceiling", 1) < target:
+        wait = off["data_wait_fraction"] or 0
+        if wait > 0.1:
+            notes.append(f"offline is {ratios['offline_over_ceiling']:.2f} of the ceiling and waits on the loader "
+                         f"{100 * wait:.0f}% of the time: decode and store reads are not hidden (more --threads / "
+                         "--loader-workers, GPU decoding, or smaller source images)")
+        else:
+            notes.append(f"offline is {ratios['offline_over_ceiling']:.2f} of the ceiling with little loader wait: "
+                         "the step itself costs more (host-to-device copies, target decode, loss)")
+    if ratios.get("offline_over_online_vs_limit", 1) < target and off:
+        notes.append(f"offline/online reaches {ratios['offline_over_online_vs_limit']:.2f} of the FLOP-ratio limit: "
+                     "see the offline note" if notes else "offline/online is below the FLOP-ratio limit")
+    if ratios.get("extract_over_teacher", 1) < target:
+        notes.append(f"extract runs at {ratios['extract_over_teacher']:.2f} of the teacher's forward: decode, "
+                     "device-to-host copies, compression or writes are not hidden behind it")
+    return notes
 
 
 def plot(result: dict, path: str) -> None:

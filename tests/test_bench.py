@@ -13,7 +13,8 @@ def test_bench_smoke_json_has_every_figure_and_consistent_ratios(tmp_path):
     out = tmp_path / "bench.json"
     r = CliRunner().invoke(app, ["bench", "--student", "fd-tiny", "--teacher", TINY_TEACHER, "--random-init",
                                  "--batch-size", "4", "--steps", "2", "--warmup", "1", "--repeats", "2",
-                                 "--loss-impl", "torch", "--threads", "2", "--json", str(out)])
+                                 "--loss-impl", "torch", "--threads", "2", "--json", str(out),
+                                 "--plot", str(tmp_path / "bench.png")])
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
     for mode in MODES:
@@ -32,6 +33,7 @@ def test_bench_smoke_json_has_every_figure_and_consistent_ratios(tmp_path):
     env = res["environment"]
     assert {"device", "torch", "triton", "dali", "batch_size", "teacher", "student"} <= env.keys()
     assert "CPU figures" in env["device"]
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bench_rejects_unknown_modes():

@@ -221,10 +221,15 @@ class Store:
 
 
 def _store_arg(url: str):
-    return url if "://" in str(url) else str(Path(url))
+    """Local paths (and file:// URLs) go to zarr's LocalStore, other URLs to fsspec."""
+    url = str(url)
+    if url.startswith("file://"):
+        return url[len("file://"):]
+    return url if "://" in url else str(Path(url))
 
 
 def exists(url: str) -> bool:
+    url = _store_arg(url)
     if "://" in str(url):
         try:
             zarr.open_group(url, mode="r")

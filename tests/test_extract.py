@@ -217,3 +217,13 @@ def test_verify_names_files_changed_since_extraction(images, tmp_path):
     with pytest.raises(VerifyError) as e:
         verify_store(str(out))
     assert e.value.problems == [f"dataset: {victim.relative_to(images).as_posix()}: modified since indexing (mtime changed)"]
+
+
+def test_fsspec_urls_work_as_store_locations(image_root, tmp_path):
+    url = f"file://{tmp_path / 'url.zarr'}"
+    extract(cfg(image_root, url, seeds=1))
+    assert inspect_store(url)["complete"]
+    assert verify_store(url)["shards_checked"] == 5
+    mem = "memory://fdcache-test.zarr"
+    extract(cfg(image_root, mem, seeds=1))
+    torch.testing.assert_close(Store.open(mem).read(0, 0, 18), Store.open(url).read(0, 0, 18))

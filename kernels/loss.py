@@ -3,8 +3,9 @@
 One Triton program per token row reads that row of ``pred`` and ``target`` once (int8
 targets are dequantized in the same pass from their per-token scale/offset), whitens the
 target in fp32, and writes both the row's loss partial and ``d loss / d pred``. The
-backward only scales that saved gradient by ``grad_output`` (in place), so training reads
-each input once and keeps one gradient-sized buffer. Row partials are summed by
+backward only scales that saved gradient by ``grad_output`` (in place; skipped when it is
+exactly 1, a check that syncs the device once per backward, as Liger-Kernel does), so
+training reads each input once and keeps one gradient-sized buffer. Row partials are summed by
 ``torch.sum`` afterwards: deterministic, no float atomics.
 
 :func:`fd_loss_reference` is the same maths in plain PyTorch (used by tests, on CPU, and

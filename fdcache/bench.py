@@ -136,7 +136,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         waits: dict[str, list[float]] = {"offline": [], "online": []}
         peaks: dict[str, float | None] = {}
 
-        def extract_once(k: int) -> float:
+        def extract_once(k: int) -> tuple[float, Path]:
             out = work / f"extract-{k}.zarr"
             r = extract(ExtractConfig(data=data, out=str(out), teacher=cfg.teacher, pretrained=cfg.pretrained,
                                       random_init=cfg.random_init, resolution=cfg.resolution,

@@ -32,6 +32,7 @@ from .teachers import TeacherSpec
 from .views import ViewPolicy, sample_views
 
 FORMAT_VERSION = 1
+_GroupNotFound = getattr(zarr.errors, "GroupNotFoundError", FileNotFoundError)
 _MANIFEST_FIELDS = ("labels", "widths", "heights", "sizes", "mtimes")
 
 
@@ -150,7 +151,7 @@ class Store:
     def open(cls, url: str, mode: str = "r") -> "Store":
         try:
             group = zarr.open_group(_store_arg(url), mode=mode)
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError if hasattr(zarr.errors, "GroupNotFoundError") else FileNotFoundError) as e:
+        except (FileNotFoundError, _GroupNotFound) as e:
             raise StoreError(f"no fdcache store at {url}: {e}") from e
         attrs = group.attrs.asdict()
         if "fdcache" not in attrs:
@@ -237,4 +238,6 @@ def exists(url: str) -> bool:
         except Exception:
             return False
     p = Path(url)
-    return p.exists() and any(p.iterdir()) if p.is_dir() else p.exists()
+    if p.is_dir():
+        return any(p.iterdir())  # an empty directory is a fine place for a new store
+    return p.exists()

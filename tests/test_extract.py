@@ -117,16 +117,19 @@ def test_sigkill_mid_run_then_resume_is_byte_identical(image_root, tmp_path):
             "--random-init", "--seeds", "6", "--batch-size", "2", "--shard-size", "2", "--threads", "1"]
     ref = tmp_path / "ref.zarr"
     subprocess.run(args + ["--out", str(ref)], check=True, capture_output=True)
-    out = tmp_path / "killed.zarr"
-    proc = subprocess.Popen(args + ["--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if len(list((out / "done").rglob("c/*/*"))) >= 3:
+    for attempt in range(3):  # a loaded machine may let the run finish before the kill lands
+        out = tmp_path / f"killed{attempt}.zarr"
+        proc = subprocess.Popen(args + ["--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if len(list((out / "done").rglob("c/*/*"))) >= 1:
+                break
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        done = Store.open(str(out)).done()
+        if done.sum() < done.size:
             break
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = Store.open(str(out)).done()
     assert 0 < done.sum() < done.size, "the kill must land mid-run"
     subprocess.run(args + ["--out", str(out)], check=True, capture_output=True)
     assert tree_bytes(out) == tree_bytes(ref)

@@ -283,43 +283,265 @@ def verify(store: str = typer.Argument(..., help="Store path or URL."),
               f"{r['samples']} samples checksummed; {r['files_checked']} image file(s) unchanged")
 
 
+def _tune_command(mode: str, default_preset: str, doc: str):
+    """``finetune`` and ``flyp`` share their options; a preset fills what is not given."""
+
+    def command(
+        out_: Path = typer.Option(..., "--out", "-o", help="Run directory: log.jsonl, checkpoints/, model.safetensors (+ model_ema), init/."),
+        data: Path = typer.Option(..., help="Training image folder (root/<class>/<image>)."),
+        val: list[Path] = typer.Option([], help="Eval image folder, after each epoch and at the end (repeatable: a val set and its shifts)."),
+        preset: str = typer.Option(default_preset, help="Recipe: ft-clip-vit-b16, ft-clip-vit-l14, fd-finetune-vit-b16, flyp-imagenet (fdcache/presets/*.json); flags override it."),
+        model: Optional[str] = typer.Option(None, help="open_clip name (ViT-B-16) or timm:<name> (finetune only)."),
+        pretrained: Optional[str] = typer.Option(None, help="Weight tag (openai) or local checkpoint path."),
+        random_init: Optional[bool] = typer.Option(None, "--random-init", help="Seeded random weights (tests, smoke runs)."),
+        init_seed: Optional[int] = typer.Option(None, help="Seed of --random-init weights."),
+        student: Optional[Path] = typer.Option(None, help="finetune: an fdcache train --out directory (student.safetensors) instead of --model."),
+        resolution: Optional[int] = typer.Option(None, help="Input size (default: the model's / the preset's)."),
+        classnames: Optional[str] = typer.Option(None, help="Class names for prompts and matching: folder, imagenet, or a JSON/text file."),
+        templates: Optional[str] = typer.Option(None, help="Prompt templates: openai (80) or simple (open_clip's)."),
+        head: Optional[str] = typer.Option(None, help="finetune: fresh (FT-CLIP, mean-pooled tokens) or zeroshot (head from the text tower; writes init/ for WiSE-FT)."),
+        epochs: Optional[int] = typer.Option(None, help="Epochs."),
+        steps: Optional[int] = typer.Option(None, help="Optimizer steps (instead of --epochs)."),
+        batch_size: Optional[int] = typer.Option(None, help="Images per rank per micro-batch."),
+        accum_steps: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step."),
+        lr: Optional[float] = typer.Option(None, help="Peak lr per --lr-batch images of total batch (scaled linearly)."),
+        lr_batch: Optional[int] = typer.Option(None, help="Total batch at which --lr is given."),
+        warmup_epochs: Optional[float] = typer.Option(None, help="Linear warmup, in epochs."),
+        warmup_steps: Optional[int] = typer.Option(None, help="Linear warmup, in steps (overrides --warmup-epochs)."),
+        warmup_lr: Optional[float] = typer.Option(None, help="lr at the start of warmup (scaled like --lr)."),
+        min_lr: Optional[float] = typer.Option(None, help="lr at the end of the cosine (scaled like --lr)."),
+        weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay (not on biases, norms, embeddings)."),
+        layer_decay: Optional[float] = typer.Option(None, help="finetune: layer-wise lr decay (timm's groups); 1 turns it off."),
+        drop_path: Optional[float] = typer.Option(None, help="Stochastic depth (timm models and students)."),
+        clip_grad: Optional[float] = typer.Option(None, help="Gradient-norm clip; 0 turns it off."),
+        ema_decay: Optional[float] = typer.Option(None, help="EMA of the weights (timm ModelEmaV3); 0 turns it off."),
+        label_smoothing: Optional[float] = typer.Option(None, help="finetune: label smoothing."),
+        mixup: Optional[float] = typer.Option(None, help="finetune: mixup alpha (timm); 0 is off."),
+        cutmix: Optional[float] = typer.Option(None, help="finetune: cutmix alpha (timm); 0 is off."),
+        auto_augment: Optional[str] = typer.Option(None, help="finetune: timm RandAugment policy (rand-m9-mstd0.5-inc1) or none."),
+        reprob: Optional[float] = typer.Option(None, help="finetune: random-erasing probability."),
+        crop_pct: Optional[float] = typer.Option(None, help="Evaluation centre-crop fraction (1.0: CLIP's; 0.875: BEiT/FT-CLIP)."),
+        freeze_patch_embed: Optional[bool] = typer.Option(None, "--freeze-patch-embed/--train-patch-embed", help="Freeze the patch embedding (FT-CLIP at 224)."),
+        amp: Optional[str] = typer.Option(None, help="auto (bf16 on CUDA) | bf16 | fp16 | none."),
+        compile_: Optional[bool] = typer.Option(None, "--compile", help="torch.compile the model."),
+        seed: Optional[int] = typer.Option(None, help="Run seed: sample order, augmentation, drop path."),
+        resume: Optional[bool] = typer.Option(None, "--resume", help="Continue the run in --out from checkpoints/last.pt."),
+        save_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps (and at the end)."),
+        run_steps: Optional[int] = typer.Option(None, help="Stop this invocation after N steps (checkpointed; --resume continues)."),
+        log_every: Optional[int] = typer.Option(None, help="Log every N steps."),
+        workers: Optional[int] = typer.Option(None, help="DataLoader worker processes."),
+        device: Optional[str] = typer.Option(None, help="auto | cuda | cpu."),
+    ):
+        from fdcache.finetune import finetune as run, make_config
+
+        cfg = make_config(
+            preset or None, mode=mode, out=str(out_), data=str(data), val=[str(v) for v in val] or None,
+            model=model, pretrained=pretrained, random_init=random_init, init_seed=init_seed,
+            student=str(student) if student else None, resolution=resolution, classnames=classnames,
+            templates=templates, head=head, epochs=epochs, steps=steps, batch_size=batch_size,
+            accum_steps=accum_steps, base_lr=lr, lr_batch=lr_batch, warmup_epochs=warmup_epochs,
+            warmup_steps=warmup_steps, warmup_lr=warmup_lr, min_lr=min_lr, weight_decay=weight_decay,
+            layer_decay=layer_decay, drop_path=drop_path, clip_grad=clip_grad, ema_decay=ema_decay,
+            label_smoothing=label_smoothing, mixup=mixup, cutmix=cutmix, auto_augment=auto_augment,
+            re_prob=reprob, crop_pct=crop_pct, freeze_patch_embed=freeze_patch_embed, amp=amp,
+            compile=compile_, seed=seed, resume=resume, save_every=save_every, run_steps=run_steps,
+            log_every=log_every, workers=workers, device=device, progress=sys.stderr.isatty())
+        # "0 turns it off" for the optional ingredients.
+        cfg.clip_grad = cfg.clip_grad or None
+        cfg.ema_decay = cfg.ema_decay or None
+        cfg.auto_augment = None if (cfg.auto_augment or "none").lower() == "none" else cfg.auto_augment
+        r = run(cfg)
+        if int(os.environ.get("RANK", "0")) == 0:
+            last = f"{r.losses[-1]:.4f}" if r.losses else "-"
+            out.print(f"{mode}: {r.steps} step(s); last loss {last}; {r.images_per_s:,.1f} img/s"
+                      + (f"; model {r.export}" if r.export else f"; checkpoint in {r.out}/checkpoints"))
+            if r.evals:
+                _print_evals(r.evals[-1]["eval"])
+
+    command.__doc__ = doc
+    return handles_errors(command)
+
+
+app.command("finetune")(_tune_command("finetune", "ft-clip-vit-b16", """Supervised fine-tuning with the FT-CLIP recipe (layer-wise lr decay, EMA, cosine).
+
+    Start from a CLIP image tower (--model ViT-B-16 --pretrained openai), a timm ViT
+    (--model timm:<name>), or a distilled student (--student TRAIN_OUT). Every ingredient is a
+    flag; --preset picks the paper's values. Multi-GPU: torchrun --nproc-per-node N -m fdcache finetune ..."""))
+app.command("flyp")(_tune_command("flyp", "flyp-imagenet", """FLYP: contrastive fine-tuning with class-name prompts (both towers, CLIP loss).
+
+    Evaluates through a zero-shot head rebuilt from the fine-tuned text tower and writes
+    OUT/init (the starting model) for `fdcache wise`."""))
+
+
+def _print_evals(evals: dict) -> None:
+    table = Table(title="evaluation")
+    for col in ("weights", "set", "images", "top-1", "top-5"):
+        table.add_column(col, justify="right")
+    rows = evals.items() if all(isinstance(v, dict) and "n" not in v for v in evals.values()) else [("", evals)]
+    for which, sets in rows:
+        for name, r in sets.items():
+            table.add_row(which, name, str(r["n"]), f"{100 * r['top1']:.2f}", f"{100 * r['top5']:.2f}")
+    out.print(table)
+
+
+@app.command("eval")
+@handles_errors
+def eval_(
+    data: list[Path] = typer.Option(..., help="Eval image folder (repeatable: a val set and its distribution shifts)."),
+    run: Optional[Path] = typer.Option(None, help="Output of fdcache finetune / flyp / wise (holds model.json)."),
+    model: Optional[str] = typer.Option(None, help="Or: zero-shot evaluation of an open_clip model (ViT-B-16)."),
+    pretrained: Optional[str] = typer.Option(None, help="--model weights: tag (openai) or local path."),
+    random_init: bool = typer.Option(False, "--random-init", help="--model with seeded random weights."),
+    resolution: Optional[int] = typer.Option(None, help="--model input size."),
+    templates: str = typer.Option("openai", help="--model prompt templates: openai or simple."),
+    classnames: str = typer.Option("folder", help="Class names: folder, imagenet, or a JSON/text file."),
+    ema: bool = typer.Option(True, "--ema/--no-ema", help="Use model_ema.safetensors when the run kept an EMA."),
+    crop_pct: Optional[float] = typer.Option(None, help="Centre-crop fraction (default: the run's)."),
+    batch_size: int = typer.Option(128),
+    workers: int = typer.Option(4, help="DataLoader worker processes."),
+    amp: str = typer.Option("auto"),
+    device: str = typer.Option("auto"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
+):
+    """Top-1 / top-5 on one or more image folders (classifier head, or zero-shot for CLIP models)."""
+    from fdcache import distributed
+    from fdcache.classifiers import init_model, load_export
+    from fdcache.evaluate import evaluate
+
+    d = distributed.init()
+    dev = distributed.device_for(d, device)
+    if (run is None) == (model is None):
+        raise typer.BadParameter("give --run DIR (a fine-tuned export) or --model NAME (zero-shot)")
+    if run is not None:
+        m, spec, weights = load_export(run, ema=ema)
+    else:
+        from fdcache.imagefolder import classnames_for, find_classes
+
+        m, spec = init_model(model=model, pretrained=pretrained, random_init=random_init, student=None, kind="clip",
+                             classnames=classnames_for(find_classes(data[0]), classnames), head="zeroshot",
+                             templates=templates, resolution=resolution, drop_path=0.0)
+        weights = pretrained or "random-init"
+    r = evaluate(m.to(dev), spec, [str(p) for p in data], classnames=classnames, crop_pct=crop_pct,
+                 batch_size=batch_size, workers=workers, device=dev, amp=amp, dist=d)
+    if d.is_main:
+        _print_evals({weights: r})
+        if json_out:
+            json_out.write_text(json.dumps({"model": str(run or model), "weights": weights, "results": r}, indent=2))
+
+
 @app.command()
 @handles_errors
-def quickstart(workdir: Optional[Path] = typer.Option(None, help="Where to put images and store (default: a temp dir)."),
+def wise(
+    zeroshot: Path = typer.Option(..., help="Zero-shot end: a run's init/ directory (or any export of the same model)."),
+    finetuned: Path = typer.Option(..., help="Fine-tuned end: the run's --out directory."),
+    alpha: list[float] = typer.Option([0.5], help="Mixing weight of the fine-tuned model (repeatable for a sweep)."),
+    out_: Path = typer.Option(..., "--out", "-o", help="Writes OUT/alpha-<a>/ per alpha."),
+    data: list[Path] = typer.Option([], help="Evaluate each alpha on these folders too (repeatable)."),
+    classnames: str = typer.Option("folder", help="Class names for --data: folder, imagenet, or a file."),
+    ema: bool = typer.Option(True, "--ema/--no-ema", help="Fine-tuned end: EMA weights when kept."),
+    batch_size: int = typer.Option(128),
+    workers: int = typer.Option(4),
+    device: str = typer.Option("auto"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the sweep's results as JSON here."),
+):
+    """WiSE-FT: (1 - alpha) * zero-shot + alpha * fine-tuned weights, for one alpha or a sweep."""
+    from fdcache import distributed
+    from fdcache.classifiers import load_export
+    from fdcache.evaluate import evaluate
+    from fdcache.wise import wise as run
+
+    paths = run(zeroshot, finetuned, alpha, out_, ema=ema)
+    results = {}
+    for a, p in zip(alpha, paths):
+        out.print(f"alpha {a:.2f} -> {p}")
+        if data:
+            dev = distributed.device_for(distributed.Dist(), device)
+            m, spec, _ = load_export(p)
+            results[f"alpha={a:.2f}"] = evaluate(m.to(dev), spec, [str(x) for x in data], classnames=classnames,
+                                                 batch_size=batch_size, workers=workers, device=dev)
+    if results:
+        _print_evals(results)
+        if json_out:
+            json_out.write_text(json.dumps(results, indent=2))
+
+
+@app.command()
+@handles_errors
+def quickstart(workdir: Optional[Path] = typer.Option(None, help="Where to put images, store and runs (default: a temp dir)."),
                images: int = typer.Option(24, help="Synthetic images to generate.")):
-    """A minute-long tour on CPU: make images, extract with a tiny random teacher, inspect,
-    verify, and train a tiny student on the cache."""
+    """The whole path in miniature on CPU (a minute or two): make images, extract with a tiny
+    random teacher, inspect, verify, distill a tiny student, fine-tune it and evaluate; then
+    FLYP on the tiny CLIP and a WiSE-FT sweep. Each step prints the command it equals."""
+    from fdcache.classifiers import load_export
+    from fdcache.evaluate import evaluate
     from fdcache.extract import ExtractConfig, extract as run
+    from fdcache.finetune import finetune, make_config
     from fdcache.inspection import verify_store
     from fdcache.samples import make_image_folder
     from fdcache.teachers import TINY_TEACHER
+    from fdcache.train import TrainConfig, train as run_train
+    from fdcache.wise import wise as run_wise
 
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fdcache-quickstart-"))
     data, store = root / "images", str(root / "teacher.zarr")
+    for d in ("student", "finetune", "flyp", "wise"):
+        shutil.rmtree(root / d, ignore_errors=True)
     t0 = time.perf_counter()
-    make_image_folder(data, classes=3, per_class=max(1, images // 3))
+
+    def say(step: str, same_as: str) -> None:
+        out.print(step, highlight=False)
+        out.print(f"   (same as: {same_as})", style="dim", highlight=False)
+
+    make_image_folder(data, classes=3, per_class=max(2, images // 3))
     out.print(f"1. made {images} images in 3 classes under {data}")
-    cfg = ExtractConfig(data=str(data), out=store, teacher=TINY_TEACHER, random_init=True,
-                        seeds=2, batch_size=8, shard_size=8, overwrite=True, progress=False)
-    r = run(cfg)
-    out.print(f"2. extract: {r.samples} sample-views (2 seeds) from random-init {TINY_TEACHER} "
-              f"in {r.seconds:.1f}s -> {store}")
-    out.print(f"   (same as: fdcache extract {data} --out {store} --teacher {TINY_TEACHER} "
-              "--random-init --seeds 2 --batch-size 8 --shard-size 8)")
+    r = run(ExtractConfig(data=str(data), out=store, teacher=TINY_TEACHER, random_init=True, seeds=2,
+                          batch_size=8, shard_size=8, overwrite=True, progress=False))
+    say(f"2. extract: {r.samples} sample-views (2 seeds) from random-init {TINY_TEACHER} in {r.seconds:.1f}s -> {store}",
+        f"fdcache extract {data} --out {store} --teacher {TINY_TEACHER} --random-init --seeds 2 "
+        "--batch-size 8 --shard-size 8")
     out.print("3. inspect:")
     inspect_(store, as_json=False)
     v = verify_store(store)
     out.print(f"4. verify: ok, {v['shards_checked']} shards checksummed")
-    from fdcache.train import TrainConfig, train as run_train
-
-    shutil.rmtree(root / "student", ignore_errors=True)
-    r = run_train(TrainConfig(out=str(root / "student"), cache=store, student="fd-tiny", steps=20,
-                              batch_size=8, warmup_steps=2, base_lr=0.01, progress=False, check_data=True))
-    out.print(f"5. train: {r.steps} steps of fd-tiny on the cache, loss {r.losses[0]:.4f} -> "
-              f"{r.losses[-1]:.4f}, {r.images_per_s:.0f} img/s -> {r.export}")
-    out.print(f"   (same as: fdcache train --cache {store} --student fd-tiny --steps 20 --batch-size 8 "
-              f"--warmup-steps 2 --lr 0.01 --out {root / 'student'})")
-    out.print(f"done in {time.perf_counter() - t0:.1f}s")
+    student = root / "student"
+    r = run_train(TrainConfig(out=str(student), cache=store, student="fd-tiny", steps=20, batch_size=8,
+                              warmup_steps=2, base_lr=0.01, progress=False, check_data=True))
+    say(f"5. train: {r.steps} steps of fd-tiny on the cache, loss {r.losses[0]:.4f} -> {r.losses[-1]:.4f}, "
+        f"{r.images_per_s:.0f} img/s -> {r.export}",
+        f"fdcache train --cache {store} --student fd-tiny --steps 20 --batch-size 8 --warmup-steps 2 "
+        f"--lr 0.01 --out {student}")
+    small = dict(data=str(data), val=[str(data)], steps=12, batch_size=8, lr_batch=8, warmup_steps=2,
+                 log_every=1, workers=0, progress=False)
+    ft = root / "finetune"
+    r = finetune(make_config("fd-finetune-vit-b16", mode="finetune", out=str(ft), student=str(student),
+                             base_lr=1e-3, **small))
+    say(f"6. finetune (FD recipe, mixup/cutmix, layer decay): {r.steps} steps, loss {r.losses[0]:.3f} -> "
+        f"{r.losses[-1]:.3f} -> {r.export}",
+        f"fdcache finetune --preset fd-finetune-vit-b16 --student {student} --data {data} --val {data} "
+        "--steps 12 --batch-size 8 --lr 1e-3 --lr-batch 8 --warmup-steps 2 --workers 0 "
+        f"--out {ft}")
+    m, spec, weights = load_export(ft)
+    res = evaluate(m, spec, [str(data)], workers=0)
+    say(f"7. eval ({weights}): top-1 {100 * res['images']['top1']:.1f}% of {res['images']['n']} images "
+        "(random-init teacher: the path, not the accuracy, is the point)",
+        f"fdcache eval --run {ft} --data {data} --workers 0")
+    fl = root / "flyp"
+    r = finetune(make_config("flyp-imagenet", mode="flyp", out=str(fl), model=TINY_TEACHER, random_init=True,
+                             classnames="folder", base_lr=1e-4, **small))
+    say(f"8. flyp (CLIP loss on class-name prompts, both towers): {r.steps} steps, loss {r.losses[0]:.3f} -> "
+        f"{r.losses[-1]:.3f} -> {r.export}",
+        f"fdcache flyp --model {TINY_TEACHER} --random-init --classnames folder --data {data} --val {data} "
+        f"--steps 12 --batch-size 8 --lr 1e-4 --lr-batch 8 --warmup-steps 2 --workers 0 --out {fl}")
+    alphas = [0.0, 0.5, 1.0]
+    paths = run_wise(fl / "init", fl, alphas, root / "wise")
+    tops = []
+    for p in paths:
+        m, spec, _ = load_export(p)
+        tops.append(100 * evaluate(m, spec, [str(data)], workers=0)["images"]["top1"])
+    say("9. wise: " + ", ".join(f"alpha {a:.1f} top-1 {t:.1f}%" for a, t in zip(alphas, tops)),
+        f"fdcache wise --zeroshot {fl / 'init'} --finetuned {fl} --alpha 0 --alpha 0.5 --alpha 1 "
+        f"--out {root / 'wise'} --data {data} --workers 0")
+    out.print(f"done in {time.perf_counter() - t0:.1f}s; everything is under {root}")
 
 
 def main() -> None:

@@ -168,9 +168,9 @@ def _native_resolution(features: nn.Module) -> int:
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
-def _build_openclip(model_name, pretrained, resolution):
+def create_openclip(model_name: str, pretrained: str | None, resolution: int | None = None):
+    """open_clip's CLIP model (both towers): weights by tag or local path, or random (None)."""
     import open_clip
-    from open_clip.transformer import VisionTransformer
 
     _register_configs()
     if model_name not in open_clip.list_models():
@@ -179,11 +179,34 @@ def _build_openclip(model_name, pretrained, resolution):
     kw = {"force_image_size": resolution} if resolution else {}
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
     try:
-        model = open_clip.create_model(model_name, pretrained=pretrained, **kw)
+        return open_clip.create_model(model_name, pretrained=pretrained, **kw)
     except RuntimeError as e:
         raise TeacherError(f"cannot load open_clip {model_name!r} with pretrained={pretrained!r}: "
                            f"{e}. Known tags: {open_clip.list_pretrained_tags_by_model(model_name)}; "
                            "or pass a local checkpoint path") from e
+
+
+def create_timm(model_name: str, pretrained: str | None, **kw):
+    """timm model; ``pretrained`` is a timm tag (``openai``) or a local checkpoint path."""
+    import timm
+
+    local = pretrained is not None and os.path.exists(pretrained)
+    full = model_name
+    if pretrained and not local:
+        full = f"{model_name}.{pretrained}" if "." not in model_name else model_name
+    if local:
+        kw["pretrained_cfg_overlay"] = {"file": str(pretrained)}
+    try:
+        return timm.create_model(full, pretrained=bool(pretrained), **kw)
+    except RuntimeError as e:
+        raise TeacherError(f"cannot create timm model {full!r}: {e}") from e
+
+
+def _build_openclip(model_name, pretrained, resolution):
+    import open_clip
+    from open_clip.transformer import VisionTransformer
+
+    model = create_openclip(model_name, pretrained, resolution)
     visual = model.visual
     mean = getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
     std = getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
@@ -199,20 +222,10 @@ def _build_openclip(model_name, pretrained, resolution):
 
 
 def _build_timm(model_name, pretrained, local, resolution):
-    import timm
-
     kw = {"num_classes": 0}
     if resolution:
         kw["img_size"] = resolution
-    full = model_name
-    if pretrained and not local:
-        full = f"{model_name}.{pretrained}" if "." not in model_name else model_name
-    try:
-        if local:
-            kw["pretrained_cfg_overlay"] = {"file": str(pretrained)}
-        model = timm.create_model(full, pretrained=bool(pretrained), **kw)
-    except RuntimeError as e:
-        raise TeacherError(f"cannot create timm model {full!r}: {e}") from e
+    model = create_timm(model_name, pretrained, **kw)
     cfg = model.pretrained_cfg
     patch = getattr(model.patch_embed, "patch_size", (16,))[0] if hasattr(model, "patch_embed") else 1
     return model, _timm_tokens, cfg.get("mean"), cfg.get("std"), patch

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from . import distributed
+from .engine import amp_dtype, atomic_save, cosine_schedule, progress_bar
 from .errors import FdcacheError, StoreError, StoreMismatchError
 from .kernels import fd_loss
 from .loader import Batch, batches
@@ -206,9 +206,8 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
             self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.forward = torch.compile(self.ddp) if cfg.compile else self.ddp
-        amp = cfg.amp if cfg.amp != "auto" else ("bf16" if self.device.type == "cuda" else "none")
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
-        self.scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+        self.amp_dtype = amp_dtype(cfg.amp, self.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.ema = None
         if cfg.ema_decay:
             from timm.utils import ModelEmaV3
@@ -223,7 +222,6 @@ class Trainer:
     # -- schedule ------------------------------------------------------------------
     def _setup_schedule(self):
         from timm.optim import create_optimizer_v2
-        from timm.scheduler import CosineLRScheduler
 
         cfg = self.cfg
         first = self.micro_batches(0)
@@ -242,9 +240,8 @@ class Trainer:
         self.warmup_steps = min(warmup, max(self.total_steps - 1, 0))
         self.optimizer = create_optimizer_v2(self.model, opt="adamw", lr=cfg.base_lr * scale,
                                              weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
-        self.scheduler = CosineLRScheduler(self.optimizer, t_initial=self.total_steps, lr_min=cfg.min_lr * scale,
-                                           warmup_t=self.warmup_steps, warmup_lr_init=cfg.warmup_lr * scale,
-                                           t_in_epochs=False)
+        self.scheduler = cosine_schedule(self.optimizer, self.total_steps, self.warmup_steps,
+                                         warmup_lr=cfg.warmup_lr * scale, min_lr=cfg.min_lr * scale)
         self.step = 0
 
     def micro_batches(self, epoch: int) -> int:
@@ -274,10 +271,7 @@ class Trainer:
     def save(self, name: str = "last.pt") -> Path:
         path = self.out / "checkpoints" / name
         if self.dist.is_main:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            torch.save(self.state_dict(), tmp)
-            os.replace(tmp, path)
+            atomic_save(self.state_dict(), path)
         return path
 
     def load(self, path: Path) -> None:
@@ -361,7 +355,7 @@ class Trainer:
         tb = self._tensorboard() if cfg.tensorboard and d.is_main else None
         stop = self.total_steps if cfg.run_steps is None else min(self.total_steps, self.step + cfg.run_steps)
         stream = self.stream()
-        bar = _bar(stop - self.step, enabled=cfg.progress and d.is_main)
+        bar = progress_bar(stop - self.step, enabled=cfg.progress and d.is_main, desc="train")
         losses, images_seen, wait_total = [], 0, 0.0
         t_start = time.perf_counter()
         window_t, window_images, window_wait = t_start, 0, 0.0
@@ -453,26 +447,3 @@ class Trainer:
 def train(cfg: TrainConfig) -> TrainResult:
     return Trainer(cfg).fit()
 
-
-class _NoBar:
-    def update(self, *a, **k): ...
-    def close(self): ...
-
-
-def _bar(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    class Bar:
-        def __init__(self):
-            self.t = tqdm(total=total, desc="train", unit="step", dynamic_ncols=True)
-
-        def update(self, n, loss, rate):
-            self.t.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:,.0f}", refresh=False)
-            self.t.update(n)
-
-        def close(self):
-            self.t.close()
-
-    return Bar()

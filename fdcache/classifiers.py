@@ -1,0 +1,329 @@
+"""Models for fine-tuning and evaluation, and their export format.
+
+Two kinds, described by a :class:`ModelSpec` that travels in ``model.json`` beside the
+weights so an export rebuilds without downloading anything:
+
+* ``classifier``: an image tower with a linear head. Towers: an open_clip CLIP image tower
+  (``source=openclip``), a timm ViT (``timm``: e.g. ``vit_base_patch16_clip_224``), or a
+  student exported by ``fdcache train`` (``student``). Heads: ``fresh`` is FT-CLIP's (mean
+  of the patch tokens, a new LayerNorm, a new linear layer initialised near zero);
+  ``zeroshot`` keeps CLIP's pooled, projected, L2-normalised embedding and starts the head
+  from the text tower's zero-shot classifier times CLIP's logit scale (open_clip CLIP
+  towers only; the WiSE-FT setting).
+* ``clip``: the whole open_clip CLIP model (FLYP); it classifies through a zero-shot head
+  rebuilt from its own text tower for whatever classes are asked.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import FdcacheError
+from .teachers import create_openclip, create_timm, parse_teacher_name
+
+TEMPLATES = ("openai", "simple")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    kind: str  # classifier | clip
+    source: str  # openclip | timm | student
+    name: str  # open_clip or timm model name
+    resolution: int
+    mean: tuple
+    std: tuple
+    classnames: tuple = ()
+    head: str = "fresh"  # classifier: fresh | zeroshot
+    templates: str = "openai"
+    pretrained: str | None = None  # as given at init (tag or checkpoint file name); informative
+    drop_path: float = 0.0
+    timm_kwargs: dict = field(default_factory=dict)
+    crop_pct: float = 1.0  # evaluation: resize to resolution / crop_pct, centre crop
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mean"], d["std"], d["classnames"] = list(self.mean), list(self.std), list(self.classnames)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSpec":
+        d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        d["mean"], d["std"], d["classnames"] = tuple(d["mean"]), tuple(d["std"]), tuple(d["classnames"])
+        return cls(**d)
+
+
+def templates_of(name: str) -> list:
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
+
+    try:
+        return list({"openai": OPENAI_IMAGENET_TEMPLATES, "simple": SIMPLE_IMAGENET_TEMPLATES}[name])
+    except KeyError:
+        raise FdcacheError(f"--templates {name!r}: choose from {TEMPLATES}") from None
+
+
+def tokenizer_of(spec: ModelSpec):
+    import open_clip
+
+    return open_clip.get_tokenizer(spec.name)
+
+
+@torch.no_grad()
+def zeroshot_weights(clip: nn.Module, tokenizer, classnames, templates: list) -> torch.Tensor:
+    """``[embed_dim, C]``: per class, the mean of the L2-normalised embeddings of its prompts,
+    normalised again (open_clip's builder, on the model's device, in eval mode)."""
+    import open_clip
+
+    was_training = clip.training
+    clip.eval()
+    device = next(clip.parameters()).device
+    try:
+        return open_clip.build_zero_shot_classifier(clip, tokenizer, list(classnames), templates,
+                                                    num_classes_per_batch=10, device=device, use_tqdm=False)
+    finally:
+        clip.train(was_training)
+
+
+class CLIPImageClassifier(nn.Module):
+    """An open_clip CLIP image tower with a linear head (see the module doc for the heads)."""
+
+    def __init__(self, visual: nn.Module, num_classes: int, head: str = "fresh"):
+        super().__init__()
+        self.visual = visual
+        self.head_kind = head
+        if head == "fresh":
+            # FT-CLIP drops ln_post and the projection; unused parameters would also stall DDP.
+            visual.ln_post, visual.proj = nn.Identity(), None
+            width = visual.transformer.width
+            self.fc_norm = nn.LayerNorm(width)
+            self.head = nn.Linear(width, num_classes)
+            nn.init.trunc_normal_(self.head.weight, std=0.02)
+            with torch.no_grad():
+                self.head.weight.mul_(1e-3)
+                self.head.bias.zero_()
+        elif head == "zeroshot":
+            self.fc_norm = None
+            self.head = nn.Linear(visual.output_dim, num_classes)
+        else:
+            raise FdcacheError(f"--head {head!r}: choose fresh or zeroshot")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fc_norm is not None:
+            tokens = self.visual.transformer(self.visual._embeds(x))
+            return self.head(self.fc_norm(tokens[:, 1:]).mean(1))
+        return self.head(F.normalize(self.visual(x), dim=-1))
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Layer ids for timm's layer-wise lr decay: stem, each block, then the rest."""
+        return {"stem": r"^visual\.(?:class_embedding|positional_embedding|conv1|ln_pre)",
+                "blocks": [(r"^visual\.transformer\.resblocks\.(\d+)", None),
+                           (r"^visual\.(?:ln_post|proj)", (99999,))]}
+
+    def no_weight_decay(self) -> set:
+        return {"visual.class_embedding", "visual.positional_embedding"}
+
+
+class ZeroShotClassifier(nn.Module):
+    """A CLIP model and class embeddings ``[D, C]``: logits = 100 * cos(image, class)."""
+
+    def __init__(self, clip: nn.Module, weights: torch.Tensor):
+        super().__init__()
+        self.clip = clip
+        self.register_buffer("weights", weights)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 100.0 * self.clip.encode_image(x, normalize=True) @ self.weights.to(x.dtype)
+
+
+# -- building -----------------------------------------------------------------------------
+def _student_kwargs(kwargs: dict, name: str, drop_path: float) -> dict:
+    """FD's fine-tuning form of an exported student: mean pooling + fc_norm, drop path, and
+    (BEiT) one relative position bias per block instead of the shared one."""
+    kw = dict(kwargs)
+    kw["drop_path_rate"] = drop_path
+    if name.startswith("beit"):
+        kw.update(use_shared_rel_pos_bias=False, use_rel_pos_bias=True, use_fc_norm=True, global_pool="avg")
+    else:
+        kw.update(global_pool="avg", fc_norm=True)
+    return kw
+
+
+def _student_state(state: dict, depth: int) -> dict:
+    """Copy the shared rel-pos bias table into every block (BEiT's fine-tuning conversion);
+    the final norm is replaced by fc_norm after pooling."""
+    state = dict(state)
+    table = state.pop("rel_pos_bias.relative_position_bias_table", None)
+    state.pop("rel_pos_bias.relative_position_index", None)
+    if table is not None:
+        for i in range(depth):
+            state[f"blocks.{i}.attn.relative_position_bias_table"] = table.clone()
+    return {k: v for k, v in state.items() if not k.startswith("norm.")}
+
+
+def read_student(path: str | Path) -> tuple[dict, dict]:
+    """(student.json, state dict) of an ``fdcache train`` export (run dir or file)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    weights = path / "student.safetensors" if path.is_dir() else path
+    meta_path = weights.with_suffix(".json")
+    if not weights.is_file() or not meta_path.is_file():
+        raise FdcacheError(f"--student {path}: expected student.safetensors and student.json from "
+                           "fdcache train (the run's --out directory)")
+    return json.loads(meta_path.read_text()), load_file(str(weights))
+
+
+def build(spec: ModelSpec, *, pretrained: str | None = None, student: str | None = None) -> nn.Module:
+    """The model ``spec`` describes. ``pretrained`` (tag or path) / ``student`` (export) load
+    initial weights; without them the weights are random (an export's are loaded after)."""
+    n = len(spec.classnames)
+    if spec.kind == "clip":
+        return create_openclip(spec.name, pretrained, spec.resolution)
+    if spec.source == "openclip":
+        if spec.drop_path:
+            raise FdcacheError("open_clip's CLIP image tower has no drop path; use --drop-path 0, or the timm "
+                               "form of the model (e.g. --model timm:vit_base_patch16_clip_224)")
+        clip = create_openclip(spec.name, pretrained, spec.resolution)
+        return CLIPImageClassifier(clip.visual, n, spec.head)
+    if spec.source == "timm":
+        return create_timm(spec.name, pretrained, num_classes=n, img_size=spec.resolution, global_pool="avg",
+                           fc_norm=True, drop_path_rate=spec.drop_path, **spec.timm_kwargs)
+    if spec.source == "student":
+        import timm
+
+        model = timm.create_model(spec.name, pretrained=False, num_classes=n, **spec.timm_kwargs)
+        if student is not None:
+            _, state = read_student(student)
+            state = _student_state(state, len(model.blocks))
+            try:
+                missing, unexpected = model.load_state_dict(state, strict=False)
+            except RuntimeError as e:
+                raise FdcacheError(f"student {student} does not fit {spec.name} with {spec.timm_kwargs} "
+                                   f"(fine-tune at the resolution it was distilled at): {e}") from None
+            fresh = [k for k in missing if not k.startswith(("head.", "fc_norm."))
+                     and not k.endswith("relative_position_index")]
+            if fresh or unexpected:
+                raise FdcacheError(f"student {student} does not fit {spec.name} with {spec.timm_kwargs}: "
+                                   f"missing {fresh[:5]}, unexpected {list(unexpected)[:5]}")
+        return model
+    raise FdcacheError(f"unknown model source {spec.source!r}")
+
+
+def init_model(*, model: str | None, pretrained: str | None, random_init: bool, student: str | None,
+               kind: str, classnames: list[str], head: str, templates: str, resolution: int | None,
+               drop_path: float, init_seed: int = 0) -> tuple[nn.Module, ModelSpec]:
+    """Build the starting model of a fine-tuning run (weights loaded, head initialised)."""
+    if (model is None) == (student is None):
+        raise FdcacheError("give exactly one of --model NAME (a CLIP / timm model) or --student RUN "
+                           "(an fdcache train export)")
+    if model is not None and (pretrained is None) == (not random_init):
+        raise FdcacheError(f"--model {model}: give --pretrained TAG|PATH (e.g. openai) or --random-init")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        if student is not None:
+            meta, _ = read_student(student)
+            name = meta["timm_name"]
+            kw = _student_kwargs(meta["kwargs"], name, drop_path)
+            if resolution:
+                kw["img_size"] = resolution
+            spec = _spec_from_timm(kind="classifier", source="student", name=name, classnames=classnames,
+                                   drop_path=drop_path, timm_kwargs=kw, pretrained=str(Path(student).name))
+            if kind != "classifier" or head != "fresh":
+                raise FdcacheError("a distilled student has no text tower: fine-tune it with --head fresh")
+            return build(spec, student=student), spec
+        source, name = parse_teacher_name(model)
+        if source == "timm":
+            if kind != "classifier" or head != "fresh":
+                raise FdcacheError(f"timm:{name} has no text tower: zero-shot heads and FLYP need an "
+                                   "open_clip model (e.g. --model ViT-B-16 --pretrained openai)")
+            probe = create_timm(name, None, num_classes=0, **({"img_size": resolution} if resolution else {}))
+            spec = _spec_from_timm(kind=kind, source="timm", name=name, classnames=classnames,
+                                   drop_path=drop_path, timm_kwargs={}, pretrained=_label(pretrained),
+                                   resolution=resolution or probe.patch_embed.img_size[0], probe=probe)
+            return build(spec, pretrained=pretrained), spec
+        clip = create_openclip(name, pretrained, resolution)
+        visual = clip.visual
+        size = visual.image_size
+        spec = ModelSpec(kind=kind, source="openclip", name=name,
+                         resolution=int(size[0] if isinstance(size, (tuple, list)) else size),
+                         mean=tuple(float(v) for v in visual.image_mean),
+                         std=tuple(float(v) for v in visual.image_std), classnames=tuple(classnames),
+                         head=head if kind == "classifier" else "zeroshot", templates=templates,
+                         pretrained=_label(pretrained), drop_path=drop_path)
+        if kind == "clip":
+            return clip, spec
+        if drop_path:
+            build(spec)  # raises the drop-path message
+        classifier = CLIPImageClassifier(visual, len(classnames), head)
+        if head == "zeroshot":
+            w = zeroshot_weights(clip, tokenizer_of(spec), classnames, templates_of(templates))
+            with torch.no_grad():
+                classifier.head.weight.copy_(clip.logit_scale.exp() * w.T)
+                classifier.head.bias.zero_()
+        return classifier, spec
+
+
+def _label(pretrained: str | None) -> str | None:
+    return Path(pretrained).name if pretrained and Path(pretrained).exists() else pretrained
+
+
+def _spec_from_timm(*, kind, source, name, classnames, drop_path, timm_kwargs, pretrained,
+                    resolution=None, probe=None) -> ModelSpec:
+    import timm
+
+    if probe is None:
+        probe = timm.create_model(name, pretrained=False, num_classes=0, **timm_kwargs)
+    cfg = probe.pretrained_cfg
+    return ModelSpec(kind=kind, source=source, name=name,
+                     resolution=int(resolution or probe.patch_embed.img_size[0]),
+                     mean=tuple(float(v) for v in cfg.get("mean", (0.5,) * 3)),
+                     std=tuple(float(v) for v in cfg.get("std", (0.5,) * 3)), classnames=tuple(classnames),
+                     head="fresh", pretrained=pretrained, drop_path=drop_path, timm_kwargs=timm_kwargs)
+
+
+# -- export ---------------------------------------------------------------------------------
+def save_export(out: str | Path, spec: ModelSpec, model: nn.Module | dict, ema: nn.Module | None = None,
+                info: dict | None = None) -> Path:
+    """``model.json`` (the spec and ``info``), ``model.safetensors`` (a module's weights or a
+    state dict) and, with an EMA, ``model_ema.safetensors``."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(_cpu_state(model), str(out / "model.safetensors"))
+    if ema is not None:
+        save_file(_cpu_state(ema), str(out / "model_ema.safetensors"))
+    (out / "model.json").write_text(json.dumps({"spec": spec.to_dict(), "ema": ema is not None,
+                                                **(info or {})}, indent=2))
+    return out
+
+
+def _cpu_state(model: nn.Module | dict) -> dict:
+    state = model if isinstance(model, dict) else model.state_dict()
+    return {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+
+
+def read_export(path: str | Path, ema: bool = True) -> tuple[ModelSpec, dict, dict, str]:
+    """(spec, model.json, state dict, which weights file) of an export or run directory."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / "model.json").is_file():
+        raise FdcacheError(f"{path} holds no model.json: pass the --out directory of fdcache finetune/flyp/wise")
+    meta = json.loads((path / "model.json").read_text())
+    file = "model_ema.safetensors" if ema and (path / "model_ema.safetensors").is_file() else "model.safetensors"
+    return ModelSpec.from_dict(meta["spec"]), meta, load_file(str(path / file)), file
+
+
+def load_export(path: str | Path, ema: bool = True) -> tuple[nn.Module, ModelSpec, str]:
+    """Rebuild an export (random init, then its weights; nothing downloaded)."""
+    spec, _, state, file = read_export(path, ema)
+    with torch.random.fork_rng(devices=[]):
+        model = build(spec)
+    model.load_state_dict(state)
+    return model, spec, file

@@ -1,0 +1,106 @@
+"""``fdcache eval``: top-1 / top-5 of a classifier or a CLIP model (zero-shot) on image folders.
+
+An eval set's classes are matched to the model's by name (``--classnames``), so a set may
+hold a subset of the model's classes (ImageNet-R / -A hold 200 of the 1000): the logits are
+restricted to the set's classes, as those benchmarks are scored. A CLIP model (a FLYP
+export, or ``--model NAME --pretrained TAG``) gets a zero-shot head built from the set's
+class names by its own text tower.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .classifiers import ModelSpec, ZeroShotClassifier, templates_of, tokenizer_of, zeroshot_weights
+from .distributed import Dist
+from .engine import amp_dtype
+from .errors import FdcacheError
+from .imagefolder import LabeledImages, classnames_for, eval_loader, eval_transform, find_classes
+
+TOPK = (1, 5)
+
+
+class _Columns(nn.Module):
+    def __init__(self, model: nn.Module, columns: list[int]):
+        super().__init__()
+        self.model = model
+        self.register_buffer("columns", torch.tensor(columns, dtype=torch.long))
+
+    def forward(self, x):
+        return self.model(x)[:, self.columns]
+
+
+def head_for(model: nn.Module, spec: ModelSpec, classnames: list[str]) -> nn.Module:
+    """A module mapping images to logits over ``classnames`` (in that order)."""
+    if spec.kind == "clip":
+        device = next(model.parameters()).device
+        w = zeroshot_weights(model, tokenizer_of(spec), classnames, templates_of(spec.templates))
+        return ZeroShotClassifier(model, w).to(device)
+    index = {c: i for i, c in enumerate(spec.classnames)}
+    missing = [c for c in classnames if c not in index]
+    if missing:
+        raise FdcacheError(f"the model was fine-tuned on {len(index)} classes; the eval set's "
+                           f"{missing[:5]} are not among them (check --classnames)")
+    return _Columns(model, [index[c] for c in classnames]).to(next(model.parameters()).device)
+
+
+@torch.no_grad()
+def evaluate_set(classify: nn.Module, loader, device: torch.device, dtype: torch.dtype | None,
+                 num_classes: int, dist: Dist | None = None) -> dict:
+    """Correct counts at each k over the loader (summed over ranks)."""
+    correct = torch.zeros(len(TOPK), dtype=torch.long, device=device)
+    seen = torch.zeros((), dtype=torch.long, device=device)
+    for images, labels, _ in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = classify(images).float()
+        top = logits.topk(min(max(TOPK), num_classes), dim=1).indices
+        hit = top == labels[:, None]
+        for j, k in enumerate(TOPK):
+            correct[j] += hit[:, :k].any(dim=1).sum()
+        seen += labels.numel()
+    if dist is not None and dist.world > 1:
+        torch.distributed.all_reduce(correct)
+        torch.distributed.all_reduce(seen)
+    n = int(seen)
+    out = {"n": n}
+    for j, k in enumerate(TOPK):
+        out[f"top{k}"] = int(correct[j]) / max(n, 1)
+        out[f"correct{k}"] = int(correct[j])
+    return out
+
+
+def set_names(paths: list[str]) -> list[str]:
+    """Short, distinct names for eval sets (folder name; parent/name where those clash)."""
+    names = [Path(p).name for p in paths]
+    if len(set(names)) < len(names):
+        names = [f"{Path(p).parent.name}/{Path(p).name}" for p in paths]
+    if len(set(names)) < len(names):
+        names = [f"{i}:{p}" for i, p in enumerate(paths)]
+    return names
+
+
+def evaluate(model: nn.Module, spec: ModelSpec, sets: list[str], *, classnames: str = "folder",
+             crop_pct: float | None = None, batch_size: int = 128, workers: int = 4,
+             device: torch.device | None = None, amp: str = "auto", dist: Dist | None = None) -> dict:
+    """``{set name: {"top1", "top5", "n", ...}}`` for each image folder in ``sets``."""
+    device = device or next(model.parameters()).device
+    dtype = amp_dtype(amp, device)
+    tf = eval_transform(spec.resolution, spec.mean, spec.std, crop_pct=crop_pct or spec.crop_pct)
+    was = model.training
+    model.eval()
+    results = {}
+    try:
+        for name, path in zip(set_names(sets), sets):
+            classes = find_classes(path)
+            names = classnames_for(classes, classnames)
+            classify = head_for(model, spec, names)
+            ds = LabeledImages(path, tf, classes=classes)
+            loader = eval_loader(ds, batch_size, workers, dist.rank if dist else 0, dist.world if dist else 1)
+            results[name] = evaluate_set(classify, loader, device, dtype, len(names), dist)
+    finally:
+        model.train(was)
+    return results

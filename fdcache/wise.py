@@ -1,0 +1,55 @@
+"""``fdcache wise``: WiSE-FT, the weight-space ensemble of a zero-shot and a fine-tuned model,
+``theta = (1 - alpha) * theta_zeroshot + alpha * theta_finetuned``, for one alpha or a sweep.
+
+Both endpoints must be the same architecture with the same classes: the ``init/`` export a
+zero-shot-headed ``fdcache finetune`` or an ``fdcache flyp`` run writes, and that run's final
+export. alpha 0 and 1 return the endpoints themselves.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .classifiers import read_export, save_export
+from .errors import FdcacheError
+
+
+def interpolate(zeroshot: dict, finetuned: dict, alpha: float) -> dict:
+    if set(zeroshot) != set(finetuned):
+        diff = sorted(set(zeroshot) ^ set(finetuned))
+        raise FdcacheError(f"the two models hold different tensors (e.g. {diff[:3]}): WiSE-FT needs one architecture")
+    out = {}
+    for k, a in zeroshot.items():
+        b = finetuned[k]
+        if a.shape != b.shape:
+            raise FdcacheError(f"{k}: shape {tuple(a.shape)} vs {tuple(b.shape)}: not the same architecture/classes")
+        if alpha == 0:
+            out[k] = a.clone()
+        elif alpha == 1 or not a.is_floating_point():
+            out[k] = b.clone()
+        else:
+            out[k] = (a.float() * (1 - alpha) + b.float() * alpha).to(a.dtype)
+    return out
+
+
+def wise(zeroshot: str | Path, finetuned: str | Path, alphas: list[float], out: str | Path,
+         ema: bool = True) -> list[Path]:
+    """Write ``out/alpha-<a>/`` (a loadable export) per alpha; returns their paths."""
+    zs_spec, _, zs_state, _ = read_export(zeroshot, ema=False)
+    ft_spec, _, ft_state, ft_file = read_export(finetuned, ema=ema)
+    same = ("kind", "source", "name", "resolution", "classnames", "head", "timm_kwargs")
+    diff = [f for f in same if getattr(zs_spec, f) != getattr(ft_spec, f)]
+    if diff:
+        raise FdcacheError(f"{zeroshot} and {finetuned} differ in {diff}: interpolate a run with its own "
+                           "init/ export (a zero-shot head or FLYP run writes OUT/init)")
+    bad = [a for a in alphas if not 0 <= a <= 1]
+    if bad:
+        raise FdcacheError(f"--alpha values must lie in [0, 1], got {bad}")
+    paths = []
+    for alpha in alphas:
+        state = interpolate(zs_state, ft_state, alpha)
+        paths.append(save_export(Path(out) / f"alpha-{alpha:.2f}", ft_spec, state,
+                                 info={"wise": {"alpha": alpha, "zeroshot": str(zeroshot),
+                                                "finetuned": str(finetuned), "finetuned_weights": ft_file}}))
+    return paths
+

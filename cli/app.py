@@ -346,10 +346,6 @@ def _tune_command(mode: str, default_preset: str, doc: str):
             re_prob=reprob, crop_pct=crop_pct, freeze_patch_embed=freeze_patch_embed, amp=amp,
             compile=compile_, seed=seed, resume=resume, save_every=save_every, run_steps=run_steps,
             log_every=log_every, workers=workers, device=device, progress=sys.stderr.isatty())
-        # "0 turns it off" for the optional ingredients.
-        cfg.clip_grad = cfg.clip_grad or None
-        cfg.ema_decay = cfg.ema_decay or None
-        cfg.auto_augment = None if (cfg.auto_augment or "none").lower() == "none" else cfg.auto_augment
         r = run(cfg)
         if int(os.environ.get("RANK", "0")) == 0:
             last = f"{r.losses[-1]:.4f}" if r.losses else "-"

@@ -135,7 +135,14 @@ def make_config(preset: str | None, **given) -> FinetuneConfig:
     unknown = set(values) - known
     if unknown:
         raise FdcacheError(f"unknown setting(s) {sorted(unknown)}")
-    return FinetuneConfig(**values)
+    cfg = FinetuneConfig(**values)
+    # None means "not given" above, so the optional ingredients are turned off by value:
+    # --ema-decay 0, --clip-grad 0, --layer-decay 1, --auto-augment none.
+    cfg.ema_decay = cfg.ema_decay or None
+    cfg.clip_grad = cfg.clip_grad or None
+    cfg.layer_decay = None if cfg.layer_decay in (None, 1.0) else cfg.layer_decay
+    cfg.auto_augment = None if (cfg.auto_augment or "none").lower() == "none" else cfg.auto_augment
+    return cfg
 
 
 @dataclass
@@ -244,7 +251,7 @@ class Finetuner:
         scale = cfg.batch_size * self.dist.world * cfg.accum_steps / cfg.lr_batch
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_epochs * steps_per_epoch)
         kw = {}
-        if cfg.layer_decay is not None and cfg.layer_decay != 1.0:
+        if cfg.layer_decay is not None:
             if not hasattr(self.model, "group_matcher"):
                 raise FdcacheError(f"{self.spec.name} has no layer grouping for --layer-decay; pass --layer-decay 1")
             kw["layer_decay"] = cfg.layer_decay

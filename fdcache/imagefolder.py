@@ -144,8 +144,11 @@ class EpochSampler(Sampler):
 
 
 def train_loader(ds: LabeledImages, sampler: EpochSampler, workers: int, pin: bool) -> DataLoader:
+    # Its own generator: a loader draws its workers' base seed when iterated, and drawing it
+    # from the global stream would shift drop path and mixup after a resume.
     return DataLoader(ds, batch_size=sampler.batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=pin, persistent_workers=workers > 0, drop_last=True)
+                      pin_memory=pin, persistent_workers=workers > 0, drop_last=True,
+                      generator=torch.Generator().manual_seed(sampler.seed))
 
 
 def eval_loader(ds: LabeledImages, batch_size: int, workers: int, rank: int = 0, world: int = 1) -> DataLoader:
@@ -164,9 +167,26 @@ def train_transform(kind: str, resolution: int, mean, std, *, auto_augment: str 
         return open_clip.image_transform(resolution, is_train=True, mean=tuple(mean), std=tuple(std))
     from timm.data import create_transform
 
-    return create_transform(resolution, is_training=True, auto_augment=auto_augment or None,
-                            color_jitter=color_jitter, re_prob=re_prob, re_mode="pixel",
-                            interpolation=interpolation, mean=tuple(mean), std=tuple(std))
+    tf = create_transform(resolution, is_training=True, auto_augment=auto_augment or None,
+                          color_jitter=color_jitter, re_prob=re_prob, re_mode="pixel",
+                          interpolation=interpolation, mean=tuple(mean), std=tuple(std))
+    for t in getattr(tf, "transforms", []):
+        for op in getattr(t, "ops", []):
+            if op.name.startswith("Posterize"):
+                op.aug_fn = _posterize
+    return tf
+
+
+def _posterize(img, bits_to_keep, **_):
+    """timm's RandAugment asks for 0 bits at magnitude 10 (reached under ``mstd`` noise);
+    Pillow >= 10 refuses 0, older Pillow (the recipes' era) returned black. Keep that."""
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
 
 
 def eval_transform(resolution: int, mean, std, crop_pct: float = 1.0, interpolation: str = "bicubic"):

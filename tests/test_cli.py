@@ -17,6 +17,35 @@ def test_quickstart_runs_the_whole_tour(tmp_path):
     r = run("quickstart", "--workdir", tmp_path, "--images", 9)
     assert r.exit_code == 0, r.output
     assert "verify: ok" in r.output and (tmp_path / "teacher.zarr" / "zarr.json").exists()
+    for step in ("5. train", "6. finetune", "7. eval", "8. flyp", "9. wise"):
+        assert step in r.output, r.output
+    for export in ("student/student.safetensors", "finetune/model.json", "flyp/init/model.json",
+                   "wise/alpha-0.50/model.safetensors"):
+        assert (tmp_path / export).exists(), export
+
+
+def test_finetune_eval_and_wise_commands(image_root, tmp_path):
+    run_dir = tmp_path / "ft"
+    r = run("finetune", "--model", TINY_TEACHER, "--random-init", "--head", "zeroshot", "--templates", "simple",
+            "--data", image_root, "--val", image_root, "--steps", 2, "--batch-size", 4, "--lr-batch", 4,
+            "--warmup-steps", 1, "--workers", 0, "--out", run_dir)
+    assert r.exit_code == 0, r.output
+    assert "finetune: 2 step(s)" in r.output and "top-1" in r.output
+    cfg = json.loads((run_dir / "model.json").read_text())
+    assert cfg["ema"] and cfg["spec"]["head"] == "zeroshot" and cfg["spec"]["crop_pct"] == 0.875  # the preset's
+    r = run("eval", "--run", run_dir, "--data", image_root, "--workers", 0, "--json", tmp_path / "e.json")
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "e.json").read_text())
+    assert res["weights"] == "model_ema.safetensors" and res["results"]["images"]["n"] == 18
+    r = run("wise", "--zeroshot", run_dir / "init", "--finetuned", run_dir, "--alpha", 0, "--alpha", 1,
+            "--out", tmp_path / "w", "--data", image_root, "--workers", 0)
+    assert r.exit_code == 0 and "alpha=1.00" in r.output, r.output
+
+
+def test_finetune_without_a_weights_choice_exits_2(image_root, tmp_path):
+    r = run("finetune", "--model", TINY_TEACHER, "--pretrained", "nope-tag", "--data", image_root,
+            "--out", tmp_path / "ft", "--steps", 1)
+    assert r.exit_code == 2 and "nope-tag" in r.output
 
 
 def test_extract_inspect_verify_round_trip(image_root, tmp_path):

@@ -1,0 +1,342 @@
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from safetensors.torch import load_file
+
+from fdcache.classifiers import init_model, load_export, templates_of, zeroshot_weights
+from fdcache.errors import DataError, FdcacheError
+from fdcache.evaluate import evaluate
+from fdcache.extract import ExtractConfig, extract
+from fdcache.finetune import Finetuner, finetune, load_preset, make_config, preset_names
+from fdcache.imagefolder import LabeledImages, eval_transform, train_loader
+from fdcache.samples import make_image_folder
+from fdcache.teachers import TINY_TEACHER, create_openclip
+from fdcache.train import TrainConfig, train
+from fdcache.wise import wise
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """16 images in 4 classes."""
+    return make_image_folder(tmp_path_factory.mktemp("ft") / "images", classes=4, per_class=4, seed=1)
+
+
+@pytest.fixture(scope="module")
+def student(folder, tmp_path_factory) -> Path:
+    """An fdcache train export (fd-tiny BEiT distilled for 2 steps from the tiny teacher)."""
+    root = tmp_path_factory.mktemp("student")
+    store = str(root / "s.zarr")
+    extract(ExtractConfig(data=str(folder), out=store, teacher=TINY_TEACHER, random_init=True, batch_size=8,
+                          shard_size=8, progress=False, num_threads=2))
+    train(TrainConfig(out=str(root / "run"), cache=store, student="fd-tiny", steps=2, batch_size=4,
+                      warmup_steps=1, loss_impl="torch", progress=False, num_threads=2))
+    return root / "run"
+
+
+def fcfg(out, data, **kw):
+    base = dict(mode="finetune", model=TINY_TEACHER, random_init=True, steps=4, batch_size=4, lr_batch=4,
+                base_lr=1e-3, warmup_steps=1, log_every=1, workers=0, progress=False, ema_decay=0,
+                auto_augment="none", re_prob=0.0, label_smoothing=0.0, layer_decay=1.0, crop_pct=1.0)
+    return make_config(None, out=str(out), data=str(data), **(base | kw))
+
+
+def _batch(ft):
+    return next(iter(train_loader(ft.dataset, ft.sampler, 0, False)))
+
+
+# -- recipe ingredients ------------------------------------------------------------------
+def test_layer_decay_gives_each_block_its_lr_and_no_decay_to_norms_and_embeddings(folder, tmp_path):
+    ft = Finetuner(fcfg(tmp_path, folder, layer_decay=0.5, warmup_steps=0, steps=10, weight_decay=0.05,
+                        freeze_patch_embed=True))
+    ft.scheduler.step_update(0)
+    peak = ft.cfg.base_lr  # total batch 4 == lr_batch
+    names = {id(p): n for n, p in ft.model.named_parameters()}
+    depth = 2  # the tiny CLIP tower's blocks; stem = layer 0, block i = i + 1, head = depth + 1
+
+    def scale(name):
+        if name.startswith(("visual.class_embedding", "visual.positional_embedding", "visual.conv1", "visual.ln_pre")):
+            return 0.5 ** (depth + 1)
+        if name.startswith("visual.transformer.resblocks."):
+            return 0.5 ** (depth - int(name.split(".")[3]))
+        assert name.startswith(("fc_norm", "head")), name
+        return 1.0
+
+    seen = []
+    for g in ft.optimizer.param_groups:
+        for p in g["params"]:
+            name = names[id(p)]
+            seen.append(name)
+            assert g["lr"] == pytest.approx(peak * scale(name), rel=1e-9), name
+            no_decay = p.ndim <= 1 or name in ("visual.class_embedding", "visual.positional_embedding")
+            assert g["weight_decay"] == (0.0 if no_decay else 0.05), name
+    trainable = [n for n, p in ft.model.named_parameters() if p.requires_grad]
+    assert sorted(seen) == sorted(trainable) and "visual.conv1.weight" not in seen  # frozen (FT-CLIP at 224)
+    assert {scale(n) for n in seen} == {0.125, 0.25, 0.5, 1.0}
+
+
+def test_ema_update_follows_the_formula(folder, tmp_path):
+    ft = Finetuner(fcfg(tmp_path, folder, ema_decay=0.9, steps=6, base_lr=1e-2))
+    it = iter(train_loader(ft.dataset, ft.sampler, 0, False))
+    for step in range(4):
+        images, labels, index = next(it)
+        ft.scheduler.step_update(ft.step)
+        before = {k: v.clone() for k, v in ft.ema.module.state_dict().items()}
+        ft.forward_backward(images, labels, index, 0)
+        ft.optimizer_step()
+        d = 0.0 if step < 2 else 0.9  # timm's ModelEmaV3 copies the model on its first updates
+        model, ema = ft.model.state_dict(), ft.ema.module.state_dict()
+        for k, v in ema.items():
+            if v.is_floating_point():
+                torch.testing.assert_close(v, d * before[k] + (1 - d) * model[k], rtol=1e-5, atol=1e-7)
+    assert not torch.equal(ema["head.weight"], model["head.weight"])
+
+
+def test_flyp_loss_is_clip_loss_on_prompt_captions(folder, tmp_path):
+    ft = Finetuner(fcfg(tmp_path, folder, mode="flyp", templates="simple"))
+    images, labels, index = _batch(ft)
+    loss = ft.loss_of(images, labels, index, epoch=0)
+    tids = ft.template_ids(0, index)
+    templates = templates_of("simple")
+    captions = [templates[int(t)](ft.classnames[int(y)]) for y, t in zip(labels, tids)]
+    tok = open_clip.get_tokenizer(TINY_TEACHER)
+    with torch.no_grad():
+        img = ft.model.encode_image(images, normalize=True)
+        txt = ft.model.encode_text(tok(captions), normalize=True)
+        scale = ft.model.logit_scale.exp()
+    logits = scale * img @ txt.T
+    target = torch.arange(len(labels))
+    by_hand = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    torch.testing.assert_close(loss.detach(), by_hand, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss.detach(), open_clip.ClipLoss()(img, txt, scale), rtol=1e-5, atol=1e-6)
+    every = torch.arange(len(ft.dataset))
+    assert torch.equal(ft.template_ids(1, every), ft.template_ids(1, every))
+    assert not torch.equal(ft.template_ids(0, every), ft.template_ids(1, every))  # a new draw per epoch
+
+
+def test_zero_shot_head_is_the_normalised_mean_of_template_embeddings():
+    names = ["cat", "dog", "red car"]
+    templates = templates_of("simple")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # init_model's init_seed
+        clip = create_openclip(TINY_TEACHER, None)
+    tok = open_clip.get_tokenizer(TINY_TEACHER)
+    w = zeroshot_weights(clip, tok, names, templates)
+    with torch.no_grad():
+        for c, name in enumerate(names):
+            mean = F.normalize(clip.encode_text(tok([t(name) for t in templates])), dim=-1).mean(0)
+            torch.testing.assert_close(w[:, c], mean / mean.norm(), rtol=1e-5, atol=1e-6)
+    model, spec = init_model(model=TINY_TEACHER, pretrained=None, random_init=True, student=None,
+                             kind="classifier", classnames=names, head="zeroshot", templates="simple",
+                             resolution=None, drop_path=0.0)
+    torch.testing.assert_close(model.head.weight.detach(), clip.logit_scale.exp().detach() * w.T)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        cos = F.normalize(clip.encode_image(x), dim=-1) @ w
+        torch.testing.assert_close(model.eval()(x), clip.logit_scale.exp() * cos, rtol=1e-4, atol=1e-5)
+
+
+def _coloured_classes(root: Path, per_class: int = 4) -> Path:
+    """4 classes told apart by colour (red, green, blue, grey), with per-image noise."""
+    rng = np.random.default_rng(0)
+    for c, rgb in enumerate([(200, 40, 40), (40, 200, 40), (40, 40, 200), (128, 128, 128)]):
+        (root / f"class_{c:03d}").mkdir(parents=True)
+        for i in range(per_class):
+            img = np.clip(np.array(rgb) + rng.normal(0, 25, (72, 80, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / f"class_{c:03d}" / f"{i}.png")
+    return root
+
+
+def test_a_few_finetuning_steps_reduce_the_loss(tmp_path):
+    data = _coloured_classes(tmp_path / "images")
+    r = finetune(fcfg(tmp_path / "run", data, steps=30, base_lr=3e-3, warmup_steps=2))
+    first, last = np.mean(r.losses[:3]), np.mean(r.losses[-5:])
+    assert last < 0.8 * first, r.losses
+    assert r.losses[0] == pytest.approx(np.log(4), abs=0.02)  # FT-CLIP's near-zero head: uniform at start
+    spec = json.loads((tmp_path / "run" / "model.json").read_text())["spec"]
+    assert spec["classnames"] == ["class 000", "class 001", "class 002", "class 003"]
+
+
+def test_a_distilled_student_starts_finetuning_from_its_weights(student, folder, tmp_path):
+    ft = Finetuner(fcfg(tmp_path, folder, student=str(student), model=None, random_init=None, drop_path=0.1))
+    state = load_file(str(student / "student.safetensors"))
+    m = ft.model
+    assert torch.equal(m.patch_embed.proj.weight, state["patch_embed.proj.weight"])
+    assert torch.equal(m.blocks[1].mlp.fc2.weight, state["blocks.1.mlp.fc2.weight"])
+    for blk in m.blocks:  # FD fine-tuning: the shared relative position bias, copied into each block
+        assert torch.equal(blk.attn.relative_position_bias_table, state["rel_pos_bias.relative_position_bias_table"])
+    assert m.head.out_features == 4 and m.global_pool == "avg" and isinstance(m.fc_norm, torch.nn.LayerNorm)
+    assert m.blocks[1].drop_path1.drop_prob == pytest.approx(0.1)
+
+
+def test_resume_is_exact_with_mixup_drop_path_randaugment_and_ema(student, folder, tmp_path):
+    kw = dict(student=str(student), model=None, random_init=None, steps=6, mixup=0.8, cutmix=1.0, drop_path=0.1,
+              ema_decay=0.9, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, label_smoothing=0.1,
+              layer_decay=0.75, clip_grad=5.0)
+    a = finetune(fcfg(tmp_path / "a", folder, **kw))
+    b1 = finetune(fcfg(tmp_path / "b", folder, run_steps=4, **kw))  # stops inside epoch 2 (4 steps/epoch)
+    assert b1.export is None
+    b2 = finetune(fcfg(tmp_path / "b", folder, resume=True, workers=2, **kw))  # worker processes too
+    assert a.losses == b1.losses + b2.losses
+    for f in ("model.safetensors", "model_ema.safetensors"):
+        wa, wb = load_file(str(tmp_path / "a" / f)), load_file(str(tmp_path / "b" / f))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), f
+
+
+# -- evaluation and WiSE-FT ------------------------------------------------------------
+def _hand_count(model, spec, root: Path, columns=None):
+    tf = eval_transform(spec.resolution, spec.mean, spec.std, spec.crop_pct)
+    classes = sorted(p.name for p in root.iterdir())
+    c1 = c5 = n = 0
+    for label, c in enumerate(classes):
+        for f in sorted((root / c).iterdir()):
+            with Image.open(f) as im:
+                x = tf(ImageOps.exif_transpose(im).convert("RGB"))
+            with torch.no_grad():
+                logits = model(x[None])[0]
+            if columns is not None:
+                logits = logits[columns]
+            order = logits.argsort(descending=True).tolist()
+            c1 += order[0] == label
+            c5 += label in order[:5]
+            n += 1
+    return c1, c5, n
+
+
+def test_eval_equals_a_hand_count_and_scores_class_subsets(tmp_path):
+    root = make_image_folder(tmp_path / "val", classes=8, per_class=2, seed=5)
+    names = [f"class {i:03d}" for i in range(8)]
+    model, spec = init_model(model=TINY_TEACHER, pretrained=None, random_init=True, student=None,
+                             kind="classifier", classnames=names, head="fresh", templates="simple",
+                             resolution=None, drop_path=0.0)
+    torch.nn.init.normal_(model.head.weight, std=1.0)  # spread the logits
+    spec = replace(spec, crop_pct=0.875)
+    model.eval()
+    r = evaluate(model, spec, [str(root)], batch_size=5, workers=0)["val"]
+    c1, c5, n = _hand_count(model, spec, root)
+    assert (r["correct1"], r["correct5"], r["n"]) == (c1, c5, n) == (c1, c5, 16)
+    assert r["top1"] == c1 / 16
+    sub = tmp_path / "shift"  # a shifted set with 3 of the 8 classes (as ImageNet-R/-A hold a subset)
+    for i in (1, 4, 6):
+        shutil.copytree(root / f"class_{i:03d}", sub / f"class_{i:03d}")
+    r = evaluate(model, spec, [str(sub)], batch_size=4, workers=0)["shift"]
+    c1, _, n = _hand_count(model, spec, sub, columns=[1, 4, 6])
+    assert (r["correct1"], r["n"], r["correct5"]) == (c1, n, n)
+
+
+def test_eval_of_a_class_the_model_never_saw_is_refused(folder, tmp_path):
+    model, spec = init_model(model=TINY_TEACHER, pretrained=None, random_init=True, student=None,
+                             kind="classifier", classnames=["a", "b"], head="fresh", templates="simple",
+                             resolution=None, drop_path=0.0)
+    with pytest.raises(FdcacheError, match="not among them"):
+        evaluate(model, spec, [str(folder)], workers=0)
+
+
+@pytest.fixture(scope="module")
+def zs_run(folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("zs") / "run"
+    finetune(fcfg(out, folder, head="zeroshot", templates="simple", steps=3, base_lr=1e-2, ema_decay=0.5))
+    return out
+
+
+def test_wise_endpoints_are_the_models_and_the_middle_their_mean(zs_run, tmp_path):
+    paths = wise(zs_run / "init", zs_run, [0.0, 0.5, 1.0], tmp_path / "w", ema=False)
+    zs, ft = (load_file(str(p / "model.safetensors")) for p in (zs_run / "init", zs_run))
+    w0, wh, w1 = (load_file(str(p / "model.safetensors")) for p in paths)
+    assert any(not torch.equal(zs[k], ft[k]) for k in zs)  # the run moved the weights
+    for k in zs:
+        assert torch.equal(w0[k], zs[k]) and torch.equal(w1[k], ft[k]), k
+        torch.testing.assert_close(wh[k], (zs[k] + ft[k]) / 2)
+    model, spec, _ = load_export(paths[1])  # loadable, and the default takes the EMA end when kept
+    assert spec.head == "zeroshot"
+    ema = load_file(str(zs_run / "model_ema.safetensors"))
+    (mid,) = wise(zs_run / "init", zs_run, [0.5], tmp_path / "w_ema")
+    torch.testing.assert_close(load_file(str(mid / "model.safetensors"))["head.weight"],
+                               (zs["head.weight"] + ema["head.weight"]) / 2)
+
+
+def test_wise_refuses_models_that_differ(zs_run, folder, tmp_path):
+    other = tmp_path / "fresh"
+    finetune(fcfg(other, folder, steps=1))
+    with pytest.raises(FdcacheError, match="differ"):
+        wise(zs_run / "init", other, [0.5], tmp_path / "w")
+    with pytest.raises(FdcacheError, match=r"\[0, 1\]"):
+        wise(zs_run / "init", zs_run, [1.5], tmp_path / "w")
+
+
+# -- bad input --------------------------------------------------------------------------
+def test_a_corrupt_image_stops_finetuning_naming_it(folder, tmp_path):
+    data = Path(shutil.copytree(folder, tmp_path / "images"))
+    bad = sorted((data / "class_002").glob("*.jpg"))[0]
+    bad.write_bytes(bad.read_bytes()[:200])
+    with pytest.raises(DataError, match=bad.name):
+        finetune(fcfg(tmp_path / "run", data, steps=8))
+
+
+def test_resume_with_other_classes_is_refused(folder, tmp_path):
+    finetune(fcfg(tmp_path / "run", folder, steps=4, run_steps=1))
+    other = make_image_folder(tmp_path / "other", classes=3, per_class=4)
+    with pytest.raises(FdcacheError, match="another model"):
+        finetune(fcfg(tmp_path / "run", other, steps=4, resume=True))
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(head="zeroshot", student="S", model=None, random_init=None), "no text tower"),
+    (dict(mode="flyp", model="timm:vit_tiny_patch16_224"), "no text tower"),
+    (dict(model=TINY_TEACHER, random_init=None), "--random-init"),
+    (dict(drop_path=0.1), "no drop path"),
+    (dict(epochs=None, steps=None), "--epochs"),
+])
+def test_impossible_settings_are_refused_clearly(folder, student, tmp_path, kw, message):
+    if kw.get("student") == "S":
+        kw = kw | {"student": str(student)}
+    cfg = fcfg(tmp_path, folder, **kw)
+    if "steps" in kw:
+        cfg.steps = cfg.epochs = None
+    with pytest.raises(FdcacheError, match=message):
+        Finetuner(cfg)
+
+
+def test_presets_cite_their_sources_and_name_only_known_settings():
+    assert {"ft-clip-vit-b16", "ft-clip-vit-l14", "fd-finetune-vit-b16", "flyp-imagenet"} <= set(preset_names())
+    for name in preset_names():
+        p = load_preset(name)
+        assert p["source"] and p["mode"] in ("finetune", "flyp")
+        make_config(name, out="o", data="d", mode=p["mode"])  # raises on an unknown key
+    b16 = make_config("ft-clip-vit-b16", out="o", data="d", mode="finetune", random_init=True, model="ViT-B-16")
+    assert (b16.base_lr, b16.lr_batch, b16.layer_decay, b16.ema_decay, b16.epochs, b16.pretrained) == \
+        (6e-4, 2048, 0.6, 0.9998, 50, None)
+    with pytest.raises(FdcacheError, match="flyp preset"):
+        make_config("flyp-imagenet", out="o", data="d", mode="finetune")
+
+
+def test_labeled_images_repeat_their_augmentation_per_epoch_and_index(folder):
+    from fdcache.imagefolder import train_transform
+
+    tf = train_transform("timm", 64, (0.5,) * 3, (0.5,) * 3, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.5)
+    ds = LabeledImages(folder, tf, seed=3)
+    torch.manual_seed(123)
+    a = ds[(1, 5)][0]
+    state = torch.get_rng_state()
+    assert torch.equal(state, torch.get_rng_state()) and torch.equal(a, ds[(1, 5)][0])
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's stream is left alone
+    assert not torch.equal(a, ds[(2, 5)][0])
+
+
+def test_randaugment_posterize_at_full_magnitude_gives_black_not_an_error():
+    from fdcache.imagefolder import train_transform
+
+    tf = train_transform("timm", 32, (0.5,) * 3, (0.5,) * 3, auto_augment="rand-m10-n1-inc1")
+    ops = [op for t in tf.transforms for op in getattr(t, "ops", []) if op.name == "PosterizeIncreasing"]
+    assert ops, "timm's increasing-posterize op is in the policy"
+    op = ops[0]
+    op.prob, op.magnitude_std = 1.0, 0.0
+    img = Image.new("RGB", (8, 8), (200, 100, 50))
+    assert np.asarray(op(img)).max() == 0  # 0 bits kept: black, as with the Pillow of the recipes

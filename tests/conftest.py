@@ -4,6 +4,8 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,3 +45,16 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
     """Every file under ``root`` by relative path: for byte-identity checks of stores."""
     root = Path(root)
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def one_and_two_processes(args: list[str], batch: int, out: Path) -> tuple[Path, Path]:
+    """Run ``python -m fdcache ARGS`` in one process with ``--batch-size 2*batch`` and under
+    torchrun with 2 gloo ranks x ``batch``: the same global batch. Returns the two --out dirs."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    runs = {"one": [sys.executable, "-m", "fdcache", *args, "--batch-size", str(2 * batch)],
+            "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                    "-m", "fdcache", *args, "--batch-size", str(batch)]}
+    for name, cmd in runs.items():
+        r = subprocess.run([*cmd, "--out", str(out / name)], capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    return out / "one", out / "two"

@@ -22,6 +22,8 @@ from fdcache.teachers import TINY_TEACHER, create_openclip
 from fdcache.train import TrainConfig, train
 from fdcache.wise import wise
 
+from conftest import one_and_two_processes
+
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
@@ -340,3 +342,24 @@ def test_randaugment_posterize_at_full_magnitude_gives_black_not_an_error():
     op.prob, op.magnitude_std = 1.0, 0.0
     img = Image.new("RGB", (8, 8), (200, 100, 50))
     assert np.asarray(op(img)).max() == 0  # 0 bits kept: black, as with the Pillow of the recipes
+
+
+def test_two_process_flyp_matches_one_process_on_the_same_global_batch(image_root, tmp_path):
+    """DDP + ClipLoss gathering features across ranks == one process with the whole batch."""
+    args = ["flyp", "--model", TINY_TEACHER, "--random-init", "--classnames", "folder", "--templates", "simple",
+            "--data", str(image_root), "--steps", "3", "--warmup-steps", "1", "--lr", "1e-3", "--lr-batch", "8",
+            "--workers", "0", "--log-every", "1"]
+    one_and_two_processes(args, 4, tmp_path)
+    a, b = ([json.loads(x)["loss"] for x in open(tmp_path / d / "log.jsonl")] for d in ("one", "two"))
+    assert len(a) == len(b) == 3
+    np.testing.assert_allclose(a, b, rtol=1e-4)
+    wa, wb = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("one", "two"))
+    for k in wa:
+        x, y = wa[k], wb[k]
+        if k.endswith("in_proj_bias"):
+            # The key bias has a zero gradient in exact arithmetic (softmax ignores a shift);
+            # Adam turns its rounding noise into steps of up to lr, different per layout.
+            d = x.shape[0] // 3
+            assert (x[d:2 * d] - y[d:2 * d]).abs().max() <= 3 * 1e-3 * 1.01
+            x, y = torch.cat([x[:d], x[2 * d:]]), torch.cat([y[:d], y[2 * d:]])
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6, msg=k)

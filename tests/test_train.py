@@ -1,7 +1,5 @@
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,6 +12,8 @@ from fdcache.store import Store
 from fdcache.students import build_student, resize_token_grid
 from fdcache.teachers import TINY_TEACHER
 from fdcache.train import TrainConfig, Trainer, TrainError, train
+
+from conftest import one_and_two_processes
 
 
 def _extract(data, out, **kw):
@@ -170,16 +170,9 @@ def test_student_layout_follows_fd():
 
 
 def test_two_process_ddp_matches_one_process_on_the_same_global_batch(store, tmp_path):
-    args = ["-m", "fdcache", "train", "--cache", str(store), "--student", "fd-tiny", "--steps", "3",
-            "--warmup-steps", "1", "--lr", "0.01", "--drop-path", "0", "--loss-impl", "torch", "--threads", "1"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    one = subprocess.run([sys.executable, *args, "--batch-size", "8", "--out", str(tmp_path / "one")],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          *args, "--batch-size", "4", "--out", str(tmp_path / "two")],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
+    args = ["train", "--cache", str(store), "--student", "fd-tiny", "--steps", "3", "--warmup-steps", "1",
+            "--lr", "0.01", "--drop-path", "0", "--loss-impl", "torch", "--threads", "1"]
+    one_and_two_processes(args, 4, tmp_path)
     a = [r["loss"] for r in _log(tmp_path / "one")]
     b = [r["loss"] for r in _log(tmp_path / "two")]
     assert len(a) == len(b) == 3

@@ -17,7 +17,7 @@ weights so an export rebuilds without downloading anything:
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -28,6 +28,8 @@ from .errors import FdcacheError
 from .teachers import create_openclip, create_timm, parse_teacher_name
 
 TEMPLATES = ("openai", "simple")
+NO_DROP_PATH = ("open_clip's CLIP towers have no drop path; use --drop-path 0, or the timm form of the "
+                "model (e.g. --model timm:vit_base_patch16_clip_224)")
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,7 @@ def _student_kwargs(kwargs: dict, name: str, drop_path: float) -> dict:
     """FD's fine-tuning form of an exported student: mean pooling + fc_norm, drop path, and
     (BEiT) one relative position bias per block instead of the shared one."""
     kw = dict(kwargs)
+    kw.pop("pretrained_cfg_overlay", None)
     kw["drop_path_rate"] = drop_path
     if name.startswith("beit"):
         kw.update(use_shared_rel_pos_bias=False, use_rel_pos_bias=True, use_fc_norm=True, global_pool="avg")
@@ -186,17 +189,11 @@ def build(spec: ModelSpec, *, pretrained: str | None = None, student: str | None
         return create_openclip(spec.name, pretrained, spec.resolution)
     if spec.source == "openclip":
         if spec.drop_path:
-            raise FdcacheError("open_clip's CLIP image tower has no drop path; use --drop-path 0, or the timm "
-                               "form of the model (e.g. --model timm:vit_base_patch16_clip_224)")
+            raise FdcacheError(NO_DROP_PATH)
         clip = create_openclip(spec.name, pretrained, spec.resolution)
         return CLIPImageClassifier(clip.visual, n, spec.head)
-    if spec.source == "timm":
-        return create_timm(spec.name, pretrained, num_classes=n, img_size=spec.resolution, global_pool="avg",
-                           fc_norm=True, drop_path_rate=spec.drop_path, **spec.timm_kwargs)
-    if spec.source == "student":
-        import timm
-
-        model = timm.create_model(spec.name, pretrained=False, num_classes=n, **spec.timm_kwargs)
+    if spec.source in ("timm", "student"):
+        model = create_timm(spec.name, pretrained, num_classes=n, **spec.timm_kwargs)
         if student is not None:
             _, state = read_student(student)
             state = _student_state(state, len(model.blocks))
@@ -223,42 +220,47 @@ def init_model(*, model: str | None, pretrained: str | None, random_init: bool, 
                            "(an fdcache train export)")
     if model is not None and (pretrained is None) == (not random_init):
         raise FdcacheError(f"--model {model}: give --pretrained TAG|PATH (e.g. openai) or --random-init")
+    size = {"img_size": resolution} if resolution else {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
         if student is not None:
-            meta, _ = read_student(student)
-            name = meta["timm_name"]
-            kw = _student_kwargs(meta["kwargs"], name, drop_path)
-            if resolution:
-                kw["img_size"] = resolution
-            spec = _spec_from_timm(kind="classifier", source="student", name=name, classnames=classnames,
-                                   drop_path=drop_path, timm_kwargs=kw, pretrained=str(Path(student).name))
             if kind != "classifier" or head != "fresh":
                 raise FdcacheError("a distilled student has no text tower: fine-tune it with --head fresh")
-            return build(spec, student=student), spec
+            meta, _ = read_student(student)
+            name = meta["timm_name"]
+            spec = ModelSpec(kind="classifier", source="student", name=name, resolution=0, mean=(), std=(),
+                             classnames=tuple(classnames), pretrained=Path(student).name, drop_path=drop_path,
+                             timm_kwargs=_student_kwargs(meta["kwargs"], name, drop_path) | size)
+            net = build(spec, student=student)
+            return net, _with_timm_cfg(spec, net)
         source, name = parse_teacher_name(model)
         if source == "timm":
             if kind != "classifier" or head != "fresh":
                 raise FdcacheError(f"timm:{name} has no text tower: zero-shot heads and FLYP need an "
                                    "open_clip model (e.g. --model ViT-B-16 --pretrained openai)")
-            probe = create_timm(name, None, num_classes=0, **({"img_size": resolution} if resolution else {}))
-            spec = _spec_from_timm(kind=kind, source="timm", name=name, classnames=classnames,
-                                   drop_path=drop_path, timm_kwargs={}, pretrained=_label(pretrained),
-                                   resolution=resolution or probe.patch_embed.img_size[0], probe=probe)
-            return build(spec, pretrained=pretrained), spec
+            # Mean pooling after the model's own final norm (fc_norm=False keeps the pretrained
+            # norm, so a CLIP checkpoint loads strictly); open_clip towers get FT-CLIP's new fc_norm.
+            spec = ModelSpec(kind="classifier", source="timm", name=name, resolution=0, mean=(), std=(),
+                             classnames=tuple(classnames), pretrained=_label(pretrained), drop_path=drop_path,
+                             timm_kwargs={"global_pool": "avg", "fc_norm": False, "drop_path_rate": drop_path} | size)
+            net = build(spec, pretrained=pretrained)
+            return net, _with_timm_cfg(spec, net)
+        if drop_path:
+            raise FdcacheError(NO_DROP_PATH)
+        import open_clip
+
         clip = create_openclip(name, pretrained, resolution)
         visual = clip.visual
         size = visual.image_size
         spec = ModelSpec(kind=kind, source="openclip", name=name,
                          resolution=int(size[0] if isinstance(size, (tuple, list)) else size),
-                         mean=tuple(float(v) for v in visual.image_mean),
-                         std=tuple(float(v) for v in visual.image_std), classnames=tuple(classnames),
+                         mean=tuple(float(v) for v in (visual.image_mean or open_clip.OPENAI_DATASET_MEAN)),
+                         std=tuple(float(v) for v in (visual.image_std or open_clip.OPENAI_DATASET_STD)),
+                         classnames=tuple(classnames),
                          head=head if kind == "classifier" else "zeroshot", templates=templates,
                          pretrained=_label(pretrained), drop_path=drop_path)
         if kind == "clip":
             return clip, spec
-        if drop_path:
-            build(spec)  # raises the drop-path message
         classifier = CLIPImageClassifier(visual, len(classnames), head)
         if head == "zeroshot":
             w = zeroshot_weights(clip, tokenizer_of(spec), classnames, templates_of(templates))
@@ -272,18 +274,12 @@ def _label(pretrained: str | None) -> str | None:
     return Path(pretrained).name if pretrained and Path(pretrained).exists() else pretrained
 
 
-def _spec_from_timm(*, kind, source, name, classnames, drop_path, timm_kwargs, pretrained,
-                    resolution=None, probe=None) -> ModelSpec:
-    import timm
-
-    if probe is None:
-        probe = timm.create_model(name, pretrained=False, num_classes=0, **timm_kwargs)
-    cfg = probe.pretrained_cfg
-    return ModelSpec(kind=kind, source=source, name=name,
-                     resolution=int(resolution or probe.patch_embed.img_size[0]),
-                     mean=tuple(float(v) for v in cfg.get("mean", (0.5,) * 3)),
-                     std=tuple(float(v) for v in cfg.get("std", (0.5,) * 3)), classnames=tuple(classnames),
-                     head="fresh", pretrained=pretrained, drop_path=drop_path, timm_kwargs=timm_kwargs)
+def _with_timm_cfg(spec: ModelSpec, model: nn.Module) -> ModelSpec:
+    """Input size and mean/std from the built timm model's pretrained config."""
+    cfg = model.pretrained_cfg
+    return replace(spec, resolution=int(model.patch_embed.img_size[0]),
+                   mean=tuple(float(v) for v in cfg.get("mean", (0.5,) * 3)),
+                   std=tuple(float(v) for v in cfg.get("std", (0.5,) * 3)))
 
 
 # -- export ---------------------------------------------------------------------------------

@@ -375,6 +375,7 @@ class Finetuner:
         stream = iter(train_loader(self.dataset, self.sampler, cfg.workers, self.device.type == "cuda"))
         bar = progress_bar(stop - self.step, enabled=cfg.progress and d.is_main, desc=cfg.mode)
         losses, evals, seen = [], [], 0
+        evaluated = epoch  # epochs finished (and evaluated, with --val) before this invocation
         t0 = window_t = time.perf_counter()
         window_images = 0
         self.model.train()
@@ -409,9 +410,9 @@ class Finetuner:
                     if log:
                         log.write(json.dumps(rec) + "\n"); log.flush()
                     bar.update(cfg.log_every, loss=value, rate=rate)
-                end_of_epoch = micro % self.micro_per_epoch == 0
-                if cfg.val and end_of_epoch and self.step < stop:
-                    evals.append(self._eval_record(epoch, log))
+                if cfg.val and micro // self.micro_per_epoch > evaluated and self.step < stop:
+                    evaluated = micro // self.micro_per_epoch
+                    evals.append(self._eval_record(evaluated - 1, log))
                 if self.step % cfg.save_every == 0 and self.step < stop:
                     self.save()
         except torch.OutOfMemoryError as e:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import distributed
-from .engine import amp_dtype, atomic_save, cosine_schedule, progress_bar
+from .engine import amp_dtype, atomic_save, cosine_schedule, progress_bar, rng_state, set_rng_state
 from .errors import FdcacheError, StoreError, StoreMismatchError
 from .kernels import fd_loss
 from .loader import Batch, batches
@@ -262,9 +262,7 @@ class Trainer:
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "ema": self.ema.state_dict() if self.ema else None, "step": self.step,
-                "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "ema": self.ema.state_dict() if self.ema else None, "step": self.step, "rng": rng_state(),
                 "config": self.cfg.to_dict(), "teacher": self.tspec.to_dict(),
                 "student": asdict(self.sspec), "world": self.dist.world}
 
@@ -288,9 +286,7 @@ class Trainer:
         if self.ema and ck["ema"]:
             self.ema.load_state_dict(ck["ema"])
         self.step = ck["step"]
-        torch.set_rng_state(ck["rng_cpu"])
-        if ck["rng_cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ck["rng_cuda"])
+        set_rng_state(ck["rng"])
 
     # -- the step ------------------------------------------------------------------
     def targets_of(self, batch: Batch, images: torch.Tensor):

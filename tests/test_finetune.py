@@ -363,3 +363,37 @@ def test_two_process_flyp_matches_one_process_on_the_same_global_batch(image_roo
             assert (x[d:2 * d] - y[d:2 * d]).abs().max() <= 3 * 1e-3 * 1.01
             x, y = torch.cat([x[:d], x[2 * d:]]), torch.cat([y[:d], y[2 * d:]])
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_a_clip_checkpoint_loads_into_the_timm_form_and_pools_as_ft_clip(tmp_path):
+    """--model timm:<clip vit> --pretrained FILE: an open_clip checkpoint loads (strictly) and the
+    pooled feature is FT-CLIP's: the final norm on each patch token, then their mean."""
+    from fdcache.classifiers import ModelSpec, build
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        clip = create_openclip(TINY_TEACHER, None).eval()
+    torch.save(clip.state_dict(), tmp_path / "clip.pt")
+    arch = dict(depth=2, embed_dim=64, num_heads=2, img_size=64)  # the tiny CLIP's tower in timm's terms
+    spec = ModelSpec(kind="classifier", source="timm", name="vit_base_patch16_clip_224", resolution=64,
+                     mean=(0.5,) * 3, std=(0.5,) * 3, classnames=("a", "b", "c"),
+                     timm_kwargs={"global_pool": "avg", "fc_norm": False, "drop_path_rate": 0.0} | arch)
+    model = build(spec, pretrained=str(tmp_path / "clip.pt")).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        v = clip.visual
+        want = v.ln_post(v.transformer(v._embeds(x))[:, 1:]).mean(1)
+        got = model.forward_head(model.forward_features(x), pre_logits=True)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert model.head.out_features == 3
+
+
+def test_val_sets_are_scored_after_each_epoch_and_at_the_end(folder, tmp_path):
+    # 4 micro-batches per epoch, 3 per step: epoch 0 ends inside step 2, the run after step 3.
+    r = finetune(fcfg(tmp_path / "run", folder, steps=3, accum_steps=3, val=[str(folder)], ema_decay=0.5))
+    assert [e["epoch"] for e in r.evals] == [0, 2] and [e["step"] for e in r.evals] == [2, 3]
+    logged = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl") if '"eval"' in line]
+    assert logged == r.evals
+    last = logged[-1]["eval"]
+    assert set(last) == {"model", "ema"} and last["model"]["images"]["n"] == 16
+    assert json.loads((tmp_path / "run" / "model.json").read_text())["eval"] == logged[-1]

@@ -397,3 +397,26 @@ def test_val_sets_are_scored_after_each_epoch_and_at_the_end(folder, tmp_path):
     last = logged[-1]["eval"]
     assert set(last) == {"model", "ema"} and last["model"]["images"]["n"] == 16
     assert json.loads((tmp_path / "run" / "model.json").read_text())["eval"] == logged[-1]
+
+
+def test_flyp_resume_is_exact(folder, tmp_path):
+    kw = dict(mode="flyp", templates="simple", steps=5, base_lr=1e-3)
+    a = finetune(fcfg(tmp_path / "a", folder, **kw))
+    b1 = finetune(fcfg(tmp_path / "b", folder, run_steps=2, **kw))
+    b2 = finetune(fcfg(tmp_path / "b", folder, resume=True, **kw))
+    assert a.losses == b1.losses + b2.losses
+    wa, wb = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("a", "b"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_bf16_autocast_runs_the_model_in_bf16_and_tracks_fp32(folder, tmp_path):
+    """The GPU default (bf16 autocast), run through the same code on CPU."""
+    f32 = Finetuner(fcfg(tmp_path / "a", folder, amp="none"))
+    bf16 = Finetuner(fcfg(tmp_path / "b", folder, amp="bf16"))
+    dtypes = []
+    bf16.model.head.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    images, labels, index = _batch(f32)
+    want = f32.loss_of(images, labels, index, 0)
+    got = bf16.loss_of(images, labels, index, 0)
+    assert dtypes == [torch.bfloat16] and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=0)

@@ -39,13 +39,19 @@ def classnames_for(classes: list[str], how: str = "folder") -> list[str]:
     """Human-readable names for the class folders, in folder order (prompts need them).
 
     ``folder``: the folder names, ``_`` as spaces; ``imagenet``: open_clip's ImageNet-1k
-    names for the 1000 sorted WordNet-id folders; otherwise a file: a JSON object
-    ``{folder: name}``, a JSON list, or one name per line, in sorted folder order."""
+    names, for the 1000 sorted WordNet-id folders, or for folders named by class index
+    (``0`` .. ``999``, as ImageNet-V2 ships; a subset is fine); otherwise a file: a JSON
+    object ``{folder: name}``, a JSON list, or one name per line, in sorted folder order."""
     if how == "folder":
         return [c.replace("_", " ") for c in classes]
     if how == "imagenet":
         from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
+        if all(c.isdigit() for c in classes):
+            bad = [c for c in classes if int(c) >= len(IMAGENET_CLASSNAMES)]
+            if bad:
+                raise DataError(f"--classnames imagenet: class index folder(s) {bad[:5]} are not below 1000")
+            return [IMAGENET_CLASSNAMES[int(c)] for c in classes]
         if len(classes) != len(IMAGENET_CLASSNAMES):
             raise DataError(f"--classnames imagenet needs the 1000 ImageNet class folders, found {len(classes)}; "
                             "for a subset (ImageNet-R/-A) pass a JSON file {folder: name}")

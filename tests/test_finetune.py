@@ -420,3 +420,24 @@ def test_bf16_autocast_runs_the_model_in_bf16_and_tracks_fp32(folder, tmp_path):
     got = bf16.loss_of(images, labels, index, 0)
     assert dtypes == [torch.bfloat16] and got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=2e-2, atol=0)
+
+
+def test_imagenet_class_names_follow_wnid_order_or_numeric_index_folders(tmp_path):
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    from fdcache.imagefolder import classnames_for
+
+    wnids = [f"n{i:08d}" for i in range(1000)]  # sorted WordNet ids: names in open_clip's order
+    assert classnames_for(wnids, "imagenet") == list(IMAGENET_CLASSNAMES)
+    # ImageNet-V2 style folders "0".."999" sort as text ("0", "1", "10", "100", ...): names by index
+    numeric = sorted(str(i) for i in range(1000))
+    names = classnames_for(numeric, "imagenet")
+    assert names[:3] == [IMAGENET_CLASSNAMES[0], IMAGENET_CLASSNAMES[1], IMAGENET_CLASSNAMES[10]]
+    assert classnames_for(["7", "3"], "imagenet") == [IMAGENET_CLASSNAMES[7], IMAGENET_CLASSNAMES[3]]
+    with pytest.raises(DataError, match="1000"):
+        classnames_for(wnids[:10], "imagenet")
+    mapping = tmp_path / "names.json"
+    mapping.write_text(json.dumps({"n1": "goldfish", "n2": "shark"}))
+    assert classnames_for(["n1", "n2"], str(mapping)) == ["goldfish", "shark"]
+    with pytest.raises(DataError, match="n3"):
+        classnames_for(["n1", "n3"], str(mapping))

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from . import distributed
 from .classifiers import ModelSpec, init_model, save_export, templates_of, tokenizer_of
 from .engine import amp_dtype, atomic_save, cosine_schedule, progress_bar, rng_state, set_rng_state
-from .errors import FdcacheError
+from .errors import DataError, FdcacheError
 from .imagefolder import (EpochSampler, LabeledImages, classnames_for, find_classes, train_loader,
                           train_transform)
 
@@ -385,7 +385,10 @@ class Finetuner:
                 loss_sum = torch.zeros((), device=self.device)
                 for m in range(cfg.accum_steps):
                     epoch = micro // self.micro_per_epoch
-                    images, labels, index = next(stream)
+                    try:
+                        images, labels, index = next(stream)
+                    except DataError as e:  # from a worker: keep the message, drop its traceback text
+                        raise DataError(str(e).strip().rsplit("DataError: ", 1)[-1]) from None
                     loss_sum += self.forward_backward(images, labels, index, epoch, sync=m == cfg.accum_steps - 1)
                     window_images += images.shape[0] * d.world
                     micro += 1

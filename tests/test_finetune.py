@@ -278,8 +278,10 @@ def test_a_corrupt_image_stops_finetuning_naming_it(folder, tmp_path):
     data = Path(shutil.copytree(folder, tmp_path / "images"))
     bad = sorted((data / "class_002").glob("*.jpg"))[0]
     bad.write_bytes(bad.read_bytes()[:200])
-    with pytest.raises(DataError, match=bad.name):
-        finetune(fcfg(tmp_path / "run", data, steps=8))
+    for workers in (0, 2):
+        with pytest.raises(DataError, match=bad.name) as e:
+            finetune(fcfg(tmp_path / f"run{workers}", data, steps=8, workers=workers))
+        assert str(e.value).startswith("cannot read image") and "Traceback" not in str(e.value)
 
 
 def test_resume_with_other_classes_is_refused(folder, tmp_path):

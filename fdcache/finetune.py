@@ -232,8 +232,11 @@ class Finetuner:
 
             if cfg.batch_size % 2:
                 raise FdcacheError("mixup/cutmix need an even --batch-size")
+            from timm.loss import SoftTargetCrossEntropy
+
             self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
                                num_classes=len(self.classnames))
+            self.soft_loss = SoftTargetCrossEntropy()
 
     def _setup_schedule(self):
         from timm.optim import create_optimizer_v2
@@ -309,8 +312,7 @@ class Finetuner:
             labels = labels.to(self.device, non_blocking=True)
             if self.mixup is not None:
                 images, soft = self.mixup(images, labels)
-                logits = self.forward(images).float()
-                return torch.sum(-soft * F.log_softmax(logits, dim=-1), dim=-1).mean()
+                return self.soft_loss(self.forward(images).float(), soft)
             logits = self.forward(images).float()
             return F.cross_entropy(logits, labels, label_smoothing=self.cfg.label_smoothing)
 

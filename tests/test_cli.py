@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 from typer.testing import CliRunner
@@ -33,10 +34,16 @@ def test_finetune_eval_and_wise_commands(image_root, tmp_path):
     assert "finetune: 2 step(s)" in r.output and "top-1" in r.output
     cfg = json.loads((run_dir / "model.json").read_text())
     assert cfg["ema"] and cfg["spec"]["head"] == "zeroshot" and cfg["spec"]["crop_pct"] == 0.875  # the preset's
-    r = run("eval", "--run", run_dir, "--data", image_root, "--workers", 0, "--json", tmp_path / "e.json")
+    shift = tmp_path / "shift"  # a "distribution shift" set: two of the three classes
+    for c in ("class_000", "class_002"):
+        shutil.copytree(image_root / c, shift / c)
+    r = run("eval", "--run", run_dir, "--data", image_root, "--data", shift, "--workers", 0,
+            "--json", tmp_path / "e.json")
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "e.json").read_text())
-    assert res["weights"] == "model_ema.safetensors" and res["results"]["images"]["n"] == 18
+    assert res["weights"] == "model_ema.safetensors"
+    assert res["results"]["images"]["n"] == 18 and res["results"]["shift"]["n"] == 12
+    assert res["shift_mean"]["top1"] == res["results"]["shift"]["top1"]
     r = run("wise", "--zeroshot", run_dir / "init", "--finetuned", run_dir, "--alpha", 0, "--alpha", 1,
             "--out", tmp_path / "w", "--data", image_root, "--workers", 0)
     assert r.exit_code == 0 and "alpha=1.00" in r.output, r.output

@@ -78,3 +78,74 @@ def progress_bar(total: int, enabled: bool, desc: str):
             self.t.close()
 
     return Bar()
+
+
+class Loop:
+    """The mechanics the training loops share. A subclass sets ``cfg`` (``out``, ``resume``,
+    ``clip_grad``), ``out``, ``dist``, ``model``, ``optimizer``, ``scheduler``, ``scaler``,
+    ``ema`` and ``step``, and adds what identifies its run to :meth:`state_dict` and checks
+    it in :meth:`check_checkpoint`."""
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None, "step": self.step,
+                "rng": rng_state(), "world": self.dist.world}
+
+    def check_checkpoint(self, ck: dict, path: Path) -> None:
+        from .errors import FdcacheError
+
+        if ck["world"] != self.dist.world:
+            raise FdcacheError(f"checkpoint {path} ran on {ck['world']} rank(s), now {self.dist.world}: "
+                               "resume with the same world size (the data order depends on it)")
+
+    def save(self, name: str = "last.pt") -> Path:
+        path = self.out / "checkpoints" / name
+        if self.dist.is_main:
+            atomic_save(self.state_dict(), path)
+        return path
+
+    def load(self, path: Path) -> None:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        self.check_checkpoint(ck, path)
+        self.model.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scheduler.load_state_dict(ck["scheduler"])
+        self.scaler.load_state_dict(ck["scaler"])
+        if self.ema is not None and ck["ema"] is not None:
+            self.ema.load_state_dict(ck["ema"])
+        self.step = ck["step"]
+        set_rng_state(ck["rng"])
+
+    def begin(self) -> bool:
+        """Resume from ``OUT/checkpoints/last.pt`` with ``--resume``; refuse to start over an
+        existing run without it. True when this is a fresh start."""
+        from .errors import FdcacheError
+
+        last = self.out / "checkpoints" / "last.pt"
+        if self.cfg.resume:
+            if not last.exists():
+                raise FdcacheError(f"--resume: no checkpoint at {last}")
+            self.load(last)
+        elif last.exists():
+            raise FdcacheError(f"{self.out} already holds a run (checkpoints/last.pt): pass --resume to "
+                               "continue it, or choose another --out")
+        self.out.mkdir(parents=True, exist_ok=True)
+        return not self.cfg.resume
+
+    def optimizer_step(self) -> None:
+        """Unscale and clip (when asked), step through the grad scaler, zero the grads,
+        :meth:`after_update`, update the EMA, count the step."""
+        if self.cfg.clip_grad:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.after_update()
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.step)
+        self.step += 1
+
+    def after_update(self) -> None:
+        """Hook: constrain parameters after each update (before the EMA sees them)."""

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from . import distributed
 from .classifiers import ModelSpec, init_model, save_export, templates_of, tokenizer_of
-from .engine import amp_dtype, atomic_save, cosine_schedule, progress_bar, rng_state, set_rng_state
+from .engine import Loop, amp_dtype, cosine_schedule, progress_bar
 from .errors import DataError, FdcacheError
 from .imagefolder import (EpochSampler, LabeledImages, classnames_for, find_classes, train_loader,
                           train_transform)
@@ -155,7 +155,7 @@ class FinetuneResult:
     export: str | None
 
 
-class Finetuner:
+class Finetuner(Loop):
     def __init__(self, cfg: FinetuneConfig):
         if cfg.mode not in ("finetune", "flyp"):
             raise FdcacheError(f"mode {cfg.mode!r}: finetune or flyp")
@@ -266,33 +266,13 @@ class Finetuner:
 
     # -- checkpoints ---------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "ema": self.ema.state_dict() if self.ema else None, "step": self.step, "rng": rng_state(),
-                "config": self.cfg.to_dict(), "spec": self.spec.to_dict(), "world": self.dist.world}
+        return super().state_dict() | {"config": self.cfg.to_dict(), "spec": self.spec.to_dict()}
 
-    def save(self, name: str = "last.pt") -> Path:
-        path = self.out / "checkpoints" / name
-        if self.dist.is_main:
-            atomic_save(self.state_dict(), path)
-        return path
-
-    def load(self, path: Path) -> None:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+    def check_checkpoint(self, ck: dict, path: Path) -> None:
         if ModelSpec.from_dict(ck["spec"]) != self.spec:
             raise FdcacheError(f"checkpoint {path} holds another model (or classes): resume with the "
                                "same --model/--student, --data and --head")
-        if ck["world"] != self.dist.world:
-            raise FdcacheError(f"checkpoint {path} ran on {ck['world']} rank(s), now {self.dist.world}: "
-                               "resume with the same world size (the data order depends on it)")
-        self.model.load_state_dict(ck["model"])
-        self.optimizer.load_state_dict(ck["optimizer"])
-        self.scheduler.load_state_dict(ck["scheduler"])
-        self.scaler.load_state_dict(ck["scaler"])
-        if self.ema is not None and ck["ema"] is not None:
-            self.ema.load_state_dict(ck["ema"])
-        self.step = ck["step"]
-        set_rng_state(ck["rng"])
+        super().check_checkpoint(ck, path)
 
     # -- the step ------------------------------------------------------------------
     def template_ids(self, epoch: int, index: torch.Tensor) -> torch.Tensor:
@@ -324,19 +304,10 @@ class Finetuner:
             self.scaler.scale(loss / self.cfg.accum_steps).backward()
         return loss.detach()
 
-    def optimizer_step(self) -> None:
-        if self.cfg.clip_grad:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+    def after_update(self) -> None:
         if self.cfg.mode == "flyp":
             with torch.no_grad():
                 self.model.logit_scale.clamp_(0, math.log(100))
-        if self.ema is not None:
-            self.ema.update(self.model, step=self.step)
-        self.step += 1
 
     # -- evaluation ----------------------------------------------------------------
     def evaluate(self) -> dict:
@@ -357,18 +328,9 @@ class Finetuner:
     # -- the loop ------------------------------------------------------------------
     def fit(self) -> FinetuneResult:
         cfg, d = self.cfg, self.dist
-        last = self.out / "checkpoints" / "last.pt"
-        if cfg.resume:
-            if not last.exists():
-                raise FdcacheError(f"--resume: no checkpoint at {last}")
-            self.load(last)
-        elif last.exists():
-            raise FdcacheError(f"{self.out} already holds a run (checkpoints/last.pt): pass --resume to "
-                               "continue it, or choose another --out")
-        elif d.is_main and (self.spec.kind == "clip" or self.spec.head == "zeroshot"):
+        if self.begin() and d.is_main and (self.spec.kind == "clip" or self.spec.head == "zeroshot"):
             # The zero-shot starting point, for WiSE-FT (fdcache wise --zeroshot OUT/init).
             save_export(self.out / "init", self.spec, self.model, info={"steps": 0})
-        self.out.mkdir(parents=True, exist_ok=True)
         log = open(self.out / "log.jsonl", "a") if d.is_main else None
         stop = self.total_steps if cfg.run_steps is None else min(self.total_steps, self.step + cfg.run_steps)
         micro = self.step * cfg.accum_steps

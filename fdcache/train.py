@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import distributed
-from .engine import amp_dtype, atomic_save, cosine_schedule, progress_bar, rng_state, set_rng_state
+from .engine import Loop, amp_dtype, cosine_schedule, progress_bar
 from .errors import FdcacheError, StoreError, StoreMismatchError
 from .kernels import fd_loss
 from .loader import Batch, batches
@@ -106,7 +106,7 @@ def _lr_scale(cfg: TrainConfig, world: int) -> float:
     return cfg.batch_size * world * cfg.accum_steps / cfg.lr_batch
 
 
-class Trainer:
+class Trainer(Loop):
     """Sets up data, models, optimizer and schedule; :meth:`fit` runs the loop."""
 
     def __init__(self, cfg: TrainConfig, teacher=None):
@@ -260,33 +260,13 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "ema": self.ema.state_dict() if self.ema else None, "step": self.step, "rng": rng_state(),
-                "config": self.cfg.to_dict(), "teacher": self.tspec.to_dict(),
-                "student": asdict(self.sspec), "world": self.dist.world}
+        return super().state_dict() | {"config": self.cfg.to_dict(), "teacher": self.tspec.to_dict(),
+                                       "student": asdict(self.sspec)}
 
-    def save(self, name: str = "last.pt") -> Path:
-        path = self.out / "checkpoints" / name
-        if self.dist.is_main:
-            atomic_save(self.state_dict(), path)
-        return path
-
-    def load(self, path: Path) -> None:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+    def check_checkpoint(self, ck: dict, path: Path) -> None:
         if ck["teacher"] != self.tspec.to_dict():
             raise StoreMismatchError(f"checkpoint {path} was trained against another teacher/store")
-        if ck["world"] != self.dist.world:
-            raise FdcacheError(f"checkpoint {path} ran on {ck['world']} rank(s), now {self.dist.world}: "
-                               "resume with the same world size (the data order depends on it)")
-        self.model.load_state_dict(ck["model"])
-        self.optimizer.load_state_dict(ck["optimizer"])
-        self.scheduler.load_state_dict(ck["scheduler"])
-        self.scaler.load_state_dict(ck["scaler"])
-        if self.ema and ck["ema"]:
-            self.ema.load_state_dict(ck["ema"])
-        self.step = ck["step"]
-        set_rng_state(ck["rng"])
+        super().check_checkpoint(ck, path)
 
     # -- the step ------------------------------------------------------------------
     def targets_of(self, batch: Batch, images: torch.Tensor):
@@ -315,18 +295,6 @@ class Trainer:
             self.scaler.scale(loss / self.cfg.accum_steps).backward()
         return loss.detach()
 
-    def optimizer_step(self) -> None:
-        """Clip, step (through the grad scaler), zero the grads, update the EMA."""
-        if self.cfg.clip_grad:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update(self.model, step=self.step)
-        self.step += 1
-
     # -- the loop ------------------------------------------------------------------
     def stream(self):
         epoch, skip = self.position(self.step * self.cfg.accum_steps)
@@ -338,15 +306,7 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         cfg, d = self.cfg, self.dist
-        last = self.out / "checkpoints" / "last.pt"
-        if cfg.resume:
-            if not last.exists():
-                raise FdcacheError(f"--resume: no checkpoint at {last}")
-            self.load(last)
-        elif last.exists():
-            raise FdcacheError(f"{self.out} already holds a run (checkpoints/last.pt): pass --resume to "
-                               "continue it, or choose another --out")
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.begin()
         log = open(self.out / "log.jsonl", "a") if d.is_main else None
         tb = self._tensorboard() if cfg.tensorboard and d.is_main else None
         stop = self.total_steps if cfg.run_steps is None else min(self.total_steps, self.step + cfg.run_steps)

@@ -4,6 +4,7 @@ their steps; this owns what must behave the same in all of them."""
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from pathlib import Path
@@ -149,3 +150,23 @@ class Loop:
 
     def after_update(self) -> None:
         """Hook: constrain parameters after each update (before the EMA sees them)."""
+
+    error = None  # the subclass's error type (an FdcacheError)
+    nonfinite_hint = "Lower the lr or resume from checkpoints/last.pt"
+
+    def logged_loss(self, loss_sum: torch.Tensor, micro_batches: int) -> float:
+        """The step's loss averaged over micro-batches and ranks, read back (one device sync);
+        a non-finite value saves the state under its step and stops the run."""
+        loss = loss_sum / micro_batches
+        if self.dist.world > 1:
+            torch.distributed.all_reduce(loss)
+            loss /= self.dist.world
+        value = loss.item()
+        if not math.isfinite(value):
+            bad = self.save(f"nonfinite-step{self.step}.pt")
+            raise self.error(f"loss is {value} at step {self.step}; state saved to {bad}. {self.nonfinite_hint}")
+        return value
+
+    def out_of_memory(self, e: Exception) -> Exception:
+        return self.error(f"out of device memory at step {self.step} with --batch-size {self.cfg.batch_size}: "
+                          "lower --batch-size and raise --accum-steps to keep the total batch")

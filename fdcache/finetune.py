@@ -156,6 +156,9 @@ class FinetuneResult:
 
 
 class Finetuner(Loop):
+    """Sets up model, data, loss, optimizer and schedule; :meth:`fit` runs the loop."""
+
+    error = FinetuneError
     def __init__(self, cfg: FinetuneConfig):
         if cfg.mode not in ("finetune", "flyp"):
             raise FdcacheError(f"mode {cfg.mode!r}: finetune or flyp")
@@ -358,15 +361,7 @@ class Finetuner(Loop):
                     micro += 1
                 self.optimizer_step()
                 if self.step % cfg.log_every == 0 or self.step == stop:
-                    loss = loss_sum / cfg.accum_steps
-                    if d.world > 1:
-                        torch.distributed.all_reduce(loss)
-                        loss /= d.world
-                    value = loss.item()
-                    if not math.isfinite(value):
-                        bad = self.save(f"nonfinite-step{self.step}.pt")
-                        raise FinetuneError(f"loss is {value} at step {self.step}; state saved to {bad}. "
-                                            "Lower the lr or resume from checkpoints/last.pt")
+                    value = self.logged_loss(loss_sum, cfg.accum_steps)
                     now = time.perf_counter()
                     rate = window_images / max(now - window_t, 1e-9)
                     rec = {"step": self.step, "epoch": epoch, "loss": value,
@@ -383,8 +378,7 @@ class Finetuner(Loop):
                 if self.step % cfg.save_every == 0 and self.step < stop:
                     self.save()
         except torch.OutOfMemoryError as e:
-            raise FinetuneError(f"out of device memory at step {self.step} with --batch-size {cfg.batch_size}: "
-                                "lower --batch-size and raise --accum-steps to keep the total batch") from e
+            raise self.out_of_memory(e) from e
         finally:
             bar.close()
         elapsed = time.perf_counter() - t0

@@ -11,7 +11,6 @@ store's seed ``e mod S``; ``--online`` runs the teacher on the same pixels inste
 from __future__ import annotations
 
 import json
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -108,6 +107,9 @@ def _lr_scale(cfg: TrainConfig, world: int) -> float:
 
 class Trainer(Loop):
     """Sets up data, models, optimizer and schedule; :meth:`fit` runs the loop."""
+
+    error = TrainError
+    nonfinite_hint = "Lower the lr, check the store (fdcache verify), or resume from checkpoints/last.pt"
 
     def __init__(self, cfg: TrainConfig, teacher=None):
         self.cfg = cfg
@@ -330,16 +332,7 @@ class Trainer(Loop):
                     window_images += batch.images.shape[0] * d.world
                 self.optimizer_step()
                 if self.step % cfg.log_every == 0 or self.step == stop:
-                    loss = loss_sum / cfg.accum_steps
-                    if d.world > 1:
-                        torch.distributed.all_reduce(loss)
-                        loss /= d.world
-                    value = loss.item()
-                    if not math.isfinite(value):
-                        bad = self.save(f"nonfinite-step{self.step}.pt")
-                        raise TrainError(f"loss is {value} at step {self.step}; state saved to {bad}. "
-                                         "Lower the lr, check the store (fdcache verify), or resume from "
-                                         "checkpoints/last.pt")
+                    value = self.logged_loss(loss_sum, cfg.accum_steps)
                     now = time.perf_counter()
                     rate = window_images / max(now - window_t, 1e-9)
                     rec = {"step": self.step, "epoch": batch.epoch, "loss": value,
@@ -357,8 +350,7 @@ class Trainer(Loop):
                 if self.step % cfg.save_every == 0 and self.step < stop:
                     self.save()
         except torch.OutOfMemoryError as e:
-            raise TrainError(f"out of device memory at step {self.step} with --batch-size {cfg.batch_size}: "
-                             "lower --batch-size and raise --accum-steps to keep the total batch") from e
+            raise self.out_of_memory(e) from e
         finally:
             bar.close()
             if log:

@@ -443,3 +443,14 @@ def test_imagenet_class_names_follow_wnid_order_or_numeric_index_folders(tmp_pat
     assert classnames_for(["n1", "n2"], str(mapping)) == ["goldfish", "shark"]
     with pytest.raises(DataError, match="n3"):
         classnames_for(["n1", "n3"], str(mapping))
+
+
+def test_non_finite_loss_stops_with_the_step_and_a_checkpoint(folder, tmp_path):
+    from fdcache.finetune import FinetuneError
+
+    ft = Finetuner(fcfg(tmp_path / "r", folder, steps=3))
+    with torch.no_grad():
+        ft.model.head.bias[0] = float("nan")
+    with pytest.raises(FinetuneError, match="at step 1"):
+        ft.fit()
+    assert (tmp_path / "r" / "checkpoints" / "nonfinite-step1.pt").exists()

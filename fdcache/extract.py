@@ -23,7 +23,7 @@ from .codecs import CodecSpec
 from .errors import BadImageError, FdcacheError, StoreError
 from .manifest import Manifest, index
 from .pixels import PixelStream, ViewBatches, dali_device
-from .store import Store, StoreInfo, exists
+from .store import Store, StoreInfo, exists, remove_interrupted_writes
 from .teachers import Teacher, load_teacher
 from .views import ViewPolicy
 
@@ -81,6 +81,7 @@ def open_or_create(cfg: ExtractConfig, teacher: Teacher, manifest: Manifest) -> 
         except StoreError as e:
             raise StoreError(f"{e} (pass --overwrite to replace what is at {cfg.out})") from e
         store.check_binding(info)
+        remove_interrupted_writes(cfg.out)  # only rank 0 runs this, before any rank writes
         if cfg.seeds > store.num_seeds:
             store.grow_seeds(manifest, cfg.seeds)
         return store

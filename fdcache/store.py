@@ -17,6 +17,7 @@ after its data, so a crash leaves at worst unmarked shards that a resume recompu
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -219,6 +220,25 @@ class Store:
     def skipped(self, seed: int | None = None) -> np.ndarray:
         a = self.group["skipped"]
         return (a[:] if seed is None else a[seed]).astype(bool)
+
+
+_PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
+
+
+def remove_interrupted_writes(url: str) -> list[str]:
+    """Delete the temporary ``<key>.<uuid>.partial`` files zarr's LocalStore leaves when its
+    writer is killed between writing one and renaming it into place (the data they held is
+    rewritten on resume: their shard has no done marker). Local stores only; call while no
+    writer runs. Returns the removed keys."""
+    root = _store_arg(url)
+    if "://" in root:
+        return []
+    gone = []
+    for p in Path(root).rglob("*.partial"):
+        if _PARTIAL.search(p.name):
+            p.unlink()
+            gone.append(p.relative_to(root).as_posix())
+    return gone
 
 
 def _store_arg(url: str):

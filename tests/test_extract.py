@@ -1,6 +1,7 @@
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -133,6 +134,22 @@ def test_sigkill_mid_run_then_resume_is_byte_identical(image_root, tmp_path):
     assert 0 < done.sum() < done.size, "the kill must land mid-run"
     subprocess.run(args + ["--out", str(out)], check=True, capture_output=True)
     assert tree_bytes(out) == tree_bytes(ref)
+
+
+def test_resume_removes_the_temporary_file_a_killed_zarr_write_leaves(image_root, tmp_path, fp16_store):
+    """zarr's LocalStore writes <key>.<uuid>.partial, then renames it: a kill in between leaves it."""
+    out = tmp_path / "s.zarr"
+    shutil.copytree(fp16_store, out)
+    done = Store.open(str(out), mode="r+").group["done"]
+    done[1, 2] = 0  # that shard was being written when the process died
+    stray = out / "targets" / "c" / "1" / "2" / "0" / f"0.{'ab' * 16}.partial"
+    stray.write_bytes(b"half a shard")
+    keep = out / "notes.partial"  # not zarr's pattern: not ours to delete
+    keep.write_bytes(b"x")
+    r = extract(cfg(image_root, out))
+    assert r.shards == 1 and not stray.exists() and keep.exists()
+    keep.unlink()
+    assert tree_bytes(out) == tree_bytes(fp16_store)
 
 
 def test_raising_seeds_appends_and_equals_a_fresh_run(image_root, tmp_path, fp16_store):

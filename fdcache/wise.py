@@ -35,6 +35,11 @@ def interpolate(zeroshot: dict, finetuned: dict, alpha: float) -> dict:
 def wise(zeroshot: str | Path, finetuned: str | Path, alphas: list[float], out: str | Path,
          ema: bool = True) -> list[Path]:
     """Write ``out/alpha-<a>/`` (a loadable export) per alpha; returns their paths."""
+    run = Path(zeroshot).parent
+    if not Path(zeroshot).exists() and (run / "model.json").is_file():
+        raise FdcacheError(f"{zeroshot} does not exist: the run in {run} started from a fresh head, so it has "
+                           "no zero-shot end to interpolate with. WiSE-FT needs a run started with "
+                           "--head zeroshot, or an fdcache flyp run (both write OUT/init)")
     zs_spec, _, zs_state, _ = read_export(zeroshot, ema=False)
     ft_spec, _, ft_state, ft_file = read_export(finetuned, ema=ema)
     same = ("kind", "source", "name", "resolution", "classnames", "head", "timm_kwargs")

@@ -269,6 +269,8 @@ def test_wise_refuses_models_that_differ(zs_run, folder, tmp_path):
     finetune(fcfg(other, folder, steps=1))
     with pytest.raises(FdcacheError, match="differ"):
         wise(zs_run / "init", other, [0.5], tmp_path / "w")
+    with pytest.raises(FdcacheError, match="--head zeroshot"):  # a fresh-head run has no init/
+        wise(other / "init", other, [0.5], tmp_path / "w")
     with pytest.raises(FdcacheError, match=r"\[0, 1\]"):
         wise(zs_run / "init", zs_run, [1.5], tmp_path / "w")
 

@@ -327,13 +327,17 @@ def test_labeled_images_repeat_their_augmentation_per_epoch_and_index(folder):
     from fdcache.imagefolder import train_transform
 
     tf = train_transform("timm", 64, (0.5,) * 3, (0.5,) * 3, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.5)
+    import random
+
     ds = LabeledImages(folder, tf, seed=3)
     torch.manual_seed(123)
+    before = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
     a = ds[(1, 5)][0]
-    state = torch.get_rng_state()
-    assert torch.equal(state, torch.get_rng_state()) and torch.equal(a, ds[(1, 5)][0])
-    assert torch.equal(torch.get_rng_state(), state)  # the caller's stream is left alone
-    assert not torch.equal(a, ds[(2, 5)][0])
+    after = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1])
+    assert torch.equal(before[0], after[0]) and before[1] == after[1] and np.array_equal(before[2], after[2])
+    torch.manual_seed(7)  # another caller state: the sample's pixels do not depend on it
+    assert torch.equal(a, ds[(1, 5)][0])
+    assert not torch.equal(a, ds[(2, 5)][0])  # a new draw per epoch
 
 
 def test_randaugment_posterize_at_full_magnitude_gives_black_not_an_error():

@@ -373,8 +373,7 @@ def _print_evals(evals: dict) -> None:
     table = Table(title="evaluation")
     for col in ("weights", "set", "images", "top-1", "top-5"):
         table.add_column(col, justify="right")
-    rows = evals.items() if all(isinstance(v, dict) and "n" not in v for v in evals.values()) else [("", evals)]
-    for which, sets in rows:
+    for which, sets in evals.items():  # {weights: {set: result}}
         for name, r in sets.items():
             table.add_row(which, name, str(r["n"]), f"{100 * r['top1']:.2f}", f"{100 * r['top5']:.2f}")
     out.print(table)

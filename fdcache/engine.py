@@ -167,6 +167,6 @@ class Loop:
             raise self.error(f"loss is {value} at step {self.step}; state saved to {bad}. {self.nonfinite_hint}")
         return value
 
-    def out_of_memory(self, e: Exception) -> Exception:
+    def out_of_memory(self) -> Exception:
         return self.error(f"out of device memory at step {self.step} with --batch-size {self.cfg.batch_size}: "
                           "lower --batch-size and raise --accum-steps to keep the total batch")

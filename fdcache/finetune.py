@@ -378,7 +378,7 @@ class Finetuner(Loop):
                 if self.step % cfg.save_every == 0 and self.step < stop:
                     self.save()
         except torch.OutOfMemoryError as e:
-            raise self.out_of_memory(e) from e
+            raise self.out_of_memory() from e
         finally:
             bar.close()
         elapsed = time.perf_counter() - t0

@@ -350,7 +350,7 @@ class Trainer(Loop):
                 if self.step % cfg.save_every == 0 and self.step < stop:
                     self.save()
         except torch.OutOfMemoryError as e:
-            raise self.out_of_memory(e) from e
+            raise self.out_of_memory() from e
         finally:
             bar.close()
             if log:

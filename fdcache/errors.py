@@ -29,6 +29,17 @@ class StoreError(FdcacheError):
     """The store is unreadable, incomplete, corrupt, or not an fdcache store."""
 
 
+class StoreDataError(StoreError):
+    """Data the store marks complete is missing or fails its checksum. The message names the
+    seed, shard and sample range, and the repair: ``fdcache verify STORE --repair`` un-marks
+    the damaged shards, then the same ``fdcache extract`` command recomputes them."""
+
+    def __init__(self, message: str, seed: int | None = None, shard: int | None = None,
+                 samples: tuple[int, int] | None = None):
+        super().__init__(message)
+        self.seed, self.shard, self.samples = seed, shard, samples
+
+
 class TeacherError(FdcacheError):
     """Unknown teacher name, missing weights choice, or an unsupported architecture."""
 

@@ -1,12 +1,14 @@
 """FD's loss, fused: ``smooth_l1(pred, layer_norm(target, no affine, eps), beta)``.
 
 One Triton program per token row reads that row of ``pred`` and ``target`` once (int8
-targets are dequantized in the same pass from their per-token scale/offset), whitens the
-target in fp32, and writes both the row's loss partial and ``d loss / d pred``. The
-backward only scales that saved gradient by ``grad_output`` (in place; skipped when it is
-exactly 1, a check that syncs the device once per backward, as Liger-Kernel does), so
-training reads each input once and keeps one gradient-sized buffer. Row partials are summed by
-``torch.sum`` afterwards: deterministic, no float atomics.
+targets are dequantized in the same pass from their per-token scale/offset; rows wider than
+``ONE_BLOCK_MAX`` are walked in blocks), whitens the target in fp32, and writes the row's
+loss partial and the *unscaled* ``d smooth_l1 / d pred`` (``|g| <= 1``, exact enough in
+fp16/bf16). The backward scales it in place by ``grad_output / numel`` in fp32 (a small
+kernel, no host sync), so training reads each input once and keeps one gradient-sized
+buffer, and fp16 AMP keeps its gradient: ``1 / numel`` alone is below fp16's smallest
+subnormal at realistic sizes, ``grad_output`` (GradScaler's 65536) above its range. Row
+partials are summed by ``torch.sum`` afterwards: deterministic, no float atomics.
 
 :func:`fd_loss_reference` is the same maths in plain PyTorch (used by tests, on CPU, and
 by ``--loss-impl torch``).
@@ -14,6 +16,7 @@ by ``--loss-impl torch``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -86,24 +89,15 @@ def _check(pred, target, qparams, reduction):
 if triton is not None:
 
     @triton.jit
-    def _fd_loss_fwd_kernel(pred_ptr, tgt_ptr, qp_ptr, grad_ptr, loss_ptr,
-                            D, pred_stride, tgt_stride, qp_stride, grad_stride,
-                            beta, eps, grad_scale,
-                            BLOCK_D: tl.constexpr, INT8: tl.constexpr, BETA_ZERO: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK_D)
-        mask = cols < D
-        t = tl.load(tgt_ptr + row * tgt_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    def _target_chunk(tgt_row, cols, mask, scale, offset, INT8: tl.constexpr):
+        t = tl.load(tgt_row + cols, mask=mask, other=0.0).to(tl.float32)
         if INT8:
-            scale = tl.load(qp_ptr + row * qp_stride).to(tl.float32)
-            offset = tl.load(qp_ptr + row * qp_stride + 1).to(tl.float32)
-            t = t * scale + offset
-        t = tl.where(mask, t, 0.0)
-        mean = tl.sum(t, axis=0) / D
-        tc = tl.where(mask, t - mean, 0.0)
-        var = tl.sum(tc * tc, axis=0) / D
-        tn = tc / tl.sqrt(var + eps)
-        p = tl.load(pred_ptr + row * pred_stride + cols, mask=mask, other=0.0).to(tl.float32)
+            t = tl.where(mask, t * scale + offset, 0.0)
+        return t
+
+    @triton.jit
+    def _smooth_l1(p, tn, mask, beta, BETA_ZERO: tl.constexpr):
+        """(masked loss, unscaled gradient) of ``smooth_l1(p, tn)``; ``|gradient| <= 1``."""
         diff = p - tn
         ad = tl.abs(diff)
         sign = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
@@ -114,9 +108,67 @@ if triton is not None:
             small = ad < beta
             loss = tl.where(small, 0.5 * diff * diff / beta, ad - 0.5 * beta)
             g = tl.where(small, diff / beta, sign)
-        loss = tl.where(mask, loss, 0.0)
-        tl.store(loss_ptr + row, tl.sum(loss, axis=0))
-        tl.store(grad_ptr + row * grad_stride + cols, (g * grad_scale).to(grad_ptr.dtype.element_ty), mask=mask)
+        return tl.where(mask, loss, 0.0), g
+
+    @triton.jit
+    def _fd_loss_fwd_kernel(pred_ptr, tgt_ptr, qp_ptr, grad_ptr, loss_ptr,
+                            D, pred_stride, tgt_stride, qp_stride, grad_stride, beta, eps,
+                            BLOCK_D: tl.constexpr, ONE_BLOCK: tl.constexpr, INT8: tl.constexpr,
+                            BETA_ZERO: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        pred_row = pred_ptr + row * pred_stride
+        tgt_row = tgt_ptr + row * tgt_stride
+        grad_row = grad_ptr + row * grad_stride
+        scale = 1.0
+        offset = 0.0
+        if INT8:
+            scale = tl.load(qp_ptr + row * qp_stride).to(tl.float32)
+            offset = tl.load(qp_ptr + row * qp_stride + 1).to(tl.float32)
+        cols = tl.arange(0, BLOCK_D)
+        if ONE_BLOCK:
+            mask = cols < D
+            # pred is loaded first so that both rows are in flight before the reductions.
+            p = tl.load(pred_row + cols, mask=mask, other=0.0).to(tl.float32)
+            t = _target_chunk(tgt_row, cols, mask, scale, offset, INT8)
+            mean = tl.sum(t, axis=0) / D
+            tc = tl.where(mask, t - mean, 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(tc * tc, axis=0) / D + eps)
+            loss, g = _smooth_l1(p, tc * rstd, mask, beta, BETA_ZERO)
+            tl.store(loss_ptr + row, tl.sum(loss, axis=0))
+            tl.store(grad_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
+        else:
+            # Wide rows: loop over D in blocks (a whole row in registers would spill);
+            # two-pass mean/variance as in the one-block path, the row re-read from cache.
+            acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+            for off in range(0, D, BLOCK_D):
+                mask = off + cols < D
+                acc += _target_chunk(tgt_row, off + cols, mask, scale, offset, INT8)
+            mean = tl.sum(acc, axis=0) / D
+            acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+            for off in range(0, D, BLOCK_D):
+                mask = off + cols < D
+                tc = tl.where(mask, _target_chunk(tgt_row, off + cols, mask, scale, offset, INT8) - mean, 0.0)
+                acc += tc * tc
+            rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / D + eps)
+            acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+            for off in range(0, D, BLOCK_D):
+                mask = off + cols < D
+                p = tl.load(pred_row + off + cols, mask=mask, other=0.0).to(tl.float32)
+                t = _target_chunk(tgt_row, off + cols, mask, scale, offset, INT8)
+                loss, g = _smooth_l1(p, (t - mean) * rstd, mask, beta, BETA_ZERO)
+                acc += loss
+                tl.store(grad_row + off + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
+            tl.store(loss_ptr + row, tl.sum(acc, axis=0))
+
+    @triton.jit
+    def _fd_loss_bwd_kernel(grad_ptr, go_ptr, numel, D, go_stride, factor, BLOCK: tl.constexpr):
+        """Flat, contiguous ``grad``: ``grad[i] *= grad_output[i // D] * factor`` in fp32
+        (``go_stride`` 0 for a scalar grad_output)."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        s = tl.load(go_ptr + (offs // D) * go_stride, mask=mask, other=0.0).to(tl.float32) * factor
+        g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(grad_ptr + offs, (g * s).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -125,11 +177,37 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def _num_warps(block: int) -> int:
-    return 4 if block <= 1024 else 8 if block <= 4096 else 16
+ONE_BLOCK_MAX = 8192  # wider rows loop over D (a whole row per program would spill registers)
+LOOP_BLOCK = 4096
+BWD_BLOCK = 4096
+
+
+def launch_config(D: int) -> dict:
+    """Block size, one-block-or-loop and warps for rows of width ``D``.
+
+    Warps are chosen so each thread holds at least 8 consecutive elements of a row: one
+    128-bit load for fp16/bf16 (two for fp32), which ``tests/test_kernel_compile.py``
+    checks in the PTX compiled for sm_90."""
+    block = triton.next_power_of_2(D)
+    one_block = block <= ONE_BLOCK_MAX
+    block = block if one_block else LOOP_BLOCK
+    return {"BLOCK_D": block, "ONE_BLOCK": one_block, "num_warps": max(1, min(16, block // 256))}
+
+
+def _device_guard(device: torch.device):
+    """Triton launches on the *current* CUDA device and stream (``triton/runtime/jit.py``),
+    not on the tensors' device: make the tensors' device current for the launch."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _grad_factor(reduction: str, n_rows: int, D: int) -> float:
+    return {"mean": 1.0 / max(n_rows * D, 1), "sum": 1.0, "none": 1.0 / D}[reduction]
 
 
 def _fd_loss_forward_triton(pred, target, qparams, beta, eps, reduction):
+    """(loss, unscaled gradient ``[rows, D]`` in pred's dtype, ``|g| <= 1``). The 1/numel of
+    the mean is applied in the backward, in fp32: in fp16 it is below the smallest
+    subnormal at realistic sizes (128 x 197 x 768)."""
     D = pred.shape[-1]
     if D > MAX_D:
         raise ValueError(f"fd_loss: D={D} exceeds the kernel's maximum {MAX_D}")
@@ -139,21 +217,35 @@ def _fd_loss_forward_triton(pred, target, qparams, beta, eps, reduction):
     n_rows = p2.shape[0]
     grad = _empty((n_rows, D), dtype=pred.dtype, device=pred.device)
     row_loss = _empty(n_rows, dtype=torch.float32, device=pred.device)
-    numel = n_rows * D
-    grad_scale = {"mean": 1.0 / max(numel, 1), "sum": 1.0, "none": 1.0 / D}[reduction]
     if n_rows:
-        block = triton.next_power_of_2(D)
-        _fd_loss_fwd_kernel[(n_rows,)](
-            p2, t2, q2, grad, row_loss, D, p2.stride(0), t2.stride(0), q2.stride(0), grad.stride(0),
-            float(beta), float(eps), grad_scale,
-            BLOCK_D=block, INT8=int8, BETA_ZERO=beta == 0, num_warps=_num_warps(block))
+        with _device_guard(pred.device):
+            _fd_loss_fwd_kernel[(n_rows,)](
+                p2, t2, q2, grad, row_loss, D, p2.stride(0), t2.stride(0), q2.stride(0), grad.stride(0),
+                float(beta), float(eps), INT8=int8, BETA_ZERO=beta == 0, **launch_config(D))
     if reduction == "mean":
-        loss = row_loss.sum() / numel
+        loss = row_loss.sum() / (n_rows * D)
     elif reduction == "sum":
         loss = row_loss.sum()
     else:
         loss = (row_loss / D).view(pred.shape[:-1])
-    return loss, grad.view(pred.shape)
+    return loss, grad
+
+
+def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor, factor: float) -> torch.Tensor:
+    """``grad[r] *= grad_output[r or 0] * factor`` in place, computed in fp32.
+
+    ``grad`` is ``[rows, D]``; ``grad_output`` a scalar or one value per row. No host sync
+    (no test for ``grad_output == 1``); fp16's range is only touched by the final product,
+    as in autograd (a GradScaler-sized ``grad_output`` keeps it normal)."""
+    n_rows, D = grad.shape
+    assert grad.is_contiguous()
+    go = grad_output.reshape(-1)
+    if grad.numel():
+        with _device_guard(grad.device):
+            _fd_loss_bwd_kernel[(triton.cdiv(grad.numel(), BWD_BLOCK),)](
+                grad, go, grad.numel(), D, go.stride(0) if go.numel() > 1 else 0, float(factor),
+                BLOCK=BWD_BLOCK, num_warps=8)
+    return grad
 
 
 class _FDLoss(torch.autograd.Function):
@@ -161,7 +253,8 @@ class _FDLoss(torch.autograd.Function):
     def forward(ctx, pred, target, qparams, beta, eps, reduction):
         loss, grad = _fd_loss_forward_triton(pred, target, qparams, beta, eps, reduction)
         ctx.save_for_backward(grad)
-        ctx.reduction = reduction
+        ctx.factor = _grad_factor(reduction, grad.shape[0], grad.shape[1])
+        ctx.shape = pred.shape
         ctx.used = False
         return loss
 
@@ -172,11 +265,8 @@ class _FDLoss(torch.autograd.Function):
                                "can run once per forward (no retain_graph double backward)")
         ctx.used = True
         (grad,) = ctx.saved_tensors
-        if ctx.reduction == "none":
-            grad.mul_(grad_output.unsqueeze(-1).to(grad.dtype))
-        elif not torch.equal(grad_output, torch.ones_like(grad_output)):
-            grad.mul_(grad_output.to(grad.dtype))
-        return grad, None, None, None, None, None
+        scale_grad_(grad, grad_output, ctx.factor)
+        return grad.view(ctx.shape), None, None, None, None, None
 
 
 def fd_loss(pred: torch.Tensor, target: torch.Tensor, *, qparams: torch.Tensor | None = None,

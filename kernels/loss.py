@@ -161,12 +161,15 @@ if triton is not None:
             tl.store(loss_ptr + row, tl.sum(acc, axis=0))
 
     @triton.jit
-    def _fd_loss_bwd_kernel(grad_ptr, go_ptr, numel, D, go_stride, factor, BLOCK: tl.constexpr):
-        """Flat, contiguous ``grad``: ``grad[i] *= grad_output[i // D] * factor`` in fp32
-        (``go_stride`` 0 for a scalar grad_output)."""
+    def _fd_loss_bwd_kernel(grad_ptr, go_ptr, numel, D, factor, BLOCK: tl.constexpr, PER_ROW: tl.constexpr):
+        """Flat, contiguous ``grad``: ``grad[i] *= grad_output[i // D if PER_ROW else 0] *
+        factor``, in fp32."""
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < numel
-        s = tl.load(go_ptr + (offs // D) * go_stride, mask=mask, other=0.0).to(tl.float32) * factor
+        if PER_ROW:
+            s = tl.load(go_ptr + offs // D, mask=mask, other=0.0).to(tl.float32) * factor
+        else:
+            s = tl.load(go_ptr).to(tl.float32) * factor
         g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(grad_ptr + offs, (g * s).to(grad_ptr.dtype.element_ty), mask=mask)
 
@@ -180,18 +183,20 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 ONE_BLOCK_MAX = 8192  # wider rows loop over D (a whole row per program would spill registers)
 LOOP_BLOCK = 4096
 BWD_BLOCK = 4096
+BWD_WARPS = 8
 
 
-def launch_config(D: int) -> dict:
+def launch_config(D: int, min_itemsize: int = 2) -> dict:
     """Block size, one-block-or-loop and warps for rows of width ``D``.
 
-    Warps are chosen so each thread holds at least 8 consecutive elements of a row: one
-    128-bit load for fp16/bf16 (two for fp32), which ``tests/test_kernel_compile.py``
-    checks in the PTX compiled for sm_90."""
+    Warps are chosen so each thread holds 16 bytes of the narrowest input's row (8 fp16,
+    16 int8 elements): one 128-bit load, which ``tests/test_kernel_compile.py`` checks in
+    the PTX compiled for sm_90. ``min_itemsize``: the smaller element size of pred/target."""
     block = triton.next_power_of_2(D)
     one_block = block <= ONE_BLOCK_MAX
     block = block if one_block else LOOP_BLOCK
-    return {"BLOCK_D": block, "ONE_BLOCK": one_block, "num_warps": max(1, min(16, block // 256))}
+    per_thread = 16 // min_itemsize
+    return {"BLOCK_D": block, "ONE_BLOCK": one_block, "num_warps": max(1, min(16, block // (32 * per_thread)))}
 
 
 def _device_guard(device: torch.device):
@@ -221,7 +226,8 @@ def _fd_loss_forward_triton(pred, target, qparams, beta, eps, reduction):
         with _device_guard(pred.device):
             _fd_loss_fwd_kernel[(n_rows,)](
                 p2, t2, q2, grad, row_loss, D, p2.stride(0), t2.stride(0), q2.stride(0), grad.stride(0),
-                float(beta), float(eps), INT8=int8, BETA_ZERO=beta == 0, **launch_config(D))
+                float(beta), float(eps), INT8=int8, BETA_ZERO=beta == 0,
+                **launch_config(D, min(pred.element_size(), target.element_size())))
     if reduction == "mean":
         loss = row_loss.sum() / (n_rows * D)
     elif reduction == "sum":
@@ -239,12 +245,13 @@ def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor, factor: float) ->
     as in autograd (a GradScaler-sized ``grad_output`` keeps it normal)."""
     n_rows, D = grad.shape
     assert grad.is_contiguous()
-    go = grad_output.reshape(-1)
+    per_row = grad_output.numel() > 1
+    go = grad_output.reshape(-1).contiguous()
     if grad.numel():
         with _device_guard(grad.device):
             _fd_loss_bwd_kernel[(triton.cdiv(grad.numel(), BWD_BLOCK),)](
-                grad, go, grad.numel(), D, go.stride(0) if go.numel() > 1 else 0, float(factor),
-                BLOCK=BWD_BLOCK, num_warps=8)
+                grad, go, grad.numel(), D, float(factor), BLOCK=BWD_BLOCK, PER_ROW=per_row,
+                num_warps=BWD_WARPS)
     return grad
 
 

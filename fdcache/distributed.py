@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -39,7 +41,14 @@ class Dist:
         return out
 
 
-def init() -> Dist:
+# Collectives wait this long. Rank 0 prepares alone while the others wait in a collective
+# (extract: indexing the folder and creating the store, 1.28M header reads for ImageNet;
+# train: re-statting the manifest), far beyond NCCL's default 10 minutes
+# (torch.distributed.init_process_group's docs), after which its watchdog kills the job.
+TIMEOUT = timedelta(hours=3)
+
+
+def init(timeout: timedelta = TIMEOUT) -> Dist:
     """Join the torchrun process group when ``WORLD_SIZE > 1`` (NCCL on GPU, gloo on CPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
@@ -49,7 +58,7 @@ def init() -> Dist:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(local)
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=timeout)
     return Dist(rank=rank, world=world, local_rank=local)
 
 
@@ -59,3 +68,16 @@ def device_for(d: Dist, want: str = "auto") -> torch.device:
     if want == "cuda":
         return torch.device("cuda", d.local_rank)
     return torch.device(want)
+
+
+def ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``DistributedDataParallel`` that re-broadcasts buffers each forward only when some
+    module updates them (BatchNorm's running stats). Other buffers are constant, and DDP's
+    construction already syncs them from rank 0 (its ``init_sync``)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    sync = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    # torch 2.13 renamed broadcast_buffers to forward_sync_buffers (the old name warns).
+    name = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+        else "broadcast_buffers"
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **{name: sync})

@@ -205,8 +205,7 @@ class Trainer(Loop):
         self.model.to(self.device)
         self.ddp = self.model
         if self.dist.world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.ddp = distributed.ddp(self.model, self.device)
         self.forward = torch.compile(self.ddp) if cfg.compile else self.ddp
         self.amp_dtype = amp_dtype(cfg.amp, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)

@@ -60,7 +60,7 @@ def main():
         batches = [np.arange(a, b) for a, b in shard_batches(0, n, args.batch_size)]
         stream = PixelStream(ViewBatches([m.abspath(i) for i in range(n)], batches, [views[b] for b in batches]),
                              resolution=spec.resolution, mean=spec.mean, std=spec.std,
-                             device=dali_device(), num_threads=args.threads)
+                             num_threads=args.threads, **dali_device(device))
         pixels = [x.to(device) for _, x in stream]
         del stream
         teacher(pixels[0])  # warm-up

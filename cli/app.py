@@ -151,7 +151,7 @@ def train(
     tensorboard: bool = typer.Option(False, help="Also write TensorBoard scalars to OUT/tb."),
     seed: int = typer.Option(0, help="Run seed: student init and sample order."),
     threads: int = typer.Option(4, help="DALI threads."),
-    loader_workers: int = typer.Option(0, help="DALI parallel external-source worker processes (0: in-process)."),
+    loader_workers: str = typer.Option("auto", help="DALI parallel external-source worker processes (0: in-process; auto: on with CUDA)."),
     device: str = typer.Option("auto"),
 ):
     """Distill a student from a store (offline) or from the teacher in the loop (--online).

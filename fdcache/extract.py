@@ -154,8 +154,8 @@ def _run(cfg: ExtractConfig, store: Store, manifest: Manifest, teacher: Teacher,
                     owners.append(j)
             work = ViewBatches(files, batches, views, frozenset(skip))
             stream = PixelStream(work, root_len=root_len, resolution=spec.resolution,
-                                 mean=spec.mean, std=spec.std, device=dali_device(),
-                                 num_threads=cfg.num_threads)
+                                 mean=spec.mean, std=spec.std, num_threads=cfg.num_threads,
+                                 **dali_device(teacher_device(teacher)))
             parts: list[dict[str, torch.Tensor]] = []
             current, partial = 0, 0
             try:

@@ -9,12 +9,14 @@ out as torch tensors on the device, images and targets in matching order.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
+from .errors import FdcacheError
 from .pixels import pixel_graph
 from .sources import TrainSource
 
@@ -28,6 +30,25 @@ class Batch:
     epoch: int
     step_in_epoch: int
     wait_s: float  # time spent waiting for this batch
+
+
+def resolve_workers(workers: int | str, device: torch.device) -> int:
+    """``"auto"``: on CUDA, parallel external-source workers (up to 4, sharing the host's
+    cores between the ranks of this node) so that reading the next batches overlaps the
+    GPU step; with 0 the callbacks run inside ``pipe.run()`` on the training thread. On
+    CPU, 0: workers would only take cores from the step."""
+    if workers != "auto":
+        try:
+            n = int(workers)
+        except ValueError:
+            n = -1
+        if n < 0:
+            raise FdcacheError(f"--loader-workers must be auto or a number >= 0, got {workers!r}")
+        return n
+    if torch.device(device).type != "cuda":
+        return 0
+    per_rank = (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(4, per_rank // 2))
 
 
 def build_pipeline(source: TrainSource, *, resolution: int, mean, std, device: str = "cpu",
@@ -79,7 +100,10 @@ def batches(source: TrainSource, **pipeline_kw) -> Iterator[Batch]:
             pipe.reset()
             epoch, step = epoch + 1, 0
             continue
-        tensors = [torch.from_dlpack(o.as_tensor()).clone() for o in outs]
+        # No copy: exec_dynamic allocates each run's outputs anew and keeps them alive while
+        # referenced; ``__dlpack__`` makes torch's current stream wait for DALI's
+        # (nvidia.dali.tensors.TensorGPU.__dlpack__ docs).
+        tensors = [torch.from_dlpack(o.as_tensor()) for o in outs]
         wait = time.perf_counter() - t0
         targets = tensors[1] if offline else None
         qparams = tensors[2] if offline and source.with_qparams else None

@@ -68,8 +68,14 @@ class ViewBatches:
         return encoded, windows, flips
 
 
-def dali_device() -> str:
-    return "gpu" if torch.cuda.is_available() else "cpu"
+def dali_device(device: torch.device | str) -> dict:
+    """DALI's ``device`` and ``device_id`` for the torch device the models run on (what
+    ``--device`` resolved to), not for whatever GPU the host has: with ``--device cpu`` on
+    a GPU host DALI stays on the CPU, with ``cuda:1`` it decodes on GPU 1."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return {"device": "cpu", "device_id": None}
+    return {"device": "gpu", "device_id": device.index if device.index is not None else torch.cuda.current_device()}
 
 
 def pixel_pipeline(source: Callable, *, batch_size: int, resolution: int,
@@ -153,9 +159,10 @@ class PixelStream:
             yield k, self._to_torch(out)
 
     def _to_torch(self, out) -> torch.Tensor:
-        t = out.as_tensor()
-        x = torch.from_dlpack(t)
-        return x.clone()  # DALI reuses its buffers on the next run
+        # No copy: with exec_dynamic DALI allocates each run's outputs anew and keeps them
+        # alive while referenced, and ``__dlpack__`` orders its stream before torch's
+        # (nvidia.dali.tensors.TensorGPU.__dlpack__ docs).
+        return torch.from_dlpack(out.as_tensor())
 
     def _explain(self, k: int, err: RuntimeError) -> Exception:
         # The failing batch is the one requested or one already prefetched after it.

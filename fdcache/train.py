@@ -23,7 +23,7 @@ from . import distributed
 from .engine import Loop, amp_dtype, cosine_schedule, progress_bar
 from .errors import FdcacheError, StoreError, StoreMismatchError
 from .kernels import fd_loss
-from .loader import Batch, batches
+from .loader import Batch, batches, resolve_workers
 from .manifest import index, stat_changes
 from .pixels import dali_device
 from .sources import TrainSource
@@ -79,7 +79,7 @@ class TrainConfig:
     log_every: int = 1
     tensorboard: bool = False
     num_threads: int = 4
-    loader_workers: int = 0  # >0: DALI parallel external source with that many processes
+    loader_workers: int | str = "auto"  # >0: DALI parallel external source; auto: on with CUDA
     device: str = "auto"
     progress: bool = True
     check_data: bool = True
@@ -301,9 +301,10 @@ class Trainer(Loop):
         epoch, skip = self.position(self.step * self.cfg.accum_steps)
         self.source.start_epoch, self.source.skip_samples = epoch, skip
         self.source.batch_size = self.cfg.batch_size
+        workers = resolve_workers(self.cfg.loader_workers, self.device)
         return batches(self.source, resolution=self.sspec.resolution, mean=self.sspec.mean,
-                       std=self.sspec.std, device=dali_device(), num_threads=self.cfg.num_threads,
-                       parallel=self.cfg.loader_workers > 0, py_workers=max(1, self.cfg.loader_workers))
+                       std=self.sspec.std, num_threads=self.cfg.num_threads, parallel=workers > 0,
+                       py_workers=max(1, workers), **dali_device(self.device))
 
     def fit(self) -> TrainResult:
         cfg, d = self.cfg, self.dist

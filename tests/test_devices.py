@@ -1,0 +1,174 @@
+"""GPU placement and overlap, checked on CPU: which device DALI and the Triton launch use,
+that DALI outputs are not copied again, and that loader workers overlap the step."""
+
+import contextlib
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fdcache.kernels.loss as kmod
+from fdcache import loader, pixels
+from fdcache.errors import FdcacheError
+from fdcache.sources import TrainSource
+from fdcache.teachers import TINY_TEACHER
+from fdcache.train import TrainConfig, Trainer
+
+
+@pytest.fixture
+def gpu_host(monkeypatch):
+    """CUDA reported present (current device 0), as on a GPU host run with --device cpu."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+
+class _Built(Exception):
+    pass
+
+
+def _online(out, image_root, **kw) -> TrainConfig:
+    return TrainConfig(out=str(out), online=True, teacher=TINY_TEACHER, random_init=True, data=str(image_root),
+                       student="fd-tiny", steps=2, batch_size=4, warmup_steps=0, loss_impl="torch",
+                       progress=False, num_threads=1, **kw)
+
+
+def test_dali_device_and_id_follow_the_torch_device(gpu_host):
+    assert pixels.dali_device("cpu") == {"device": "cpu", "device_id": None}
+    assert pixels.dali_device(torch.device("cuda", 1)) == {"device": "gpu", "device_id": 1}
+    assert pixels.dali_device("cuda") == {"device": "gpu", "device_id": 0}
+
+
+def test_extract_with_device_cpu_on_a_gpu_host_decodes_on_the_cpu(gpu_host, monkeypatch, image_root, tmp_path):
+    import fdcache.extract as ex
+
+    seen = {}
+
+    def stream(work, **kw):
+        seen.update(kw)
+        raise _Built
+
+    monkeypatch.setattr(ex, "PixelStream", stream)
+    with pytest.raises(_Built):
+        ex.extract(ex.ExtractConfig(data=str(image_root), out=str(tmp_path / "s.zarr"), teacher=TINY_TEACHER,
+                                    random_init=True, device="cpu", progress=False, num_threads=1))
+    assert (seen["device"], seen["device_id"]) == ("cpu", None)
+
+
+def test_training_with_device_cpu_on_a_gpu_host_loads_on_the_cpu(gpu_host, monkeypatch, image_root, tmp_path):
+    import fdcache.train as tr
+
+    seen = {}
+    monkeypatch.setattr(tr, "batches", lambda source, **kw: seen.update(kw))
+    Trainer(_online(tmp_path / "t", image_root, device="cpu")).stream()
+    assert (seen["device"], seen["device_id"]) == ("cpu", None)
+    assert seen["parallel"] is False  # auto: no workers on CPU
+
+
+def test_triton_launches_run_under_the_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device (triton/runtime/jit.py), so both of the
+    loss's launches must sit inside a guard for the tensors' device."""
+    current = [None]
+    launched = []
+
+    @contextlib.contextmanager
+    def guard(device):
+        current[0] = device
+        yield
+        current[0] = None
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*a, **k):
+                launched.append(current[0])
+                return self.kernel[grid](*a, **k)
+            return launch
+
+    monkeypatch.setattr(kmod, "_device_guard", guard)
+    monkeypatch.setattr(kmod, "_fd_loss_fwd_kernel", Recorder(kmod._fd_loss_fwd_kernel))
+    monkeypatch.setattr(kmod, "_fd_loss_bwd_kernel", Recorder(kmod._fd_loss_bwd_kernel))
+    pred = torch.randn(2, 3, 16, requires_grad=True)
+    kmod.fd_loss(pred, torch.randn(2, 3, 16), impl="triton").backward()
+    assert launched == [pred.device, pred.device]
+
+
+def test_device_guard_makes_the_tensors_cuda_device_current(monkeypatch):
+    entered = []
+    monkeypatch.setattr(torch.cuda, "device", lambda d: entered.append(d) or contextlib.nullcontext())
+    with kmod._device_guard(torch.device("cuda", 1)):
+        pass
+    with kmod._device_guard(torch.device("cpu")):
+        pass
+    assert entered == [torch.device("cuda", 1)]
+
+
+def test_dali_outputs_are_used_without_a_copy_and_stay_valid(monkeypatch, image_root):
+    """exec_dynamic allocates each run's outputs anew: tensors kept from earlier batches
+    keep their values after later runs and after the pipeline is gone."""
+    files = sorted(str(p) for p in Path(image_root).rglob("*") if p.is_file())[:12]
+    views = np.array([[0, 0, 8, 8, k % 2] for k in range(len(files))], np.int32)
+    batches = [np.arange(i, i + 4) for i in range(0, 12, 4)]
+    work = pixels.ViewBatches(files, batches, [views[b] for b in batches])
+    stream = pixels.PixelStream(work, resolution=16, mean=(0.5,) * 3, std=(0.25,) * 3, num_threads=1)
+
+    def no_clone(*a, **k):
+        raise AssertionError("DALI output copied")
+
+    kept, copies = [], []
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "clone", no_clone)
+        for _, x in stream:
+            kept.append(x)
+            copies.append(x.numpy().copy())
+    del stream
+    for x, c in zip(kept, copies):
+        np.testing.assert_array_equal(x.numpy(), c)
+    assert not np.array_equal(copies[0], copies[1])
+
+
+def test_loader_workers_default_on_with_cuda_only():
+    assert loader.resolve_workers("auto", torch.device("cuda", 0)) >= 1
+    assert loader.resolve_workers("auto", torch.device("cpu")) == 0
+    assert loader.resolve_workers("3", torch.device("cpu")) == 3
+    with pytest.raises(FdcacheError, match="loader-workers"):
+        loader.resolve_workers("many", torch.device("cpu"))
+
+
+@dataclasses.dataclass
+class SlowSource(TrainSource):
+    """A TrainSource whose reads take 0.1 s and leave a timestamp file per sample."""
+
+    stamps: str = ""
+
+    def __call__(self, info):
+        out = super().__call__(info)
+        time.sleep(0.1)
+        Path(self.stamps, f"{info.epoch_idx}-{info.idx_in_epoch}").write_text(repr(time.time()))
+        return out
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_worker_reads_overlap_the_step_only_with_workers(image_root, tmp_path, workers):
+    """With workers, samples of later batches are read *while* the (simulated) GPU step
+    runs; with 0 every read happens inside ``pipe.run()``, between steps."""
+    t = Trainer(_online(tmp_path / "t", image_root, loader_workers=workers))
+    src = t.source
+    slow = SlowSource(**{f.name: getattr(src, f.name) for f in dataclasses.fields(TrainSource)},
+                      stamps=str(tmp_path))
+    stream = loader.batches(slow, resolution=t.sspec.resolution, mean=t.sspec.mean, std=t.sspec.std,
+                            num_threads=1, parallel=workers > 0, py_workers=max(1, workers), device="cpu")
+    steps = []
+    for _ in range(3):
+        next(stream)
+        a = time.time()
+        time.sleep(0.5)  # the step
+        steps.append((a, time.time()))
+    stamps = [float(p.read_text()) for p in tmp_path.glob("0-*")]
+    during = [s for s in stamps if any(a <= s <= b for a, b in steps)]
+    assert bool(during) == (workers > 0), (len(during), len(stamps))

@@ -3,8 +3,9 @@
 Work is split into shards (``shard_size`` samples of one seed), the store's write unit.
 Each rank takes a contiguous range of the shards not yet marked done, streams their
 recorded views through the pixel pipeline and the teacher, and hands finished shards to
-writer threads (device-to-host copy, compression, checksums, writes) so that they overlap
-the next batches' decode and forward. A shard's ``done`` marker is written after its data;
+writer threads (compression, checksums, writes) so that they overlap the next batches'
+decode and forward; the device-to-host copy starts first, on a side stream into pinned
+memory (:class:`HostCopy`). A shard's ``done`` marker is written after its data;
 re-running the same command recomputes only unmarked shards, byte-identically.
 """
 
@@ -139,6 +140,8 @@ def _run(cfg: ExtractConfig, store: Store, manifest: Manifest, teacher: Teacher,
     samples = 0
     pending: list[Future] = []
     pool = ThreadPoolExecutor(max_workers=max(1, cfg.writers), thread_name_prefix="fdcache-writer")
+    device = teacher_device(teacher)
+    copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     bar = _progress(sum(store.shard_range(k)[1] - store.shard_range(k)[0] for _, k in shards),
                     enabled=cfg.progress and d.is_main)
     try:
@@ -171,7 +174,7 @@ def _run(cfg: ExtractConfig, store: Store, manifest: Manifest, teacher: Teacher,
                         a, b = store.shard_range(k)
                         arrays = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
                         skipped = np.array([i in skip for i in range(a, b)], dtype=bool)
-                        pending.append(pool.submit(_write, store, s, k, arrays, skipped))
+                        pending.append(pool.submit(_write, store, s, k, HostCopy(arrays, copy_stream), skipped))
                         parts, current, partial = [], owners[bi] + 1, 0
                         _drain(pending, limit=cfg.writers + 1)
                 pos += len(work_shards)
@@ -201,10 +204,39 @@ def teacher_device(teacher: Teacher) -> torch.device:
     return next(teacher.parameters()).device
 
 
-def _write(store: Store, seed: int, k: int, arrays: dict[str, torch.Tensor], skipped: np.ndarray) -> None:
+class HostCopy:
+    """A finished shard's device-to-host copy, started by the thread that produced it.
+
+    On CUDA the copy goes into pinned buffers on a side stream (after the teacher's stream
+    reaches this point), so it overlaps the next batches' forward instead of a pageable,
+    synchronous ``.cpu()`` on the teacher's stream; the writer thread waits on its event.
+    On CPU the tensors are already on the host: the same calls, nothing to wait for."""
+
+    def __init__(self, arrays: dict[str, torch.Tensor], stream=None):
+        self.event = None
+        if stream is None:
+            self.host = {name: t.cpu() for name, t in arrays.items()}
+            return
+        stream.wait_stream(torch.cuda.current_stream(stream.device))
+        with torch.cuda.stream(stream):
+            self.host = {name: _pinned_like(t).copy_(t, non_blocking=True) for name, t in arrays.items()}
+        for t in arrays.values():
+            t.record_stream(stream)  # the allocator must not reuse it before the copy ends
+        self.event = stream.record_event()
+
+    def wait(self) -> dict[str, torch.Tensor]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host
+
+
+def _pinned_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+
+
+def _write(store: Store, seed: int, k: int, copy: HostCopy, skipped: np.ndarray) -> None:
     host = {}
-    for name, t in arrays.items():
-        t = t.cpu()
+    for name, t in copy.wait().items():
         if skipped.any():
             t[torch.from_numpy(skipped)] = 0
         host[name] = t.numpy()

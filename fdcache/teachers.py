@@ -86,7 +86,11 @@ def weights_sha256(module: nn.Module) -> str:
 
 
 class Teacher(nn.Module):
-    """``forward(images [B,3,R,R]) -> tokens [B, L, D]`` in eval mode, under no_grad."""
+    """``forward(images [B,3,R,R]) -> tokens [B, L, D]`` in eval mode, under inference_mode.
+
+    Inference mode (no autograd, no version counters or view tracking) is safe because
+    its outputs are only ever targets: stored (extract) or whitened inside the loss
+    (train --online), never saved for a backward as they are."""
 
     def __init__(self, features: nn.Module, fn, spec: TeacherSpec | None = None):
         super().__init__()
@@ -94,7 +98,7 @@ class Teacher(nn.Module):
         self._fn = fn
         self.spec = spec
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.is_cuda:
             with torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16):

@@ -172,3 +172,67 @@ def test_worker_reads_overlap_the_step_only_with_workers(image_root, tmp_path, w
     stamps = [float(p.read_text()) for p in tmp_path.glob("0-*")]
     during = [s for s in stamps if any(a <= s <= b for a, b in steps)]
     assert bool(during) == (workers > 0), (len(during), len(stamps))
+
+
+class _FakeStream:
+    """Stands in for torch.cuda.Stream/Event and logs what the copy does, in order."""
+
+    def __init__(self, log):
+        self.log, self.device = log, torch.device("cuda", 0)
+
+    def wait_stream(self, other):
+        self.log.append(("wait_stream", other))
+
+    def record_event(self):
+        self.log.append(("record_event",))
+        log = self.log
+
+        class Event:
+            def synchronize(self):
+                log.append(("synchronize",))
+        return Event()
+
+
+def test_extraction_copies_to_pinned_memory_on_a_side_stream(monkeypatch):
+    """The CUDA branch of the shard copy, driven with fake streams on CPU: the side stream
+    waits for the teacher's, the copies are non-blocking into pinned buffers under it, the
+    source tensors are kept from reuse until it ends, and the writer waits on its event."""
+    import fdcache.extract as ex
+
+    log, current = [], ["teacher"]
+    side = _FakeStream(log)
+
+    @contextlib.contextmanager
+    def use(stream):
+        current[0] = stream
+        yield
+        current[0] = "teacher"
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "teacher")
+    monkeypatch.setattr(torch.cuda, "stream", use)
+    monkeypatch.setattr(ex, "_pinned_like", lambda t: log.append(("pinned", current[0] is side)) or torch.empty_like(t))
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, s: log.append(("record_stream", s is side)))
+    real_copy = torch.Tensor.copy_
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda t, src, non_blocking=False: (
+        log.append(("copy", current[0] is side, non_blocking)), real_copy(t, src))[1])
+    arrays = {"targets": torch.randn(4, 3, 8).half(), "qparams": torch.randn(4, 3, 2)}
+    copy = ex.HostCopy(arrays, side)
+    assert log[0] == ("wait_stream", "teacher")
+    assert log[1:5] == [("pinned", True), ("copy", True, True)] * 2
+    assert log[5:] == [("record_stream", True)] * 2 + [("record_event",)]
+
+    class Store:
+        def write_shard(self, seed, k, host, skipped):
+            log.append(("write",))
+            np.testing.assert_array_equal(host["targets"][1:], arrays["targets"][1:].numpy())
+            assert not host["targets"][0].any()
+
+    ex._write(Store(), 0, 0, copy, np.array([True, False, False, False]))
+    assert log[-2:] == [("synchronize",), ("write",)]
+
+
+def test_extraction_copy_on_cpu_runs_the_same_calls():
+    import fdcache.extract as ex
+
+    t = torch.randn(2, 3)
+    assert ex.HostCopy({"x": t}).wait()["x"] is t

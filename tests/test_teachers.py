@@ -74,3 +74,15 @@ def test_teacher_name_parsing():
     assert parse_teacher_name("ViT-B-16") == ("openclip", "ViT-B-16")
     assert parse_teacher_name("open_clip:ViT-L-14") == ("openclip", "ViT-L-14")
     assert parse_teacher_name("timm:vit_base_patch16_clip_224") == ("timm", "vit_base_patch16_clip_224")
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_teacher_runs_in_inference_mode_and_its_output_serves_as_a_loss_target(tiny_teacher, impl):
+    from fdcache.kernels import fd_loss
+
+    x = torch.randn(2, 3, tiny_teacher.spec.resolution, tiny_teacher.spec.resolution)
+    target = tiny_teacher(x)
+    assert target.is_inference()  # no autograd bookkeeping in the teacher
+    pred = torch.randn(target.shape, requires_grad=True)
+    fd_loss(pred, target, impl=impl).backward()
+    assert torch.isfinite(pred.grad).all()

@@ -41,11 +41,11 @@ def main() -> None:
                 rows.append((name, gpu_compile.compile_forward(D, p, t, args.arch, one_block=True)))
     for name, (p, _) in DTYPES.items():
         rows.append((name.split("/")[0], gpu_compile.compile_backward(p, args.arch)))
-    print(f"| kernel | D | pred/target | warps | registers | spill bytes (st/ld) | global loads |")
-    print("|---|---|---|---|---|---|---|")
+    print("| kernel | D | pred/target | warps | registers | spill bytes (st/ld) | global loads | loads before 1st reduction |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, c in rows:
         print(f"| {c.kernel} | {c.D or 'any'} | {name} | {c.num_warps} | {c.registers} | "
-              f"{c.spill_stores}/{c.spill_loads} | {_loads(c.load_bits)} |")
+              f"{c.spill_stores}/{c.spill_loads} | {_loads(c.load_bits)} | {'yes' if c.loads_first else 'no'} |")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ class Compiled:
     spill_stores: int  # bytes
     spill_loads: int  # bytes
     load_bits: tuple[int, ...]  # widths of the global loads in the PTX, per instruction
+    loads_first: bool  # every global load is issued before the first cross-thread reduction
 
     @property
     def spills(self) -> int:
@@ -87,6 +88,15 @@ def _load_bits(ptx: str) -> tuple[int, ...]:
     return tuple(bits)
 
 
+def _loads_first(ptx: str) -> bool:
+    """True when no ``ld.global`` follows the first ``shfl.sync`` (a row reduction): the
+    row's loads are all in flight at once, not one DRAM round trip after another."""
+    lines = ptx.splitlines()
+    loads = [i for i, line in enumerate(lines) if "ld.global" in line]
+    shuffles = [i for i, line in enumerate(lines) if "shfl.sync" in line]
+    return not shuffles or not loads or max(loads) < shuffles[0]
+
+
 def compile_forward(D: int, pred=torch.float16, target=torch.float16, arch: int = 90,
                     one_block: bool = False) -> Compiled:
     """``one_block=True`` forces a whole row per program (the kernel's layout before wide
@@ -106,7 +116,7 @@ def compile_forward(D: int, pred=torch.float16, target=torch.float16, arch: int 
     ptx = _compile(loss._fd_loss_fwd_kernel, signature, constexprs, cfg["num_warps"], arch)
     regs, st, ld = _ptxas(ptx, arch)
     return Compiled(name, D, str(pred).removeprefix("torch."), str(target).removeprefix("torch."),
-                    cfg["num_warps"], regs, st, ld, _load_bits(ptx))
+                    cfg["num_warps"], regs, st, ld, _load_bits(ptx), _loads_first(ptx))
 
 
 def compile_backward(pred=torch.float16, arch: int = 90) -> Compiled:
@@ -117,7 +127,7 @@ def compile_backward(pred=torch.float16, arch: int = 90) -> Compiled:
     ptx = _compile(loss._fd_loss_bwd_kernel, signature, constexprs, loss.BWD_WARPS, arch)
     regs, st, ld = _ptxas(ptx, arch)
     return Compiled("backward", 0, str(pred).removeprefix("torch."), "-", loss.BWD_WARPS, regs, st, ld,
-                    _load_bits(ptx))
+                    _load_bits(ptx), _loads_first(ptx))
 
 
 def compile_all(Ds, dtypes=((torch.float16, torch.float16),), arch: int = 90) -> list[Compiled]:

@@ -49,3 +49,11 @@ def test_row_loads_are_128_bit(compiled):
         narrow = [b for b in c.load_bits if b != 128]
         assert narrow == [32] * scalars, c
         assert len(c.load_bits) > scalars, c
+
+
+def test_one_block_rows_issue_both_loads_before_reducing(compiled):
+    """pred is loaded with the target, not after the row's mean/variance reductions (one
+    DRAM round trip per row instead of two in sequence)."""
+    for c in compiled:
+        if c.kernel == "forward" and c.D <= kmod.ONE_BLOCK_MAX:
+            assert c.loads_first, c

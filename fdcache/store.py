@@ -230,12 +230,12 @@ class Store:
                            compressors=[Crc32cCodec()], fill_value=0, dimension_names=["seed", "shard"])
         m = group.create_group("manifest")
         paths = m.create_array("paths", shape=(n,), dtype=str, chunks=(min(n, 1 << 16),))
-        paths[:] = np.asarray(manifest.paths, dtype=object).astype(str)
-        for name in _MANIFEST_FIELDS:
+        paths.with_config(_KEEP_EMPTY)[:] = np.asarray(manifest.paths, dtype=object).astype(str)
+        for name in _MANIFEST_FIELDS:  # every chunk written, so a missing one is damage
             a = np.asarray(getattr(manifest, name))
             arr = m.create_array(name, shape=(n,), dtype=a.dtype, chunks=(min(n, 1 << 16),),
                                  compressors=_compressors(CodecSpec()))
-            arr[:] = a
+            arr.with_config(_KEEP_EMPTY)[:] = a
         m.attrs.put({"classes": list(manifest.classes), "root": str(Path(manifest.root).resolve())})
 
     @classmethod
@@ -432,6 +432,14 @@ class Store:
                     progress(1)
         self._audit_views(arrays["views"], seeds, problems)
         try:
+            for name in ("paths",) + _MANIFEST_FIELDS:
+                arr = self.group["manifest"][name]
+                have = set(sync(_collect(self.group.store.list_prefix(f"{arr.path}/c"))))
+                gone = [j for j in range(arr.cdata_shape[0])
+                        if f"{arr.path}/{arr.metadata.encode_chunk_key((j,))}" not in have]
+                if gone:
+                    problems.append(Problem(f"manifest/{name}: chunk(s) {gone[:5]} missing. Re-extract into a "
+                                            "new --out (or --overwrite this one)."))
             m = self.manifest()
             if m.fingerprint() != info.manifest_sha256:
                 problems.append(Problem("manifest: its fingerprint differs from the one the store was bound to "

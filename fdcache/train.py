@@ -35,6 +35,10 @@ from .teachers import load_teacher
 from .views import ViewPolicy
 
 
+_log = logging.getLogger(__name__)
+_log.setLevel(logging.WARNING)  # loading open_clip raises the root logger's level to ERROR
+
+
 class TrainError(FdcacheError):
     """Training cannot go on (non-finite loss, out of memory): says where and what to do."""
 
@@ -149,7 +153,7 @@ class Trainer(Loop):
                 store.require_done_data()  # a deleted shard file is an error, never zeros
                 warning = require_unchanged(self.manifest, str(cfg.cache)) if cfg.check_data else None
                 if warning:
-                    logging.getLogger("fdcache").warning("warning: %s", warning)
+                    _log.warning("warning: %s", warning)
             except FdcacheError as e:
                 error = e
         error = self.dist.broadcast(error)

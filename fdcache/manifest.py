@@ -133,8 +133,8 @@ def _scan_image_folder(root: Path) -> tuple[list[str], list[int], list[str], lis
         if len(paths) == before:
             empty.append(cls)
     if empty:
-        raise DataError(f"{len(empty)} class folder(s) hold no images: {', '.join(empty[:5])}. A class "
-                        "without samples would shift every later label; remove the folder or add images.")
+        raise DataError(f"{len(empty)} class folder(s) hold no images: {', '.join(empty[:5])}. Each would be "
+                        "a class no sample has (ImageFolder refuses it too); remove the folder or add images.")
     return paths, labels, classes, ignored
 
 

@@ -420,14 +420,14 @@ class Store:
                     for name in names[:-2]:
                         arr = arrays[name]
                         if self._chunk_key(name, (s, k) + (0,) * (arr.ndim - 2)) not in have[name]:
-                            problems.append(Problem(f"{name} of {where}: marked done but its file is missing",
-                                                    ("unmark", s, k)))
+                            problems.append(Problem(f"{name} seed {s} shard {k}: marked done but its data is "
+                                                    f"missing (samples {a}..{b - 1})", ("unmark", s, k)))
                             continue
                         try:
                             arr[s, a:b]
                         except Exception as e:  # checksum mismatch, truncated shard, bad codec bytes
-                            problems.append(Problem(f"{name} of {where}: unreadable ({type(e).__name__}: {e})",
-                                                    ("unmark", s, k)))
+                            problems.append(Problem(f"{name} seed {s} shard {k} (samples {a}..{b - 1}): unreadable "
+                                                    f"({type(e).__name__}: {e})", ("unmark", s, k)))
                 if progress is not None:
                     progress(1)
         self._audit_views(arrays["views"], seeds, problems)

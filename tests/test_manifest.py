@@ -49,7 +49,7 @@ def test_missing_and_empty_folders_are_clear_errors(tmp_path):
     with pytest.raises(DataError, match="no class sub-folders"):
         index(tmp_path)
     (tmp_path / "cls").mkdir()
-    with pytest.raises(DataError, match="no images found"):
+    with pytest.raises(DataError, match="hold no images: cls"):
         index(tmp_path)
 
 

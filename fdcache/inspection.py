@@ -90,7 +90,7 @@ def verify_store(url: str, data: str | Path | None = None, check_files: bool = T
             message += ("; repair: " + "; ".join(done) + ". Now re-run the same fdcache extract command "
                         "to recompute them" if done else "; nothing here can be repaired in place")
         elif any(getattr(p, "repair", None) for p in problems):
-            message += f"; `fdcache verify {url} --repair` un-marks the damaged shards, then re-run the same extract"
+            message += f"; `fdcache verify {url} --repair` un-marks the damaged shards (redraws damaged views), then re-run the same extract"
         raise VerifyError(message, [str(p) for p in problems])
     return {"store": str(url), "shards_checked": store.num_seeds * store.num_shards,
             "samples": store.info.num_samples, "seeds": store.num_seeds, "files_checked": files,

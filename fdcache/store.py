@@ -303,14 +303,23 @@ class Store:
 
     # -- manifest ------------------------------------------------------------------
     def manifest(self, root: str | Path | None = None) -> Manifest:
-        m = self.group["manifest"]
-        arrays = {name: m[name][:] for name in _MANIFEST_FIELDS}
-        return Manifest(root=Path(root or m.attrs["root"]), paths=[str(p) for p in m["paths"][:]],
-                        classes=list(m.attrs.get("classes", [])), **arrays)
+        try:
+            m = self.group["manifest"]
+            arrays = {name: m[name][:] for name in _MANIFEST_FIELDS}
+            paths = [str(p) for p in m["paths"][:]]
+            classes, stored_root = list(m.attrs.get("classes", [])), m.attrs["root"]
+        except Exception as e:
+            raise StoreError(f"store {self.url}: its manifest is unreadable ({type(e).__name__}: {e}). It "
+                             "cannot be repaired in place: re-extract into a new --out.") from e
+        return Manifest(root=Path(root or stored_root), paths=paths, classes=classes, **arrays)
 
     # -- data ----------------------------------------------------------------------
     def done(self) -> np.ndarray:
-        return self.group["done"][:].astype(bool)
+        try:
+            return self.group["done"][:].astype(bool)
+        except Exception as e:  # a damaged marker: name the repair, not zarr's internals
+            raise StoreDataError(f"store {self.url}: the done markers are unreadable ({type(e).__name__}: {e}). "
+                                 f"Run `fdcache verify {self.url} --repair`, then re-run the same extract.") from e
 
     def views(self, seed: int, start: int = 0, stop: int | None = None) -> np.ndarray:
         return self.group["views"][seed, start:stop]
@@ -344,8 +353,8 @@ class Store:
         arr = self.group[name]
         return set(sync(_collect(self.group.store.list_prefix(f"{arr.path}/c"))))
 
-    def _chunk_key(self, name: str, coords: tuple[int, ...]) -> str:
-        arr = self.group[name]
+    @staticmethod
+    def _key(arr, coords: tuple[int, ...]) -> str:
         return f"{arr.path}/{arr.metadata.encode_chunk_key(coords)}"
 
     def missing_data(self) -> list[tuple[int, int, str]]:
@@ -354,10 +363,10 @@ class Store:
         done = self.done()
         out = []
         for name in self._data_arrays() + ["skipped"]:
-            have = self._chunk_keys(name)
-            tail = (0,) * (self.group[name].ndim - 2)
+            arr, have = self.group[name], self._chunk_keys(name)
+            tail = (0,) * (arr.ndim - 2)
             for s, k in zip(*np.nonzero(done)):
-                if self._chunk_key(name, (int(s), int(k)) + tail) not in have:
+                if self._key(arr, (int(s), int(k)) + tail) not in have:
                     out.append((int(s), int(k), name))
         return out
 
@@ -419,7 +428,7 @@ class Store:
                 else:
                     for name in names[:-2]:
                         arr = arrays[name]
-                        if self._chunk_key(name, (s, k) + (0,) * (arr.ndim - 2)) not in have[name]:
+                        if self._key(arr, (s, k) + (0,) * (arr.ndim - 2)) not in have[name]:
                             problems.append(Problem(f"{name} seed {s} shard {k}: marked done but its data is "
                                                     f"missing (samples {a}..{b - 1})", ("unmark", s, k)))
                             continue
@@ -473,7 +482,7 @@ class Store:
         for s in range(seeds):
             for j in range(arr.cdata_shape[1]):
                 why = None
-                if self._chunk_key("views", (s, j, 0)) not in have:
+                if self._key(arr, (s, j, 0)) not in have:
                     why = "missing"
                 else:
                     c = arr.chunks[1]

@@ -153,7 +153,7 @@ class Trainer(Loop):
                 store.require_done_data()  # a deleted shard file is an error, never zeros
                 warning = require_unchanged(self.manifest, str(cfg.cache)) if cfg.check_data else None
                 if warning:
-                    _log.warning("warning: %s", warning)
+                    _log.warning("%s", warning)
             except FdcacheError as e:
                 error = e
         error = self.dist.broadcast(error)

@@ -333,9 +333,13 @@ def test_train_and_finetune_options_out_of_range_are_named(tmp_path, field):
         make_config(None, out=str(tmp_path), data=str(tmp_path), **{field: 0})
 
 
-def test_teacher_resolution_and_pretrained_file_are_named_errors(tmp_path):
+def test_teacher_and_student_resolution_and_pretrained_file_are_named_errors(tmp_path):
+    from fdcache.students import build_student
+
     with pytest.raises(TeacherError, match="--resolution 7"):
         load_teacher(TINY_TEACHER, random_init=True, resolution=7)
+    with pytest.raises(ConfigError, match="--resolution 7"):
+        build_student("fd-tiny", 64, resolution=7)
     bad = tmp_path / "weights.pt"
     bad.write_text("not a checkpoint")
     with pytest.raises(TeacherError, match="not a checkpoint"):

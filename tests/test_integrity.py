@@ -141,6 +141,24 @@ def test_extract_cut_during_creation_and_growth_resumes_to_the_uninterrupted_sto
     assert tree_bytes(out) == tree_bytes(ref)
 
 
+def test_extract_cut_at_every_shard_write_resumes_to_the_uninterrupted_store(small_root, small_store, tmp_path,
+                                                                              monkeypatch, tiny_teacher):
+    manifest = index(small_root, checksums=True)
+    creation = _count(cfg(small_root, tmp_path / "count.zarr"), tiny_teacher, manifest, monkeypatch)
+    with monkeypatch.context() as m:
+        f = Faults(m)
+        extract(cfg(small_root, tmp_path / "count2.zarr"))
+    assert f.n - creation == 6  # 2 shards x (targets, skip flags, done marker)
+    for k in range(creation, f.n):
+        out = tmp_path / f"cut{k}.zarr"
+        with monkeypatch.context() as m:
+            Faults(m, at=k)
+            with pytest.raises(StoreError, match="re-run the same command"):
+                extract(cfg(small_root, out))
+        extract(cfg(small_root, out))
+        assert tree_bytes(out) == tree_bytes(small_store), f"cut at write {k}"
+
+
 def test_overwrite_never_deletes_a_users_files(small_root, tmp_path):
     user = tmp_path / "results"
     (user / "sub").mkdir(parents=True)

@@ -151,7 +151,8 @@ class Store:
     def target_state(url: str) -> tuple[str, list[str]]:
         """What is at ``url``: ``absent``, ``empty``, ``file`` (a regular file), ``store``
         (a finished fdcache store), ``creating`` (an fdcache store whose creation was cut
-        short) or ``foreign`` (anything else). Also the entries that are not fdcache's."""
+        short), ``unreadable`` (a ``zarr.json`` that cannot be parsed) or ``foreign``
+        (anything else). Also the entries that are not fdcache's."""
         root = _store_arg(url)
         if "://" not in root:
             p = Path(root)
@@ -171,7 +172,7 @@ class Store:
         if all(_PARTIAL.search(e) for e in entries):
             return "empty", []  # nothing, or only temporary files of an interrupted first write
         if meta is None:
-            return "foreign", foreign or entries
+            return ("unreadable" if "zarr.json" in entries else "foreign"), foreign or entries
         if "fdcache" in meta:
             return "store", foreign
         if _CREATING in meta:
@@ -521,6 +522,10 @@ def refuse_unless_ours(url: str, state: str, foreign: list[str], overwrite: bool
         raise StoreError(f"--out {url} is not empty and is not an fdcache store (it holds {shown}). "
                          "fdcache never deletes what it did not write, with or without --overwrite: "
                          "choose another --out, or move those files away yourself.")
+    if state == "unreadable":
+        raise StoreError(f"--out {url} holds a zarr.json that cannot be read, so fdcache cannot prove it wrote "
+                         f"what is there and will not delete it. `fdcache verify {url}` says more; to start "
+                         "over, move it away yourself or choose another --out.")
     if state == "store" and not overwrite:
         raise StoreError(f"{url} is already an fdcache store; pass --overwrite to replace it.")
     if foreign:

@@ -3,6 +3,8 @@
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -196,10 +198,21 @@ def test_overwrite_replaces_an_fdcache_store_and_an_empty_folder(small_root, tmp
 
 def test_a_second_writer_is_refused_naming_the_holder(small_root, tmp_path):
     out = tmp_path / "s.zarr"
-    with WriterLock(str(out)):
-        with pytest.raises(StoreLockedError, match=rf"{socket.gethostname()}.*{os.getpid()}"):
+    holder = subprocess.Popen(  # another process holding the store, as a running extract does
+        [sys.executable, "-c", "import sys, time; from fdcache.store import WriterLock; "
+         "WriterLock(sys.argv[1]).__enter__(); print('held', flush=True); time.sleep(120)", str(out)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(StoreLockedError, match=rf"{socket.gethostname()}.*{holder.pid}"):
             extract(cfg(small_root, out))
-    extract(cfg(small_root, out))  # released: the same command runs
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    extract(cfg(small_root, out))  # the kernel dropped the dead holder's lock: the same command runs
+    with WriterLock(str(out)):  # and released its own
+        pass
 
 
 def test_train_refuses_a_deleted_shard_file_instead_of_training_on_zeros(small_store, tmp_path):
@@ -376,3 +389,6 @@ def test_cli_exits_2_with_a_message_not_a_traceback(small_root, tmp_path):
     (bad / "zarr.json").write_text('{"zarr_format": 3, "node_ty')
     r = runner.invoke(app, ["verify", str(bad)])
     assert r.exit_code == 1 and "Traceback" not in r.output
+    r = runner.invoke(app, ["extract", str(small_root), "--out", str(bad), "--teacher", TINY_TEACHER,
+                            "--random-init", "--overwrite"])
+    assert r.exit_code == 2 and "cannot prove" in r.output and (bad / "zarr.json").exists()

@@ -3,6 +3,8 @@ presets) gets the same named :class:`ConfigError` instead of a crash deep inside
 
 from __future__ import annotations
 
+import numbers
+
 from .errors import ConfigError
 
 
@@ -26,4 +28,4 @@ def require(cfg, *, positive: tuple[str, ...] = (), non_negative: tuple[str, ...
 
 
 def _int_at_least(value, low: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low

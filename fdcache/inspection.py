@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from zarr.core.sync import sync
 
 from .errors import StoreError, VerifyError
 from .manifest import compare_files

@@ -8,7 +8,6 @@ import sys
 import zlib
 from pathlib import Path
 
-import numpy as np
 import pytest
 import zarr
 from PIL import Image

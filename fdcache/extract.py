@@ -80,8 +80,8 @@ def shard_batches(a: int, b: int, batch_size: int) -> list[tuple[int, int]]:
 def open_or_create(cfg: ExtractConfig, teacher: Teacher, manifest: Manifest) -> Store:
     """The store for ``cfg``: created when the location is empty or holds fdcache's own
     unfinished creation (or a store to replace with ``--overwrite``); otherwise opened,
-    checked against the request, cleaned of interrupted writes and grown to ``cfg.seeds``.
-    Call with the writer lock held."""
+    checked against the request, cleaned of interrupted writes, its done shards with a
+    missing file un-marked, and grown to ``cfg.seeds``. Call with the writer lock held."""
     info = StoreInfo(teacher=teacher.spec, policy=cfg.policy, codec=cfg.codec,
                      global_seed=cfg.global_seed, shard_size=cfg.shard_size,
                      num_samples=len(manifest), manifest_sha256=manifest.fingerprint())
@@ -90,6 +90,8 @@ def open_or_create(cfg: ExtractConfig, teacher: Teacher, manifest: Manifest) -> 
         store = Store.open(cfg.out, mode="r+")
         store.check_binding(info)
         remove_interrupted_writes(cfg.out)  # only rank 0 runs this, before any rank writes
+        for s, k in sorted({(s, k) for s, k, _ in store.missing_data()}):
+            store.unmark(s, k)  # a deleted shard file: recompute it (flipped bytes: verify --repair)
         if cfg.seeds > store.num_seeds:
             store.grow_seeds(manifest, cfg.seeds)
         return store

@@ -224,6 +224,14 @@ def test_train_refuses_a_deleted_shard_file_instead_of_training_on_zeros(small_s
     assert (e.value.seed, e.value.shard, e.value.samples) == (0, 1, (4, 6))
 
 
+def test_the_same_extract_recomputes_a_deleted_shard_file_without_verify(small_root, small_store, tmp_path):
+    store = tmp_path / "s.zarr"
+    shutil.copytree(small_store, store)
+    (store / "skipped" / "c" / "0" / "1").unlink()
+    assert extract(cfg(small_root, store)).shards == 1
+    assert tree_bytes(store) == tree_bytes(small_store)
+
+
 def test_a_copied_data_folder_trains_with_a_warning(small_store, small_root, tmp_path, caplog):
     copy = tmp_path / "copy"
     shutil.copytree(small_root, copy, copy_function=shutil.copyfile)  # new mtimes, same bytes

@@ -62,7 +62,7 @@ def extract(
     views: str = typer.Option("rrc", help="View policy: rrc (RandomResizedCrop 0.08-1 + flip, as FD) or full."),
     file_list: Optional[Path] = typer.Option(None, help="Text file of 'relative/path [label]' lines under DATA instead of an ImageFolder."),
     skip_bad: bool = typer.Option(False, help="Record unreadable images as skipped instead of stopping."),
-    overwrite: bool = typer.Option(False, help="Replace an existing store made differently."),
+    overwrite: bool = typer.Option(False, help="Replace an existing fdcache store (never a folder of other files)."),
     threads: int = typer.Option(4, help="DALI decoder threads."),
     device: str = typer.Option("auto", help="auto | cuda | cpu."),
 ):
@@ -91,6 +91,9 @@ def extract(
         if r.skipped:
             err.print(f"[yellow]skipped {len(r.skipped)} unreadable image(s)[/] (recorded in the store): "
                       + ", ".join(r.skipped[:10]))
+        if r.ignored:
+            err.print(f"[yellow]not indexed: {len(r.ignored)} file(s)[/] (hidden, not an image extension, "
+                      "or an undecodable name): " + "; ".join(r.ignored[:5]), highlight=False)
 
 
 def _spec(cls, **kw):
@@ -271,16 +274,21 @@ def inspect_(store: str = typer.Argument(..., help="Store path or URL."),
 @app.command()
 @handles_errors
 def verify(store: str = typer.Argument(..., help="Store path or URL."),
-           data: Optional[Path] = typer.Option(None, help="Image folder, if moved since extraction."),
-           no_files: bool = typer.Option(False, help="Skip the image-folder check.")):
+           data: Optional[Path] = typer.Option(None, help="Image folder, if moved or copied since extraction."),
+           no_files: bool = typer.Option(False, help="Skip the image-folder check."),
+           content: bool = typer.Option(False, help="Compare every image's crc32c with the manifest (reads every file)."),
+           repair: bool = typer.Option(False, help="Un-mark damaged shards so the same extract command recomputes them.")):
     """Read and checksum every chunk, check completeness and that the images still match.
 
     Exit 0 when the store is whole, 1 naming each problem otherwise."""
     from fdcache.inspection import verify_store
 
-    r = verify_store(store, data=data, check_files=not no_files)
+    r = verify_store(store, data=data, check_files=not no_files, content=content, repair=repair)
+    for w in r["warnings"]:
+        err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
     out.print(f"[green]ok[/]: {r['shards_checked']} shard(s) of {r['seeds']} seed(s) x "
-              f"{r['samples']} samples checksummed; {r['files_checked']} image file(s) unchanged")
+              f"{r['samples']} samples checksummed; {r['files_checked']} image file(s) "
+              + ("byte-identical" if r["content_checked"] else "present with their recorded sizes"))
 
 
 def _tune_command(mode: str, default_preset: str, doc: str):

@@ -40,6 +40,14 @@ class StoreDataError(StoreError):
         self.seed, self.shard, self.samples = seed, shard, samples
 
 
+class StoreLockedError(StoreError):
+    """Another process (not a rank of this job) is writing the store; names its host and pid."""
+
+
+class ConfigError(FdcacheError):
+    """An option is out of range (``--batch-size 0``, ``--resolution 7``...): names it and the range."""
+
+
 class TeacherError(FdcacheError):
     """Unknown teacher name, missing weights choice, or an unsupported architecture."""
 

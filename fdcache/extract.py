@@ -23,8 +23,9 @@ from . import distributed
 from .codecs import CodecSpec
 from .errors import BadImageError, FdcacheError, StoreError
 from .manifest import Manifest, index
+from .options import require
 from .pixels import PixelStream, ViewBatches, dali_device
-from .store import Store, StoreInfo, exists, remove_interrupted_writes
+from .store import Store, StoreInfo, WriterLock, refuse_unless_ours, remove_interrupted_writes
 from .teachers import Teacher, load_teacher
 from .views import ViewPolicy
 
@@ -52,6 +53,10 @@ class ExtractConfig:
     device: str = "auto"
     progress: bool = True
 
+    def __post_init__(self):
+        require(self, positive=("seeds", "batch_size", "shard_size", "num_threads", "writers"),
+                optional_positive=("resolution",), non_negative=("global_seed", "init_seed"))
+
 
 @dataclass
 class ExtractResult:
@@ -61,6 +66,7 @@ class ExtractResult:
     seconds: float
     skipped: list[str]
     already_done: int  # shards found complete before this call
+    ignored: list[str] = field(default_factory=list)  # "path: why", files the index did not take
 
     @property
     def images_per_s(self) -> float:
@@ -73,16 +79,20 @@ def shard_batches(a: int, b: int, batch_size: int) -> list[tuple[int, int]]:
 
 
 def open_or_create(cfg: ExtractConfig, teacher: Teacher, manifest: Manifest) -> Store:
+    """The store for ``cfg``: created when the location is empty or holds fdcache's own
+    unfinished creation (or a store to replace with ``--overwrite``); otherwise opened,
+    checked against the request, cleaned of interrupted writes, its done shards with a
+    missing file un-marked, and grown to ``cfg.seeds``. Call with the writer lock held."""
     info = StoreInfo(teacher=teacher.spec, policy=cfg.policy, codec=cfg.codec,
                      global_seed=cfg.global_seed, shard_size=cfg.shard_size,
                      num_samples=len(manifest), manifest_sha256=manifest.fingerprint())
-    if exists(cfg.out) and not cfg.overwrite:
-        try:
-            store = Store.open(cfg.out, mode="r+")
-        except StoreError as e:
-            raise StoreError(f"{e} (pass --overwrite to replace what is at {cfg.out})") from e
+    state, _ = Store.target_state(cfg.out)
+    if state == "store" and not cfg.overwrite:
+        store = Store.open(cfg.out, mode="r+")
         store.check_binding(info)
         remove_interrupted_writes(cfg.out)  # only rank 0 runs this, before any rank writes
+        for s, k in sorted({(s, k) for s, k, _ in store.missing_data()}):
+            store.unmark(s, k)  # a deleted shard file: recompute it (flipped bytes: verify --repair)
         if cfg.seeds > store.num_seeds:
             store.grow_seeds(manifest, cfg.seeds)
         return store
@@ -103,29 +113,38 @@ def extract(cfg: ExtractConfig, teacher: Teacher | None = None) -> ExtractResult
     else:
         teacher = teacher.to(device)
 
-    # Rank 0 indexes the folder and creates (or checks) the store; the others wait, then
-    # read the manifest from the store, so a thousand ranks do not stat ImageNet each.
-    error = None
-    if d.is_main:
-        try:
-            manifest = index(cfg.data, file_list=cfg.file_list, skip_bad=cfg.skip_bad)
-            store = open_or_create(cfg, teacher, manifest)
-        except FdcacheError as e:
-            error = e
-    error = d.broadcast(error)
-    if error is not None:
-        raise error
-    if not d.is_main:
-        store = Store.open(cfg.out, mode="r+")
-        manifest = store.manifest(root=cfg.data)
-    d.barrier()
+    # Rank 0 takes the writer lock, indexes the folder and creates (or checks) the store;
+    # the others wait, then read the manifest from the store, so a thousand ranks do not
+    # stat ImageNet each. Rank 0 holds the lock until every rank is done.
+    error, lock, manifest = None, WriterLock(cfg.out), None
+    try:
+        if d.is_main:
+            try:
+                state, foreign = Store.target_state(cfg.out)
+                if state != "store" or cfg.overwrite:
+                    refuse_unless_ours(cfg.out, state, foreign, cfg.overwrite)
+                lock.__enter__()
+                manifest = index(cfg.data, file_list=cfg.file_list, skip_bad=cfg.skip_bad, checksums=True)
+                store = open_or_create(cfg, teacher, manifest)
+            except FdcacheError as e:
+                error = e
+        error = d.broadcast(error)
+        if error is not None:
+            raise error
+        if not d.is_main:
+            store = Store.open(cfg.out, mode="r+")
+            manifest = store.manifest(root=cfg.data)
+        d.barrier()
 
-    done = store.done()[: cfg.seeds]
-    todo = [(s, k) for s in range(cfg.seeds) for k in range(store.num_shards) if not done[s, k]]
-    mine = _split(todo, d.rank, d.world)
-    result = _run(cfg, store, manifest, teacher, mine, d)
-    result.already_done = int(done.sum())
-    d.barrier()
+        done = store.done()[: cfg.seeds]
+        todo = [(s, k) for s in range(cfg.seeds) for k in range(store.num_shards) if not done[s, k]]
+        mine = _split(todo, d.rank, d.world)
+        result = _run(cfg, store, manifest, teacher, mine, d)
+        result.already_done = int(done.sum())
+        result.ignored = list(manifest.ignored)
+        d.barrier()
+    finally:
+        lock.__exit__(None, None, None)
     return result
 
 

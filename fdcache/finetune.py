@@ -33,6 +33,7 @@ from .engine import Loop, amp_dtype, cosine_schedule, progress_bar
 from .errors import DataError, FdcacheError
 from .imagefolder import (EpochSampler, LabeledImages, classnames_for, find_classes, train_loader,
                           train_transform)
+from .options import require
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -90,6 +91,12 @@ class FinetuneConfig:
     workers: int = 4
     device: str = "auto"
     progress: bool = True
+
+    def __post_init__(self):
+        require(self, positive=("batch_size", "accum_steps", "lr_batch", "save_every", "log_every",
+                                "eval_batch_size"),
+                optional_positive=("epochs", "steps", "run_steps", "resolution"),
+                non_negative=("warmup_steps", "workers", "seed", "init_seed"))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from zarr.core.sync import sync
 
-from .errors import VerifyError
-from .manifest import stat_changes
+from .errors import StoreError, VerifyError
+from .manifest import compare_files
 from .store import Store
 
 
@@ -53,50 +52,45 @@ def inspect_store(url: str) -> dict:
 
 
 def verify_store(url: str, data: str | Path | None = None, check_files: bool = True,
-                 progress=None) -> dict:
-    """Read every chunk (crc32c-checked), check every shard is marked done and present,
-    and that the image folder still matches the manifest. Raises :class:`VerifyError`
-    listing every problem; returns a summary when all is well."""
-    store = Store.open(url)
-    problems: list[str] = []
-    done = store.done()
-    for s, k in zip(*np.nonzero(~done)):
-        a, b = store.shard_range(int(k))
-        problems.append(f"seed {s} shard {k} (samples {a}..{b - 1}) is not complete: resume extraction")
-    names = [n for n in ("targets", "qparams") if n in store.group]
-    checked = 0
-    for s in range(store.num_seeds):
-        for k in range(store.num_shards):
-            a, b = store.shard_range(k)
-            for name in names:
-                arr = store.group[name]
-                key = f"{arr.path}/c/{s}/{k}/0/0"
-                if done[s, k] and not sync(store.group.store.exists(key)):
-                    problems.append(f"{name} seed {s} shard {k}: marked done but its data is missing")
-                    continue
-                try:
-                    arr[s, a:b]
-                except Exception as e:  # checksum mismatch, truncated shard, bad codec bytes
-                    problems.append(f"{name} seed {s} shard {k} (samples {a}..{b - 1}): unreadable "
-                                    f"({type(e).__name__}: {e}); delete that shard file and resume")
-            checked += 1
-            if progress is not None:
-                progress(1)
-    for name in ("views", "skipped", "done"):
-        try:
-            store.group[name][:]
-        except Exception as e:
-            problems.append(f"{name}: unreadable ({type(e).__name__}: {e})")
-    manifest = store.manifest(root=data)
+                 progress=None, *, content: bool = False, repair: bool = False) -> dict:
+    """Check the whole store (:meth:`Store.audit`: every array's metadata, every chunk,
+    attributes against shapes, the manifest's fingerprint) and that the image folder still
+    matches the manifest (sizes; with ``content`` every file's crc32c). Never crashes on a
+    broken store: raises :class:`VerifyError` (exit 1) listing every problem. ``repair``
+    un-marks damaged shards (and redraws damaged views) so that re-running the same
+    ``fdcache extract`` recomputes them. Returns a summary (with ``warnings``) when all is well."""
+    try:
+        store = Store.open(url, mode="r+" if repair else "r")
+    except StoreError as e:
+        raise VerifyError(f"{url}: cannot open the store", [str(e)]) from None
+    problems = store.audit(progress=progress)
+    warnings: list[str] = []
+    files = 0
     if check_files:
-        if not manifest.root.is_dir():
+        try:
+            manifest = store.manifest(root=data)
+        except Exception:
+            manifest = None  # audit already names the damaged manifest
+        if manifest is not None and not manifest.root.is_dir():
             problems.append(f"image folder {manifest.root} not found (pass --data to point at it)")
-        else:
-            changes = stat_changes(manifest)
-            problems += [f"dataset: {c}" for c in changes[:20]]
-            if len(changes) > 20:
-                problems.append(f"dataset: ... and {len(changes) - 20} more changed files")
+        elif manifest is not None:
+            changes = compare_files(manifest, content=content)
+            refusals = changes.refusals
+            problems += [f"dataset: {c}" for c in refusals[:20]]
+            if len(refusals) > 20:
+                problems.append(f"dataset: ... and {len(refusals) - 20} more changed files")
+            if changes.touched:
+                warnings.append(changes.touched_warning(url, manifest.root))
+            files = len(manifest)
     if problems:
-        raise VerifyError(f"{url}: {len(problems)} problem(s)", problems)
-    return {"store": str(url), "shards_checked": checked, "samples": store.info.num_samples,
-            "seeds": store.num_seeds, "files_checked": len(manifest) if check_files else 0}
+        message = f"{url}: {len(problems)} problem(s)"
+        if repair:
+            done = store.repair([p for p in problems if not isinstance(p, str)])
+            message += ("; repair: " + "; ".join(done) + ". Now re-run the same fdcache extract command "
+                        "to recompute them" if done else "; nothing here can be repaired in place")
+        elif any(getattr(p, "repair", None) for p in problems):
+            message += f"; `fdcache verify {url} --repair` un-marks the damaged shards (redraws damaged views), then re-run the same extract"
+        raise VerifyError(message, [str(p) for p in problems])
+    return {"store": str(url), "shards_checked": store.num_seeds * store.num_shards,
+            "samples": store.info.num_samples, "seeds": store.num_seeds, "files_checked": files,
+            "content_checked": bool(content and files), "warnings": warnings}

@@ -7,34 +7,51 @@ Layout (``S`` seeds, ``N`` samples, ``L`` tokens, ``D`` dims, ``K`` = samples pe
     views    [S, N, 5]     int32 (y, x, h, w, flip) in EXIF-oriented source pixels
     skipped  [S, N]        uint8, 1 = unreadable image, its target is zeros (chunk = shard)
     done     [S, N/K]      uint8, 1 = shard complete; one chunk per marker, written last
-    manifest/{paths, labels, widths, heights, sizes, mtimes}, attrs: classes, root
+    manifest/{paths, labels, widths, heights, sizes, mtimes, crc32c}, attrs: classes, root
 
 Every chunk carries a crc32c checksum (and each shard index its own), so a flipped byte
 fails on read. A shard is the unit of writing: one writer per shard, its ``done`` marker
-after its data, so a crash leaves at worst unmarked shards that a resume recomputes.
+after its data, so a crash leaves at worst unmarked shards that a resume recomputes. Shard
+data is written with empty chunks kept, so every done shard has its files and a missing
+file is damage, never "all zeros".
+
+Creation and seed growth are crash-safe too (docs/design.md, "Crash safety"): the group's
+``zarr.json`` first carries a creation marker, replaced by the ``fdcache`` binding only when
+everything else is written; ``done`` is resized last when seeds grow. Only this module knows
+array names and chunk keys; ``verify`` calls :meth:`Store.audit` and :meth:`Store.repair`.
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
 import math
+import os
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
 
 from . import __version__
 from .codecs import CodecSpec
-from .errors import StoreError, StoreMismatchError
+from .errors import StoreDataError, StoreError, StoreLockedError, StoreMismatchError
 from .manifest import Manifest
 from .teachers import TeacherSpec
 from .views import ViewPolicy, sample_views
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _GroupNotFound = getattr(zarr.errors, "GroupNotFoundError", FileNotFoundError)
-_MANIFEST_FIELDS = ("labels", "widths", "heights", "sizes", "mtimes")
+_MANIFEST_FIELDS = ("labels", "widths", "heights", "sizes", "mtimes", "crc32c")
+_CREATING = "fdcache_creating"  # group attribute while a store is being created
+_OWN = ("zarr.json", "targets", "qparams", "views", "skipped", "done", "manifest")
+_KEEP_EMPTY = {"write_empty_chunks": True}
+LOCK_SUFFIX = ".fdcache-lock"
 
 
 def _compressors(codec: CodecSpec):
@@ -90,6 +107,19 @@ class StoreInfo:
         return out
 
 
+@dataclass
+class Problem:
+    """One finding of :meth:`Store.audit`. ``repair`` is what :meth:`Store.repair` does about
+    it: ``("unmark", seed, shard)`` (the same extract then recomputes the shard),
+    ``("views", seed)`` (views are redrawn from the manifest), or None (not repairable in place)."""
+
+    text: str
+    repair: tuple | None = None
+
+    def __str__(self) -> str:
+        return self.text
+
+
 class Store:
     """An open fdcache store. Create with :meth:`create`, open with :meth:`open`."""
 
@@ -101,7 +131,9 @@ class Store:
     # -- shapes --------------------------------------------------------------------
     @property
     def num_seeds(self) -> int:
-        return self.group["targets"].shape[0]
+        """Seeds a reader may use: ``done`` is resized last when seeds grow, after the new
+        seeds' views exist, so a growth cut short is invisible here."""
+        return self.group["done"].shape[0]
 
     @property
     def num_shards(self) -> int:
@@ -111,11 +143,75 @@ class Store:
         a = k * self.info.shard_size
         return a, min(a + self.info.shard_size, self.info.num_samples)
 
+    def _data_arrays(self) -> list[str]:
+        return ["targets"] + (["qparams"] if self.info.codec.has_qparams else [])
+
     # -- create / open -------------------------------------------------------------
+    @staticmethod
+    def target_state(url: str) -> tuple[str, list[str]]:
+        """What is at ``url``: ``absent``, ``empty``, ``file`` (a regular file), ``store``
+        (a finished fdcache store), ``creating`` (an fdcache store whose creation was cut
+        short), ``unreadable`` (a ``zarr.json`` that cannot be parsed) or ``foreign``
+        (anything else). Also the entries that are not fdcache's."""
+        root = _store_arg(url)
+        if "://" not in root:
+            p = Path(root)
+            if p.exists() and not p.is_dir():
+                return "file", [p.name]
+            if not p.exists():
+                return "absent", []
+        zs = _zarr_store(url, read_only=True)
+        try:
+            entries = sorted(sync(_collect(zs.list_dir(""))))
+        except (FileNotFoundError, NotADirectoryError):
+            return "absent", []
+        meta = _group_attrs(zs)
+        ours = [e for e in entries if _PARTIAL.search(e) or e in _OWN or
+                (meta is not None and sync(zs.exists(f"{e}/zarr.json")))]
+        foreign = [e for e in entries if e not in ours]
+        if all(_PARTIAL.search(e) for e in entries):
+            return "empty", []  # nothing, or only temporary files of an interrupted first write
+        if meta is None:
+            return ("unreadable" if "zarr.json" in entries else "foreign"), foreign or entries
+        if "fdcache" in meta:
+            return "store", foreign
+        if _CREATING in meta:
+            return "creating", foreign
+        return "foreign", foreign or entries
+
     @classmethod
     def create(cls, url: str, info: StoreInfo, manifest: Manifest, seeds: int,
                overwrite: bool = False) -> "Store":
-        group = zarr.open_group(_store_arg(url), mode="w" if overwrite else "w-")
+        """Create the store at ``url``: an absent or empty location, fdcache's own unfinished
+        creation, or (with ``overwrite``) a finished fdcache store. Anything else is refused
+        naming what is there; nothing fdcache did not write is ever deleted."""
+        state, foreign = cls.target_state(url)
+        refuse_unless_ours(url, state, foreign, overwrite)
+        zs = _zarr_store(url, read_only=False)
+        try:
+            # 1. The creation marker, in one atomic write of the group's zarr.json: from here
+            #    on the location is provably fdcache's, so a re-run may redo it.
+            if state in ("absent", "empty"):
+                group = zarr.create_group(zs, attributes={_CREATING: info.to_dict()})
+            else:
+                group = zarr.open_group(zs, mode="r+")
+                group.attrs.put({_CREATING: info.to_dict()})
+            # 2. Remove what a replaced store or an interrupted creation left (fdcache's only).
+            for name in sorted(sync(_collect(zs.list_dir("")))):
+                if name != "zarr.json":
+                    _remove(zs, name)
+            # 3. Arrays, manifest and views; 4. the binding replaces the marker, last.
+            store = cls(group, info, url)
+            store._create_arrays(manifest, seeds)
+            store._write_views(manifest, range(seeds))
+            group.attrs.put({"fdcache": info.to_dict()})
+        except OSError as e:
+            raise StoreError(f"creating the store at {url} failed: {e}. Fix the cause and re-run the "
+                             "same command: it recognises its unfinished store and redoes it.") from e
+        return store
+
+    def _create_arrays(self, manifest: Manifest, seeds: int) -> None:
+        group, info = self.group, self.info
         t, n, k = info.teacher, info.num_samples, info.shard_size
         comp = _compressors(info.codec)
         group.create_array("targets", shape=(seeds, n, t.tokens, t.dim), dtype=info.codec.target_dtype,
@@ -135,34 +231,40 @@ class Store:
                            compressors=[Crc32cCodec()], fill_value=0, dimension_names=["seed", "shard"])
         m = group.create_group("manifest")
         paths = m.create_array("paths", shape=(n,), dtype=str, chunks=(min(n, 1 << 16),))
-        paths[:] = np.asarray(manifest.paths, dtype=object).astype(str)
-        for name in _MANIFEST_FIELDS:
+        paths.with_config(_KEEP_EMPTY)[:] = np.asarray(manifest.paths, dtype=object).astype(str)
+        for name in _MANIFEST_FIELDS:  # every chunk written, so a missing one is damage
             a = np.asarray(getattr(manifest, name))
             arr = m.create_array(name, shape=(n,), dtype=a.dtype, chunks=(min(n, 1 << 16),),
                                  compressors=_compressors(CodecSpec()))
-            arr[:] = a
-        m.attrs["classes"] = list(manifest.classes)
-        m.attrs["root"] = str(Path(manifest.root).resolve())
-        store = cls(group, info, url)
-        store._write_views(manifest, range(seeds))
-        group.attrs["fdcache"] = info.to_dict()  # written last: a store without it is unfinished
-        return store
+            arr.with_config(_KEEP_EMPTY)[:] = a
+        m.attrs.put({"classes": list(manifest.classes), "root": str(Path(manifest.root).resolve())})
 
     @classmethod
     def open(cls, url: str, mode: str = "r") -> "Store":
         try:
             group = zarr.open_group(_store_arg(url), mode=mode)
-        except (FileNotFoundError, _GroupNotFound) as e:
+            attrs = group.attrs.asdict()
+        except (FileNotFoundError, NotADirectoryError, _GroupNotFound) as e:
             raise StoreError(f"no fdcache store at {url}: {e}") from e
-        attrs = group.attrs.asdict()
+        except Exception as e:  # truncated or edited zarr.json
+            raise StoreError(f"{url}: the store's metadata (zarr.json) is unreadable ({type(e).__name__}: "
+                             f"{e}). Run fdcache verify {url} for the whole list.") from e
+        if _CREATING in attrs and "fdcache" not in attrs:
+            raise StoreError(f"{url} is an fdcache store whose creation was interrupted: re-run the "
+                             "same fdcache extract command to finish it.")
         if "fdcache" not in attrs:
-            raise StoreError(f"{url} is a Zarr group but not a finished fdcache store (no 'fdcache' "
-                             "attribute; creation was interrupted?). Re-run extract with --overwrite.")
+            raise StoreError(f"{url} is a Zarr group but not an fdcache store (no 'fdcache' attribute).")
         d = attrs["fdcache"]
-        if d.get("format_version") != FORMAT_VERSION:
-            raise StoreError(f"{url} has store format {d.get('format_version')}, this fdcache "
-                             f"reads format {FORMAT_VERSION}")
-        return cls(group, StoreInfo.from_dict(d), url)
+        if not isinstance(d, dict) or d.get("format_version") != FORMAT_VERSION:
+            version = d.get("format_version") if isinstance(d, dict) else None
+            raise StoreError(f"{url} has store format {version}, this fdcache "
+                             f"reads format {FORMAT_VERSION}; re-extract it with this version.")
+        try:
+            info = StoreInfo.from_dict(d)
+        except Exception as e:
+            raise StoreError(f"{url}: the store's 'fdcache' attribute is damaged ({type(e).__name__}: {e}); "
+                             f"run fdcache verify {url}") from e
+        return cls(group, info, url)
 
     def check_binding(self, requested: StoreInfo) -> None:
         diffs = self.info.differences(requested)
@@ -172,44 +274,70 @@ class Store:
                 "\nUse another --out, or --overwrite to replace it.")
 
     def grow_seeds(self, manifest: Manifest, seeds: int) -> None:
-        """Append seeds ``[S, seeds)``: views drawn now, targets marked not done."""
+        """Append seeds ``[S, seeds)``: every array but ``done`` is resized and the new views
+        are written before ``done`` grows, so until then readers (and a re-run) see ``S``
+        seeds, and a re-run repeats these idempotent steps."""
         old = self.num_seeds
         if seeds <= old:
             return
-        for name in ("targets", "qparams", "views", "skipped", "done"):
-            if name in self.group:
+        try:
+            for name in self._data_arrays() + ["skipped", "views"]:
                 a = self.group[name]
                 a.resize((seeds,) + a.shape[1:])
-        self._write_views(manifest, range(old, seeds))
+            self._write_views(manifest, range(old, seeds))
+            done = self.group["done"]
+            done.resize((seeds,) + done.shape[1:])
+        except OSError as e:
+            raise StoreError(f"adding seeds to {self.url} failed: {e}. Fix the cause and re-run the same "
+                             "command: seed growth is redone from the start.") from e
 
     def _write_views(self, manifest: Manifest, seeds) -> None:
         views = self.group["views"]
+        bad = manifest.bad
+        # Unreadable files have no size; draw nothing for them (a view is keyed by its
+        # index alone, so the others' views do not depend on which files are bad).
+        widths, heights = np.where(bad, 1, manifest.widths), np.where(bad, 1, manifest.heights)
         for s in seeds:
-            v = sample_views(self.info.global_seed, s, manifest.widths, manifest.heights, self.info.policy)
-            v[manifest.bad] = 0
+            v = sample_views(self.info.global_seed, s, widths, heights, self.info.policy)
+            v[bad] = 0
             views[s] = v
 
     # -- manifest ------------------------------------------------------------------
     def manifest(self, root: str | Path | None = None) -> Manifest:
-        m = self.group["manifest"]
-        arrays = {name: m[name][:] for name in _MANIFEST_FIELDS}
-        return Manifest(root=Path(root or m.attrs["root"]), paths=[str(p) for p in m["paths"][:]],
-                        classes=list(m.attrs.get("classes", [])), **arrays)
+        try:
+            m = self.group["manifest"]
+            arrays = {name: m[name][:] for name in _MANIFEST_FIELDS}
+            paths = [str(p) for p in m["paths"][:]]
+            classes, stored_root = list(m.attrs.get("classes", [])), m.attrs["root"]
+        except Exception as e:
+            raise StoreError(f"store {self.url}: its manifest is unreadable ({type(e).__name__}: {e}). It "
+                             "cannot be repaired in place: re-extract into a new --out.") from e
+        return Manifest(root=Path(root or stored_root), paths=paths, classes=classes, **arrays)
 
     # -- data ----------------------------------------------------------------------
     def done(self) -> np.ndarray:
-        return self.group["done"][:].astype(bool)
+        try:
+            return self.group["done"][:].astype(bool)
+        except Exception as e:  # a damaged marker: name the repair, not zarr's internals
+            raise StoreDataError(f"store {self.url}: the done markers are unreadable ({type(e).__name__}: {e}). "
+                                 f"Run `fdcache verify {self.url} --repair`, then re-run the same extract.") from e
 
     def views(self, seed: int, start: int = 0, stop: int | None = None) -> np.ndarray:
         return self.group["views"][seed, start:stop]
 
     def write_shard(self, seed: int, k: int, arrays: dict[str, np.ndarray], skipped: np.ndarray) -> None:
-        """Write one whole shard's data, then its skip flags, then its done marker."""
+        """Write one whole shard's data, then its skip flags, then its done marker. Empty
+        (all-zero) chunks are written too, so a done shard always has all its files."""
         a, b = self.shard_range(k)
         for name, value in arrays.items():
-            self.group[name][seed, a:b] = value
-        self.group["skipped"][seed, a:b] = skipped.astype(np.uint8)
+            self.group[name].with_config(_KEEP_EMPTY)[seed, a:b] = value
+        self.group["skipped"].with_config(_KEEP_EMPTY)[seed, a:b] = skipped.astype(np.uint8)
         self.group["done"][seed, k] = 1
+
+    def unmark(self, seed: int, k: int) -> None:
+        """Clear shard ``k``'s done marker (a fill-value write: the marker's chunk is removed,
+        as before the shard was first written), so the same extract recomputes the shard."""
+        self.group["done"][seed, k] = 0
 
     def read(self, seed: int, start: int, stop: int):
         """Decoded float32 targets ``[n, L, D]`` of samples ``start:stop`` of ``seed``."""
@@ -220,6 +348,227 @@ class Store:
     def skipped(self, seed: int | None = None) -> np.ndarray:
         a = self.group["skipped"]
         return (a[:] if seed is None else a[seed]).astype(bool)
+
+    # -- integrity -----------------------------------------------------------------
+    def _chunk_keys(self, name: str) -> set[str]:
+        arr = self.group[name]
+        return set(sync(_collect(self.group.store.list_prefix(f"{arr.path}/c"))))
+
+    @staticmethod
+    def _key(arr, coords: tuple[int, ...]) -> str:
+        return f"{arr.path}/{arr.metadata.encode_chunk_key(coords)}"
+
+    def missing_data(self) -> list[tuple[int, int, str]]:
+        """(seed, shard, array) of every done shard whose file is missing: one listing per
+        array, no data read (a cheap check before training; checksums are checked on read)."""
+        done = self.done()
+        out = []
+        for name in self._data_arrays() + ["skipped"]:
+            arr, have = self.group[name], self._chunk_keys(name)
+            tail = (0,) * (arr.ndim - 2)
+            for s, k in zip(*np.nonzero(done)):
+                if self._key(arr, (int(s), int(k)) + tail) not in have:
+                    out.append((int(s), int(k), name))
+        return out
+
+    def require_done_data(self) -> None:
+        """Raise :class:`StoreDataError` naming the first done shard whose data is missing."""
+        missing = self.missing_data()
+        if missing:
+            s, k, name = missing[0]
+            a, b = self.shard_range(k)
+            raise StoreDataError(
+                f"store {self.url}: {len(missing)} shard file(s) marked done are missing, first: {name} "
+                f"of seed {s} shard {k} (samples {a}..{b - 1}). Run `fdcache verify {self.url} --repair`, "
+                "then re-run the same fdcache extract command to recompute them.", seed=s, shard=k,
+                samples=(a, b))
+
+    def audit(self, progress=None) -> list[Problem]:
+        """Check everything: every array's metadata against the binding, every chunk of every
+        array (data and skip flags of done shards, done markers, views, manifest), and the
+        manifest's fingerprint. Never raises for damage: each finding is a :class:`Problem`."""
+        info, n, k_size = self.info, self.info.num_samples, self.info.shard_size
+        t, shards = info.teacher, self.num_shards_safe()
+        expect = {"targets": ((n, t.tokens, t.dim), (1, k_size, t.tokens, t.dim)),
+                  "qparams": ((n, t.tokens, 2), (1, k_size, t.tokens, 2)),
+                  "skipped": ((n,), (1, k_size)), "views": ((n, 5), None), "done": ((shards,), (1, 1))}
+        names = self._data_arrays() + ["skipped", "views", "done"]
+        problems, arrays = [], {}
+        for name in names:
+            try:
+                arr = self.group[name]
+            except Exception as e:
+                problems.append(Problem(f"{name}: array metadata missing or unreadable ({type(e).__name__}: {e})"))
+                continue
+            shape, chunk = expect[name]
+            if tuple(arr.shape[1:]) != shape:
+                problems.append(Problem(f"{name}: shape {arr.shape} does not fit the store's attributes "
+                                        f"(num_samples {n}, shard_size {k_size}: expected [S, {', '.join(map(str, shape))}])"))
+            elif chunk is not None and tuple(arr.shards or arr.chunks) != chunk:
+                problems.append(Problem(f"{name}: chunking {arr.shards or arr.chunks} does not fit "
+                                        f"shard_size {k_size} (expected {chunk})"))
+            else:
+                arrays[name] = arr
+        if problems:
+            return problems + [Problem("the store's metadata is inconsistent: nothing is trusted. Re-extract "
+                                       "into a new --out (or --overwrite this one).")]
+        seeds = arrays["done"].shape[0]
+        for name in names[:-1]:
+            if arrays[name].shape[0] < seeds:
+                problems.append(Problem(f"{name}: {arrays[name].shape[0]} seed(s), done has {seeds}"))
+        if problems:
+            return problems
+        done = self._audit_done(arrays["done"], seeds, problems)
+        have = {name: self._chunk_keys(name) for name in names[:-2]}
+        for s in range(seeds):
+            for k in range(shards):
+                a, b = self.shard_range(k)
+                where = f"seed {s} shard {k} (samples {a}..{b - 1})"
+                if not done[s, k]:
+                    problems.append(Problem(f"{where} is not complete: re-run the same fdcache extract command"))
+                else:
+                    for name in names[:-2]:
+                        arr = arrays[name]
+                        if self._key(arr, (s, k) + (0,) * (arr.ndim - 2)) not in have[name]:
+                            problems.append(Problem(f"{name} seed {s} shard {k}: marked done but its data is "
+                                                    f"missing (samples {a}..{b - 1})", ("unmark", s, k)))
+                            continue
+                        try:
+                            arr[s, a:b]
+                        except Exception as e:  # checksum mismatch, truncated shard, bad codec bytes
+                            problems.append(Problem(f"{name} seed {s} shard {k} (samples {a}..{b - 1}): unreadable "
+                                                    f"({type(e).__name__}: {e})", ("unmark", s, k)))
+                if progress is not None:
+                    progress(1)
+        self._audit_views(arrays["views"], seeds, problems)
+        try:
+            for name in ("paths",) + _MANIFEST_FIELDS:
+                arr = self.group["manifest"][name]
+                have = set(sync(_collect(self.group.store.list_prefix(f"{arr.path}/c"))))
+                gone = [j for j in range(arr.cdata_shape[0])
+                        if f"{arr.path}/{arr.metadata.encode_chunk_key((j,))}" not in have]
+                if gone:
+                    problems.append(Problem(f"manifest/{name}: chunk(s) {gone[:5]} missing. Re-extract into a "
+                                            "new --out (or --overwrite this one)."))
+            m = self.manifest()
+            if m.fingerprint() != info.manifest_sha256:
+                problems.append(Problem("manifest: its fingerprint differs from the one the store was bound to "
+                                        "(edited?). Re-extract into a new --out."))
+        except Exception as e:
+            problems.append(Problem(f"manifest: unreadable ({type(e).__name__}: {e}). Re-extract into a new "
+                                    "--out (or --overwrite this one)."))
+        return problems
+
+    def num_shards_safe(self) -> int:
+        return self.num_shards if self.info.shard_size > 0 else 0
+
+    def _audit_done(self, arr, seeds: int, problems: list[Problem]) -> np.ndarray:
+        try:
+            values = arr[:]
+        except Exception:  # find the damaged markers one by one
+            values = np.zeros(arr.shape, np.uint8)
+            for s in range(seeds):
+                for k in range(arr.shape[1]):
+                    try:
+                        values[s, k] = arr[s, k]
+                    except Exception as e:
+                        problems.append(Problem(f"done marker of seed {s} shard {k}: unreadable "
+                                                f"({type(e).__name__})", ("unmark", s, k)))
+        for s, k in zip(*np.nonzero(values > 1)):
+            problems.append(Problem(f"done marker of seed {s} shard {k}: value {values[s, k]}", ("unmark", int(s), int(k))))
+        return values == 1
+
+    def _audit_views(self, arr, seeds: int, problems: list[Problem]) -> None:
+        have = self._chunk_keys("views")
+        for s in range(seeds):
+            for j in range(arr.cdata_shape[1]):
+                why = None
+                if self._key(arr, (s, j, 0)) not in have:
+                    why = "missing"
+                else:
+                    c = arr.chunks[1]
+                    try:
+                        arr[s, j * c:(j + 1) * c]
+                    except Exception as e:
+                        why = f"unreadable ({type(e).__name__})"
+                if why:
+                    problems.append(Problem(f"views of seed {s} (chunk {j}): {why}", ("views", s)))
+
+    def repair(self, problems: list[Problem]) -> list[str]:
+        """Apply the repairs of ``problems``: un-mark damaged shards, redraw damaged views.
+        Returns what was done; the same extract command then recomputes the shards."""
+        done_msgs = []
+        unmark = sorted({p.repair[1:] for p in problems if p.repair and p.repair[0] == "unmark"})
+        for s, k in unmark:
+            self.unmark(s, k)
+        if unmark:
+            done_msgs.append(f"un-marked {len(unmark)} shard(s): " +
+                             ", ".join(f"seed {s} shard {k}" for s, k in unmark[:10]))
+        seeds = sorted({p.repair[1] for p in problems if p.repair and p.repair[0] == "views"})
+        if seeds:
+            self._write_views(self.manifest(), seeds)
+            done_msgs.append(f"redrew the views of seed(s) {seeds}")
+        return done_msgs
+
+
+def refuse_unless_ours(url: str, state: str, foreign: list[str], overwrite: bool) -> None:
+    """The overwrite rule: fdcache replaces only what is provably its own (a store, or its
+    own interrupted creation) or an empty location, and never when the store directory
+    also holds files fdcache did not write."""
+    shown = ", ".join(foreign[:5]) + (f" ... ({len(foreign)} entries)" if len(foreign) > 5 else "")
+    if state == "file":
+        raise StoreError(f"--out {url} is a file, not a store directory: choose another --out.")
+    if state == "foreign":
+        raise StoreError(f"--out {url} is not empty and is not an fdcache store (it holds {shown}). "
+                         "fdcache never deletes what it did not write, with or without --overwrite: "
+                         "choose another --out, or move those files away yourself.")
+    if state == "unreadable":
+        raise StoreError(f"--out {url} holds a zarr.json that cannot be read, so fdcache cannot prove it wrote "
+                         f"what is there and will not delete it. `fdcache verify {url}` says more; to start "
+                         "over, move it away yourself or choose another --out.")
+    if state == "store" and not overwrite:
+        raise StoreError(f"{url} is already an fdcache store; pass --overwrite to replace it.")
+    if foreign:
+        raise StoreError(f"the fdcache store at {url} also holds entries fdcache did not write ({shown}); "
+                         "it will not replace the store and delete them. Move them away first.")
+
+
+class WriterLock:
+    """One writer per store: an advisory ``fcntl.flock`` on ``<store>.fdcache-lock`` next to
+    the store, holding the holder's host and pid. Rank 0 of a torchrun job takes it for
+    the whole job (its ranks share it); a second job is refused naming the holder. Local
+    stores only (object stores have no advisory locks). The kernel drops the lock when its
+    process dies, so a killed run leaves no stale lock."""
+
+    def __init__(self, url: str):
+        root = _store_arg(url)
+        self.url = url
+        self.path = None if "://" in root else Path(root.rstrip("/") + LOCK_SUFFIX)
+        self.fd = None
+
+    def __enter__(self) -> "WriterLock":
+        if self.path is None:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown holder"
+            os.close(fd)
+            raise StoreLockedError(f"{self.url} is being written by another fdcache process ({holder}). "
+                                   "Wait for it to finish, or stop it; then re-run.") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
 
 
 _PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
@@ -241,6 +590,38 @@ def remove_interrupted_writes(url: str) -> list[str]:
     return gone
 
 
+async def _collect(aiter) -> list:
+    return [x async for x in aiter]
+
+
+def _zarr_store(url: str, read_only: bool):
+    root = _store_arg(url)
+    if "://" in root:
+        return zarr.storage.FsspecStore.from_url(root, read_only=read_only)
+    return zarr.storage.LocalStore(root, read_only=read_only)
+
+
+def _group_attrs(zs) -> dict | None:
+    """The group's attributes, or None when its zarr.json is absent or unreadable."""
+    try:
+        buf = sync(zs.get("zarr.json", prototype=default_buffer_prototype()))
+        meta = json.loads(buf.to_bytes()) if buf is not None else None
+    except Exception:
+        return None
+    if not isinstance(meta, dict) or meta.get("node_type") != "group":
+        return None
+    attrs = meta.get("attributes", {})
+    return attrs if isinstance(attrs, dict) else None
+
+
+def _remove(zs, name: str) -> None:
+    if isinstance(zs, zarr.storage.LocalStore):
+        sync(zs.delete(name))  # a file, or a whole directory
+    else:
+        sync(zs.delete_dir(name))
+        sync(zs.delete(name))
+
+
 def _store_arg(url: str):
     """Local paths (and file:// URLs) go to zarr's LocalStore, other URLs to fsspec."""
     url = str(url)
@@ -250,14 +631,5 @@ def _store_arg(url: str):
 
 
 def exists(url: str) -> bool:
-    url = _store_arg(url)
-    if "://" in str(url):
-        try:
-            zarr.open_group(url, mode="r")
-            return True
-        except Exception:
-            return False
-    p = Path(url)
-    if p.is_dir():
-        return any(p.iterdir())  # an empty directory is a fine place for a new store
-    return p.exists()
+    """Whether anything is at ``url`` (an empty directory counts as nothing)."""
+    return Store.target_state(url)[0] not in ("absent", "empty")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import FdcacheError
+from .errors import ConfigError, FdcacheError
 
 DEFAULT_STUDENT = "beit_base_patch16_224"
 
@@ -80,6 +80,9 @@ def build_student(name: str, teacher_dim: int, *, resolution: int | None = None,
         except (RuntimeError, TypeError) as e:
             raise FdcacheError(f"cannot build student {name!r} ({model_name} with {kw}): {e}") from e
         student = FDStudent(backbone, teacher_dim)
+    patch = backbone.patch_embed.patch_size[0]
+    if resolution and (resolution < patch or resolution % patch):
+        raise ConfigError(f"--resolution {resolution}: student {name!r} needs a multiple of its patch size {patch}")
     res = resolution or backbone.patch_embed.img_size[0]
     with torch.no_grad():
         tokens = backbone.forward_features(torch.zeros(1, 3, res, res)).shape[1]

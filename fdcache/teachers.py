@@ -146,6 +146,8 @@ def load_teacher(name: str, pretrained: str | None = None, *, random_init: bool 
         else:
             features, fn, mean, std, patch = _build_timm(model_name, pretrained, local, resolution)
     features.eval().requires_grad_(False)
+    if resolution is not None and (resolution < patch or resolution % patch):
+        raise TeacherError(f"--resolution {resolution}: {name} needs a multiple of its patch size {patch}")
     res = resolution or _native_resolution(features)
     with torch.no_grad():
         probe = fn(features, torch.zeros(1, 3, res, res))
@@ -184,7 +186,12 @@ def create_openclip(model_name: str, pretrained: str | None, resolution: int | N
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
     try:
         return open_clip.create_model(model_name, pretrained=pretrained, **kw)
-    except RuntimeError as e:
+    except Exception as e:  # a local file that is no checkpoint raises pickle/zip/key errors
+        if pretrained is not None and os.path.isfile(pretrained):
+            raise TeacherError(f"--pretrained {pretrained}: not a checkpoint open_clip {model_name!r} can "
+                               f"load ({type(e).__name__}: {str(e).splitlines()[0][:300]})") from e
+        if not isinstance(e, RuntimeError):
+            raise
         raise TeacherError(f"cannot load open_clip {model_name!r} with pretrained={pretrained!r}: "
                            f"{e}. Known tags: {open_clip.list_pretrained_tags_by_model(model_name)}; "
                            "or pass a local checkpoint path") from e
@@ -202,7 +209,12 @@ def create_timm(model_name: str, pretrained: str | None, **kw):
         kw["pretrained_cfg_overlay"] = {"file": str(pretrained)}
     try:
         return timm.create_model(full, pretrained=bool(pretrained), **kw)
-    except RuntimeError as e:
+    except Exception as e:
+        if local:
+            raise TeacherError(f"--pretrained {pretrained}: not a checkpoint timm {model_name!r} can load "
+                               f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from e
+        if not isinstance(e, (RuntimeError, AssertionError)):
+            raise
         raise TeacherError(f"cannot create timm model {full!r}: {e}") from e
 
 

@@ -11,6 +11,7 @@ store's seed ``e mod S``; ``--online`` runs the teacher on the same pixels inste
 from __future__ import annotations
 
 import json
+import logging
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -24,13 +25,18 @@ from .engine import Loop, amp_dtype, cosine_schedule, progress_bar
 from .errors import FdcacheError, StoreError, StoreMismatchError
 from .kernels import fd_loss
 from .loader import Batch, batches, resolve_workers
-from .manifest import index, stat_changes
+from .manifest import index, require_unchanged
+from .options import require
 from .pixels import dali_device
 from .sources import TrainSource
 from .store import Store
 from .students import DEFAULT_STUDENT, build_student, check_token_layout, export_state_dict, resize_token_grid
 from .teachers import load_teacher
 from .views import ViewPolicy
+
+
+_log = logging.getLogger(__name__)
+_log.setLevel(logging.WARNING)  # loading open_clip raises the root logger's level to ERROR
 
 
 class TrainError(FdcacheError):
@@ -84,6 +90,11 @@ class TrainConfig:
     progress: bool = True
     check_data: bool = True
 
+    def __post_init__(self):
+        require(self, positive=("batch_size", "accum_steps", "lr_batch", "save_every", "log_every", "num_threads"),
+                optional_positive=("epochs", "steps", "run_steps", "resolution"),
+                non_negative=("warmup_steps", "loader_workers", "seed", "global_seed", "init_seed"))
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["policy"] = self.policy.to_dict()
@@ -136,18 +147,18 @@ class Trainer(Loop):
         self.teacher = None
         self.tspec = info.teacher
         self.manifest = store.manifest(root=cfg.data)
-        if cfg.check_data:
-            error = None
-            if self.dist.is_main:
-                changes = stat_changes(self.manifest)
-                if changes:
-                    error = StoreMismatchError(
-                        f"image folder {self.manifest.root} no longer matches the store's manifest "
-                        f"({len(changes)} file(s)): " + "; ".join(changes[:5]) +
-                        ". Re-extract, or point --data at the folder the store was made from.")
-            error = self.dist.broadcast(error)
-            if error is not None:
-                raise error
+        error = None
+        if self.dist.is_main:
+            try:
+                store.require_done_data()  # a deleted shard file is an error, never zeros
+                warning = require_unchanged(self.manifest, str(cfg.cache)) if cfg.check_data else None
+                if warning:
+                    _log.warning("%s", warning)
+            except FdcacheError as e:
+                error = e
+        error = self.dist.broadcast(error)
+        if error is not None:
+            raise error
         seeds = store.num_seeds
         epochs_needed = cfg.epochs
         needed = sorted({e % seeds for e in range(epochs_needed)}) if epochs_needed else list(range(seeds))

@@ -229,14 +229,24 @@ def test_verify_passes_on_a_whole_store_and_fails_on_a_corrupt_chunk(image_root,
     assert any("shard 2" in p for p in e.value.problems)
 
 
-def test_verify_names_files_changed_since_extraction(images, tmp_path):
+def test_verify_warns_on_new_mtimes_and_content_check_names_a_same_size_edit(images, tmp_path):
     out = tmp_path / "v.zarr"
     extract(cfg(images, out, seeds=1))
     victim = sorted((images / "class_000").iterdir())[1]
-    os.utime(victim, ns=(0, 0))
+    rel = victim.relative_to(images).as_posix()
+    os.utime(victim, ns=(0, 0))  # what a copy does to every file: a warning, not a problem
+    r = verify_store(str(out))
+    assert len(r["warnings"]) == 1 and rel in r["warnings"][0] and "--content" in r["warnings"][0]
+    edited = sorted((images / "class_001").iterdir())[0]
+    st = edited.stat()
+    raw = bytearray(edited.read_bytes())
+    raw[-3] ^= 0x01  # same size, mtime restored: only the content check can see it
+    edited.write_bytes(bytes(raw))
+    os.utime(edited, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert verify_store(str(out))["warnings"] == r["warnings"]
     with pytest.raises(VerifyError) as e:
-        verify_store(str(out))
-    assert e.value.problems == [f"dataset: {victim.relative_to(images).as_posix()}: modified since indexing (mtime changed)"]
+        verify_store(str(out), content=True)
+    assert e.value.problems == [f"dataset: {edited.relative_to(images).as_posix()}: content changed (crc32c differs)"]
 
 
 def test_fsspec_urls_work_as_store_locations(image_root, tmp_path):

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from fdcache.errors import BadImageError, DataError
-from fdcache.manifest import index, read_size, stat_changes
+from fdcache.manifest import compare_files, index, read_size
 
 
 def test_indexes_an_image_folder_with_labels_and_oriented_sizes(image_root):
@@ -40,7 +40,7 @@ def test_fingerprint_binds_content_and_first_difference_names_the_file(images):
     b = index(images)
     assert a.fingerprint() != b.fingerprint()
     assert a.paths[4] in a.first_difference(b)
-    assert stat_changes(a) == [f"{a.paths[4]}: size {victim.stat().st_size} != {a.sizes[4]} recorded"]
+    assert compare_files(a).refusals == [f"{a.paths[4]}: size {victim.stat().st_size} != {a.sizes[4]} recorded"]
 
 
 def test_missing_and_empty_folders_are_clear_errors(tmp_path):
@@ -49,7 +49,7 @@ def test_missing_and_empty_folders_are_clear_errors(tmp_path):
     with pytest.raises(DataError, match="no class sub-folders"):
         index(tmp_path)
     (tmp_path / "cls").mkdir()
-    with pytest.raises(DataError, match="no images found"):
+    with pytest.raises(DataError, match="hold no images: cls"):
         index(tmp_path)
 
 

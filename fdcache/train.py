@@ -93,7 +93,7 @@ class TrainConfig:
     def __post_init__(self):
         require(self, positive=("batch_size", "accum_steps", "lr_batch", "save_every", "log_every", "num_threads"),
                 optional_positive=("epochs", "steps", "run_steps", "resolution"),
-                non_negative=("warmup_steps", "loader_workers", "seed", "global_seed", "init_seed"))
+                non_negative=("warmup_steps", "seed", "global_seed", "init_seed"))
 
     def to_dict(self) -> dict:
         d = asdict(self)

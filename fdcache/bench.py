@@ -106,16 +106,16 @@ class _Ceiling:
                                     .to(torch.float16).to(dev)), qparams=None)
 
     def step(self):
-        self.trainer.forward_backward(self.batch)
-        self.trainer.optimizer_step()
+        self.trainer.engine.forward_backward(self.batch)
+        self.trainer.engine.optimizer_step()
 
 
 def _train_step(trainer: Trainer, stream) -> float:
     t0 = time.perf_counter()
     batch = next(stream)
     wait = time.perf_counter() - t0
-    trainer.forward_backward(batch)
-    trainer.optimizer_step()
+    trainer.engine.forward_backward(batch)
+    trainer.engine.optimizer_step()
     return wait
 
 

@@ -58,7 +58,7 @@ def _batch(ft):
 def test_layer_decay_gives_each_block_its_lr_and_no_decay_to_norms_and_embeddings(folder, tmp_path):
     ft = Finetuner(fcfg(tmp_path, folder, layer_decay=0.5, warmup_steps=0, steps=10, weight_decay=0.05,
                         freeze_patch_embed=True))
-    ft.scheduler.step_update(0)
+    ft.engine.scheduler.step_update(0)
     peak = ft.cfg.base_lr  # total batch 4 == lr_batch
     names = {id(p): n for n, p in ft.model.named_parameters()}
     depth = 2  # the tiny CLIP tower's blocks; stem = layer 0, block i = i + 1, head = depth + 1
@@ -72,7 +72,7 @@ def test_layer_decay_gives_each_block_its_lr_and_no_decay_to_norms_and_embedding
         return 1.0
 
     seen = []
-    for g in ft.optimizer.param_groups:
+    for g in ft.engine.optimizer.param_groups:
         for p in g["params"]:
             name = names[id(p)]
             seen.append(name)
@@ -89,12 +89,12 @@ def test_ema_update_follows_the_formula(folder, tmp_path):
     it = iter(train_loader(ft.dataset, ft.sampler, 0, False))
     for step in range(4):
         images, labels, index = next(it)
-        ft.scheduler.step_update(ft.step)
-        before = {k: v.clone() for k, v in ft.ema.module.state_dict().items()}
-        ft.forward_backward(images, labels, index, 0)
-        ft.optimizer_step()
+        ft.engine.scheduler.step_update(ft.engine.step)
+        before = {k: v.clone() for k, v in ft.engine.ema.module.state_dict().items()}
+        ft.engine.forward_backward((images, labels, index, 0))
+        ft.engine.optimizer_step()
         d = 0.0 if step < 2 else 0.9  # timm's ModelEmaV3 copies the model on its first updates
-        model, ema = ft.model.state_dict(), ft.ema.module.state_dict()
+        model, ema = ft.model.state_dict(), ft.engine.ema.module.state_dict()
         for k, v in ema.items():
             if v.is_floating_point():
                 torch.testing.assert_close(v, d * before[k] + (1 - d) * model[k], rtol=1e-5, atol=1e-7)

@@ -56,7 +56,7 @@ def test_offline_and_online_give_the_same_step0_loss_and_gradients(image_root, s
     b_off, b_on = next(off.stream()), next(on.stream())
     assert torch.equal(b_off.index, b_on.index)  # same order
     assert torch.equal(b_off.images, b_on.images)  # same recorded views, same pixels
-    l_off, l_on = off.forward_backward(b_off), on.forward_backward(b_on)
+    l_off, l_on = off.engine.forward_backward(b_off), on.engine.forward_backward(b_on)
     # The store holds the teacher's output in fp16: that rounding is the only difference.
     torch.testing.assert_close(l_off, l_on, rtol=2e-3, atol=0)
     for (name, p), q in zip(off.model.named_parameters(), on.model.parameters()):
@@ -109,9 +109,9 @@ def test_int8_store_trains_through_the_fused_kernel(image_root, tmp_path):
     t = Trainer(tcfg(tmp_path / "r", cache=str(s), loss_impl="triton"))
     b = next(t.stream())
     assert b.targets.dtype == torch.int8 and b.qparams.shape == (4, 17, 2)
-    loss = t.forward_backward(b)
+    loss = t.engine.forward_backward(b)
     ref = Trainer(tcfg(tmp_path / "r2", cache=str(s), loss_impl="torch"))
-    torch.testing.assert_close(loss, ref.forward_backward(next(ref.stream())), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, ref.engine.forward_backward(next(ref.stream())), rtol=1e-5, atol=1e-6)
 
 
 def test_incomplete_store_is_refused_naming_the_seed_unless_allow_partial(image_root, tmp_path):
@@ -136,7 +136,7 @@ def test_token_grid_mismatch_is_refused_or_resampled(store, tmp_path):
         Trainer(tcfg(tmp_path / "r", cache=str(store), resolution=96))
     t = Trainer(tcfg(tmp_path / "r", cache=str(store), resolution=96, resize_targets=True))
     b = next(t.stream())
-    assert b.images.shape[-1] == 96 and torch.isfinite(t.forward_backward(b))
+    assert b.images.shape[-1] == 96 and torch.isfinite(t.engine.forward_backward(b))
 
 
 def test_resize_token_grid_keeps_cls_and_interpolates_patches():

@@ -191,3 +191,43 @@ def test_parallel_loader_workers_yield_the_same_batches(store, tmp_path):
         # Images and targets belong together: the target is the store's (seed, index) row.
         want = Store.open(str(store)).group["targets"].get_orthogonal_selection((x.epoch % 2, x.index.numpy()))
         assert torch.equal(x.targets, torch.from_numpy(want))
+
+
+def count_read_backs(monkeypatch) -> list[str]:
+    """Tensor-to-host reads (``item``, ``tolist``, ``float()``, ``bool()``) made by fdcache's
+    code (its package and kernels): each is a device sync on CUDA. torch's AdamW also calls
+    ``item()``, on its step counters, which it keeps on the host (no sync)."""
+    import sys
+
+    import fdcache
+    repo = os.path.dirname(os.path.dirname(fdcache.__file__))
+    calls = []
+    for name in ("item", "tolist", "__float__", "__bool__"):
+        real = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _real=real, _name=name, **k):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(repo) and os.sep + "tests" + os.sep not in caller:
+                calls.append(_name)
+            return _real(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    return calls
+
+
+def test_the_loss_is_read_back_only_every_log_every_steps(store, tmp_path, monkeypatch):
+    t = Trainer(tcfg(tmp_path / "r", cache=str(store), steps=6, log_every=3, ema_decay=0.9))
+    calls = count_read_backs(monkeypatch)
+    r = t.fit()
+    monkeypatch.undo()
+    assert calls == ["tolist", "tolist"], calls  # steps 3 and 6: one read-back each, none per step
+    assert [rec["step"] for rec in _log(tmp_path / "r")] == [3, 6] and len(r.losses) == 2
+
+
+def test_log_every_defaults_to_a_window_on_cuda_and_every_step_on_cpu(store, tmp_path, monkeypatch):
+    from fdcache.engine import Engine
+
+    t = Trainer(tcfg(tmp_path / "r", cache=str(store)))
+    assert t.cfg.log_every is None and t.engine.log_every == 1
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: self)  # no CUDA here: keep tensors put
+    e = Engine(t, t.model, t.cfg, t.dist, torch.device("cuda", 0), micro_per_epoch=4)
+    assert e.log_every == 10

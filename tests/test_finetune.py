@@ -22,7 +22,7 @@ from fdcache.teachers import TINY_TEACHER, create_openclip
 from fdcache.train import TrainConfig, train
 from fdcache.wise import wise
 
-from conftest import one_and_two_processes
+from conftest import interrupt_at, one_and_two_processes
 
 
 @pytest.fixture(scope="module")
@@ -460,3 +460,24 @@ def test_non_finite_loss_stops_with_the_step_and_a_checkpoint(folder, tmp_path):
     with pytest.raises(FinetuneError, match="at step 1"):
         ft.fit()
     assert (tmp_path / "r" / "checkpoints" / "nonfinite-step1.pt").exists()
+
+
+@pytest.mark.parametrize("mode", ["finetune", "flyp"])
+def test_sigint_at_a_random_step_then_resume_gives_bit_identical_weights(folder, tmp_path, monkeypatch, mode):
+    from fdcache.engine import Interrupted
+
+    kw = dict(mode=mode, templates="simple", steps=6, base_lr=1e-3, ema_decay=0.9, drop_path=0.0)
+    a = finetune(fcfg(tmp_path / "a", folder, **kw))
+    k = int(np.random.default_rng(7 if mode == "flyp" else 3).integers(1, 6))  # a fixed draw
+    interrupt_at(monkeypatch, k)
+    with pytest.raises(Interrupted, match=f"at step {k}/6") as e:
+        finetune(fcfg(tmp_path / "b", folder, **kw))
+    assert e.value.exit_code == 130
+    monkeypatch.undo()
+    b = finetune(fcfg(tmp_path / "b", folder, resume=True, **kw))
+    assert b.steps == 6 and a.losses[k:] == b.losses
+    for f in ("model.safetensors", "model_ema.safetensors"):
+        wa, wb = load_file(str(tmp_path / "a" / f)), load_file(str(tmp_path / "b" / f))
+        assert all(torch.equal(wa[n], wb[n]) for n in wa), f
+    steps = [json.loads(x)["step"] for x in open(tmp_path / "b" / "log.jsonl")]
+    assert steps == list(range(1, 7))

@@ -13,7 +13,7 @@ from fdcache.students import build_student, resize_token_grid
 from fdcache.teachers import TINY_TEACHER
 from fdcache.train import TrainConfig, Trainer, TrainError, train
 
-from conftest import one_and_two_processes
+from conftest import interrupt_at, one_and_two_processes
 
 
 def _extract(data, out, **kw):
@@ -231,3 +231,71 @@ def test_log_every_defaults_to_a_window_on_cuda_and_every_step_on_cpu(store, tmp
     monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: self)  # no CUDA here: keep tensors put
     e = Engine(t, t.model, t.cfg, t.dist, torch.device("cuda", 0), micro_per_epoch=4)
     assert e.log_every == 10
+
+
+def test_sigint_at_a_random_step_checkpoints_and_resume_is_bit_identical(store, tmp_path, monkeypatch):
+    from fdcache.engine import Interrupted
+
+    kw = dict(cache=str(store), steps=8, save_every=1000, drop_path=0.2, ema_decay=0.9, log_every=2)
+    full = train(tcfg(tmp_path / "a", **kw))
+    k = int(np.random.default_rng(12).integers(1, 8))  # a fixed draw: the test is repeatable
+    interrupt_at(monkeypatch, k)
+    with pytest.raises(Interrupted, match=f"SIGINT at step {k}/8") as e:
+        train(tcfg(tmp_path / "b", **kw))
+    assert e.value.exit_code == 130 and "resume=True" in str(e.value)  # (the CLI prints its command line)
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "b/checkpoints/last.pt", weights_only=False)["step"] == k
+    train(tcfg(tmp_path / "b", resume=True, **kw))
+    a, b = (torch.load(tmp_path / d / "checkpoints/last.pt", weights_only=False) for d in ("a", "b"))
+    for part in ("model", "ema"):
+        assert all(torch.equal(a[part][n], b[part][n]) for n in a[part]), part
+    steps = [r["step"] for r in _log(tmp_path / "b")]
+    assert steps == sorted(set(steps)) and steps[-1] == 8  # each logged step once
+    assert k in steps  # the interrupted step was logged before the checkpoint
+
+
+def test_sigterm_exits_143(store, tmp_path, monkeypatch):
+    import signal
+
+    from fdcache.engine import Interrupted
+
+    interrupt_at(monkeypatch, 2, signal.SIGTERM)
+    with pytest.raises(Interrupted, match="SIGTERM at step 2") as e:
+        train(tcfg(tmp_path / "r", cache=str(store), steps=6))
+    assert e.value.exit_code == 143
+
+
+def test_resume_drops_log_records_past_the_checkpoint(store, tmp_path, monkeypatch):
+    import shutil
+
+    from fdcache.engine import Engine
+
+    real = Engine.save
+
+    def save_and_keep(self, name="last.pt"):  # keep the step-3 checkpoint aside
+        path = real(self, name)
+        if self.step == 3:
+            shutil.copy(path, tmp_path / "step3.pt")
+        return path
+    monkeypatch.setattr(Engine, "save", save_and_keep)
+    train(tcfg(tmp_path / "r", cache=str(store), steps=6, save_every=3, run_steps=5))
+    monkeypatch.undo()
+    # A crash after step 5 was logged but before its checkpoint: last.pt is still step 3's.
+    shutil.copy(tmp_path / "step3.pt", tmp_path / "r/checkpoints/last.pt")
+    assert [r["step"] for r in _log(tmp_path / "r")] == [1, 2, 3, 4, 5]
+    r = train(tcfg(tmp_path / "r", cache=str(store), steps=6, save_every=3, resume=True))
+    assert r.steps == 6 and [rec["step"] for rec in _log(tmp_path / "r")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_an_occupied_out_is_refused_naming_it_and_overwrite_replaces_only_fdcache_files(store, tmp_path):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')  # a run stopped before any checkpoint
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FdcacheError, match=r"already holds a run \(log.jsonl\).*--resume.*--overwrite"):
+        train(tcfg(out, cache=str(store), steps=2))
+    train(tcfg(out, cache=str(store), steps=2, overwrite=True))
+    assert [r["step"] for r in _log(out)] == [1, 2] and (out / "notes.txt").read_text() == "mine"
+    (out / "checkpoints" / "mine.pt").write_text("x")
+    train(tcfg(out, cache=str(store), steps=3, overwrite=True))
+    assert (out / "checkpoints" / "mine.pt").exists() and (out / "notes.txt").exists()

@@ -22,6 +22,7 @@ class Progress:
         self.n = min(completed, self.total)
         self.fields: dict = {}
         self.every_s, self._last = every_s, time.monotonic()
+        self._t0, self._n0 = self._last, self.n
         self._bar, self._ended = None, False
         if not enabled:
             return
@@ -38,7 +39,8 @@ class Progress:
             self._bar.start()
 
     def _info(self) -> str:
-        return "  ".join(f"{k} {v:,.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in self.fields.items())
+        rate = (self.n - self._n0) / max(time.monotonic() - self._t0, 1e-9)
+        return f"{rate:,.2f} {self.unit}/s  " + "  ".join(f"{k} {v:,.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in self.fields.items())
 
     def update(self, completed: int | None = None, advance: int = 0, **fields) -> None:
         if not self.enabled:

@@ -299,3 +299,21 @@ def test_an_occupied_out_is_refused_naming_it_and_overwrite_replaces_only_fdcach
     (out / "checkpoints" / "mine.pt").write_text("x")
     train(tcfg(out, cache=str(store), steps=3, overwrite=True))
     assert (out / "checkpoints" / "mine.pt").exists() and (out / "notes.txt").exists()
+
+
+def test_progress_moves_every_step_from_the_resumed_step_and_never_past_the_total(store, tmp_path, monkeypatch):
+    import fdcache.engine
+    from fdcache.progress import Progress
+
+    seen = []
+
+    class Recording(Progress):
+        def update(self, *a, **k):
+            super().update(*a, **k)
+            seen.append((self.n, self.total))
+    monkeypatch.setattr(fdcache.engine, "Progress", Recording)
+    train(tcfg(tmp_path / "r", cache=str(store), steps=5, run_steps=2, log_every=2, progress=True))
+    assert seen == [(1, 5), (2, 5)]
+    seen.clear()
+    train(tcfg(tmp_path / "r", cache=str(store), steps=5, resume=True, log_every=2, progress=True))
+    assert seen == [(3, 5), (4, 5), (5, 5)]

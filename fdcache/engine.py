@@ -30,60 +30,9 @@ from typing import Iterator, Protocol
 import numpy as np
 import torch
 
-from .errors import FdcacheError
+from .config import OptimOptions, RunOptions, ScheduleOptions, option_default  # noqa: F401 (re-exported)
+from .errors import FdcacheError, Interrupted
 from .progress import Progress
-
-
-# -- options shared by every training job (each job's config inherits these groups) -----
-@dataclass(kw_only=True)
-class RunOptions:
-    """Where the run lives and how it is driven, logged and checkpointed."""
-
-    out: str
-    resume: bool = False  # continue OUT from checkpoints/last.pt
-    overwrite: bool = False  # replace the run in OUT (only the files fdcache wrote there)
-    save_every: int = 1000  # checkpoint every N steps (and at the end or on SIGINT/SIGTERM)
-    run_steps: int | None = None  # stop this invocation after N steps (job time limits)
-    log_every: int | None = None  # None: 1 on CPU, 10 on CUDA (each log reads the loss back)
-    tensorboard: bool = False  # also write scalars to OUT/tb
-    amp: str = "auto"  # auto (bf16 on CUDA, none on CPU) | bf16 | fp16 | none
-    compile: bool = False  # torch.compile the model
-    seed: int = 0  # run seed: sample order, augmentation, drop path
-    device: str = "auto"
-    progress: bool = True
-
-
-@dataclass(kw_only=True)
-class ScheduleOptions:
-    """How long, in what batches, and how the lr warms up (per optimizer step)."""
-
-    epochs: int | None = None
-    steps: int | None = None  # optimizer steps (instead of epochs)
-    batch_size: int = 128  # images per rank per micro-batch
-    accum_steps: int = 1  # micro-batches per optimizer step
-    warmup_epochs: float = 10.0
-    warmup_steps: int | None = None  # overrides warmup_epochs
-
-
-@dataclass(kw_only=True)
-class OptimOptions:
-    """AdamW (0.9, 0.999) with timm's no-decay groups. lrs are given per ``lr_batch`` images
-    of total batch and scaled linearly; warmup from ``warmup_lr``, cosine to ``min_lr``."""
-
-    base_lr: float = 3e-4
-    lr_batch: int = 512
-    warmup_lr: float = 5e-7
-    min_lr: float = 5e-6
-    weight_decay: float = 0.05
-    layer_decay: float | None = None  # layer-wise lr decay (timm's groups)
-    clip_grad: float | None = None  # gradient-norm clip
-    ema_decay: float | None = None  # EMA of the weights (timm ModelEmaV3)
-
-
-def option_default(cls, name: str):
-    """A config field's default, for the CLI's options (declared once, in the dataclass)."""
-    f = cls.__dataclass_fields__[name]
-    return f.default_factory() if callable(f.default_factory) else f.default
 
 
 # -- small shared pieces --------------------------------------------------------------
@@ -177,14 +126,6 @@ def resume_command() -> str:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         line += " (under torchrun, with the same torchrun options)"
     return line
-
-
-class Interrupted(FdcacheError):
-    """SIGINT / SIGTERM stopped the run after a whole step, with a checkpoint; exits 128 + signal."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + signum
 
 
 @contextmanager

@@ -111,3 +111,37 @@ def evaluate(model: nn.Module, spec: ModelSpec, sets: list[str], *, classnames: 
     finally:
         model.train(was)
     return results
+
+
+def evaluate_run(data: list[str], *, run: str | None = None, model: str | None = None,
+                 pretrained: str | None = None, random_init: bool = False, resolution: int | None = None,
+                 templates: str = "openai", classnames: str = "folder", ema: bool = True,
+                 crop_pct: float | None = None, batch_size: int = 128, workers: int = 4, amp: str = "auto",
+                 device: str = "auto", progress: bool = False) -> dict | None:
+    """``fdcache eval``: a fine-tuned export (``run``) or a zero-shot open_clip ``model`` on
+    each folder in ``data``. Returns the report on rank 0 (None elsewhere): results per
+    set and, with several sets, ``shift_mean`` (FLYP's "avg OOD": the mean over the sets
+    after the first)."""
+    from . import distributed
+    from .classifiers import init_model, load_export
+
+    if (run is None) == (model is None):
+        raise FdcacheError("give --run DIR (a fine-tuned export) or --model NAME (zero-shot)")
+    d = distributed.init()
+    dev = distributed.device_for(d, device)
+    if run is not None:
+        m, spec, weights = load_export(run, ema=ema)
+    else:
+        m, spec = init_model(model=model, pretrained=pretrained, random_init=random_init, student=None, kind="clip",
+                             classnames=classnames_for(find_classes(data[0]), classnames), head="zeroshot",
+                             templates=templates, resolution=resolution, drop_path=0.0)
+        weights = pretrained or "random-init"
+    r = evaluate(m.to(dev), spec, [str(p) for p in data], classnames=classnames, crop_pct=crop_pct,
+                 batch_size=batch_size, workers=workers, device=dev, amp=amp, dist=d, progress=progress)
+    if not d.is_main:
+        return None
+    report = {"model": str(run or model), "weights": weights, "results": r}
+    if len(r) > 1:
+        shifts = list(r.values())[1:]
+        report["shift_mean"] = {k: sum(x[k] for x in shifts) / len(shifts) for k in ("top1", "top5")}
+    return report

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from . import distributed
 from .classifiers import ModelSpec, init_model, save_export, templates_of, tokenizer_of
-from .engine import Engine, FitResult, OptimOptions, RunOptions, ScheduleOptions
+from .config import FinetuneConfig
+from .engine import Engine, FitResult
 from .errors import DataError, FdcacheError
 from .imagefolder import (EpochSampler, LabeledImages, classnames_for, find_classes, train_loader,
                           train_transform)
@@ -37,46 +38,6 @@ PRESET_DIR = Path(__file__).parent / "presets"
 
 class FinetuneError(FdcacheError):
     """Fine-tuning cannot go on (non-finite loss, out of memory): says where and what to do."""
-
-
-@dataclass(kw_only=True)
-class FinetuneConfig(RunOptions, ScheduleOptions, OptimOptions):
-    """``fdcache finetune`` / ``flyp``: the shared run/schedule/optimizer groups (FT-CLIP's
-    values as defaults; presets fill the rest) and what fine-tuning adds."""
-
-    data: str  # training image folder (root/<class>/<image>)
-    val: list = field(default_factory=list)  # eval sets: after each epoch and at the end
-    mode: str = "finetune"  # finetune | flyp
-    model: str | None = None  # open_clip name or timm:<name>
-    pretrained: str | None = None
-    random_init: bool = False
-    init_seed: int = 0
-    student: str | None = None  # an fdcache train --out directory (not a timm name)
-    resolution: int | None = None
-    classnames: str = "folder"
-    templates: str = "openai"
-    head: str = "fresh"  # finetune: fresh (FT-CLIP) | zeroshot (text-tower init)
-    batch_size: int = 64
-    base_lr: float = 6e-4
-    lr_batch: int = 2048
-    warmup_lr: float = 1e-6
-    min_lr: float = 1e-6
-    layer_decay: float | None = 0.6
-    ema_decay: float | None = 0.9998
-    drop_path: float = 0.0
-    label_smoothing: float = 0.1
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
-    re_prob: float = 0.25
-    color_jitter: float = 0.4
-    crop_pct: float = 0.875  # evaluation crop
-    freeze_patch_embed: bool = False
-    eval_batch_size: int = 128
-    workers: int = 4
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def preset_names() -> list[str]:

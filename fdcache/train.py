@@ -11,14 +11,15 @@ store's seed ``e mod S``; ``--online`` runs the teacher on the same pixels inste
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import distributed
-from .engine import Engine, FitResult, OptimOptions, RunOptions, ScheduleOptions
+from .config import TrainConfig
+from .engine import Engine, FitResult
 from .errors import FdcacheError, StoreError, StoreMismatchError
 from .kernels import fd_loss
 from .loader import Batch, batches
@@ -26,46 +27,12 @@ from .manifest import index, stat_changes
 from .pixels import dali_device
 from .sources import TrainSource
 from .store import Store
-from .students import DEFAULT_STUDENT, build_student, check_token_layout, export_state_dict, resize_token_grid
+from .students import build_student, check_token_layout, export_state_dict, resize_token_grid
 from .teachers import load_teacher
-from .views import ViewPolicy
 
 
 class TrainError(FdcacheError):
     """Training cannot go on (non-finite loss, out of memory): says where and what to do."""
-
-
-@dataclass(kw_only=True)
-class TrainConfig(RunOptions, ScheduleOptions, OptimOptions):
-    """``fdcache train``: the shared run/schedule/optimizer groups (FD's values as their
-    defaults, gradient clip 3.0) and what distillation adds."""
-
-    clip_grad: float | None = 3.0
-    data: str | None = None  # image folder (default for cache: the one recorded in the store)
-    cache: str | None = None  # store made by fdcache extract (offline distillation)
-    online: bool = False  # run the teacher in the loop instead of reading a store
-    teacher: str | None = None  # online: teacher name, as for extract
-    pretrained: str | None = None  # online: teacher weights tag or path
-    random_init: bool = False  # online: seeded random teacher
-    init_seed: int = 0  # online: seed of the random teacher's weights
-    student: str = DEFAULT_STUDENT  # timm ViT name, or fd-tiny / fd-small
-    student_overrides: dict = field(default_factory=dict)  # timm options for the student
-    resolution: int | None = None  # student input size (default: the teacher's)
-    drop_path: float = 0.2
-    layer_scale: float | None = 0.1
-    loss_impl: str = "auto"  # auto (Triton on CUDA) | triton | torch
-    global_seed: int = 0  # online views
-    policy: ViewPolicy = field(default_factory=ViewPolicy)
-    resize_targets: bool = False  # resample the teacher's token grid to the student's
-    allow_partial: bool = False  # train on the completed shards of an unfinished store
-    num_threads: int = 4  # DALI threads
-    loader_workers: int = 0  # >0: DALI parallel external source with that many processes
-    check_data: bool = True  # check the image folder still matches the store's manifest
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["policy"] = self.policy.to_dict()
-        return d
 
 
 TrainResult = FitResult

@@ -24,7 +24,7 @@ def _tune_command(mode: str, default_preset: str, doc: str):
         pretrained: Optional[str] = typer.Option(None, help="Weight tag (openai) or local checkpoint path."),
         random_init: Optional[bool] = typer.Option(None, "--random-init", help="Seeded random weights (tests, smoke runs)."),
         init_seed: Optional[int] = typer.Option(None, help="Seed of --random-init weights."),
-        student: Optional[Path] = typer.Option(None, help="finetune: an fdcache train --out directory (student.safetensors) instead of --model."),
+        student_run: Optional[Path] = typer.Option(None, "--student-run", "--student", help="finetune: an fdcache train --out directory (student.safetensors) instead of --model."),
         resolution: Optional[int] = typer.Option(None, help="Input size (default: the model's / the preset's)."),
         classnames: Optional[str] = typer.Option(None, help="Class names for prompts and matching: folder, imagenet, or a JSON/text file."),
         templates: Optional[str] = typer.Option(None, help="Prompt templates: openai (80) or simple (open_clip's)."),
@@ -68,7 +68,7 @@ def _tune_command(mode: str, default_preset: str, doc: str):
         cfg = make_config(
             preset or None, mode=mode, out=str(out_), data=str(data), val=[str(v) for v in val] or None,
             model=model, pretrained=pretrained, random_init=random_init, init_seed=init_seed,
-            student=str(student) if student else None, resolution=resolution, classnames=classnames,
+            student_run=str(student_run) if student_run else None, resolution=resolution, classnames=classnames,
             templates=templates, head=head, epochs=epochs, steps=steps, batch_size=batch_size,
             accum_steps=accum_steps, base_lr=lr, lr_batch=lr_batch, warmup_epochs=warmup_epochs,
             warmup_steps=warmup_steps, warmup_lr=warmup_lr, min_lr=min_lr, weight_decay=weight_decay,
@@ -159,7 +159,7 @@ def register(app: typer.Typer) -> None:
     app.command("finetune")(_tune_command("finetune", "ft-clip-vit-b16", """Supervised fine-tuning with the FT-CLIP recipe (layer-wise lr decay, EMA, cosine).
 
     Start from a CLIP image tower (--model ViT-B-16 --pretrained openai), a timm ViT
-    (--model timm:<name>), or a distilled student (--student TRAIN_OUT). Every ingredient is a
+    (--model timm:<name>), or a distilled student (--student-run TRAIN_OUT). Every ingredient is a
     flag; --preset picks the paper's values. Multi-GPU: torchrun --nproc-per-node N -m fdcache finetune ..."""))
     app.command("flyp")(_tune_command("flyp", "flyp-imagenet", """FLYP: contrastive fine-tuning with class-name prompts (both towers, CLIP loss).
 

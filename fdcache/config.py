@@ -108,7 +108,7 @@ class FinetuneConfig(RunOptions, ScheduleOptions, OptimOptions):
     pretrained: str | None = None
     random_init: bool = False
     init_seed: int = 0
-    student: str | None = None  # an fdcache train --out directory (not a timm name)
+    student_run: str | None = None  # start from an fdcache train --out directory (its student)
     resolution: int | None = None
     classnames: str = "folder"
     templates: str = "openai"

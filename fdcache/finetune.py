@@ -64,7 +64,7 @@ def make_config(preset: str | None, **given) -> FinetuneConfig:
             raise FdcacheError(f"preset {preset} is a {p['mode']} preset, not {given['mode']}")
         values.update(p["values"])
     given = {k: v for k, v in given.items() if v is not None}
-    if given.get("student"):
+    if given.get("student_run"):
         values.pop("model", None)
         values.pop("pretrained", None)
     if given.get("random_init"):
@@ -117,7 +117,7 @@ class Finetuner:
         templates_of(cfg.templates)  # fail early on a bad name
         kind = "clip" if cfg.mode == "flyp" else "classifier"
         self.model, self.spec = init_model(
-            model=cfg.model, pretrained=cfg.pretrained, random_init=cfg.random_init, student=cfg.student,
+            model=cfg.model, pretrained=cfg.pretrained, random_init=cfg.random_init, student=cfg.student_run,
             kind=kind, classnames=self.classnames, head=cfg.head, templates=cfg.templates,
             resolution=cfg.resolution, drop_path=cfg.drop_path, init_seed=cfg.init_seed)
         self.spec = replace(self.spec, crop_pct=cfg.crop_pct)
@@ -183,7 +183,7 @@ class Finetuner:
     def check_resume(self, ck: dict, path: Path) -> None:
         if ModelSpec.from_dict(ck["spec"]) != self.spec:
             raise FdcacheError(f"checkpoint {path} holds another model (or classes): resume with the "
-                               "same --model/--student, --data and --head")
+                               "same --model/--student-run, --data and --head")
 
     def started(self, fresh: bool) -> None:
         if fresh and self.dist.is_main and (self.spec.kind == "clip" or self.spec.head == "zeroshot"):

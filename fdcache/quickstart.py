@@ -48,11 +48,11 @@ def quickstart(workdir: str | Path | None, images: int, say: Callable) -> Path:
     small = dict(data=str(data), val=[str(data)], steps=12, batch_size=8, lr_batch=8, warmup_steps=2,
                  log_every=1, workers=0, progress=False, overwrite=True)
     ft = root / "finetune"
-    r = finetune(make_config("fd-finetune-vit-b16", mode="finetune", out=str(ft), student=str(student),
+    r = finetune(make_config("fd-finetune-vit-b16", mode="finetune", out=str(ft), student_run=str(student),
                              base_lr=1e-3, **small))
     say(f"6. finetune (FD recipe, mixup/cutmix, layer decay): {r.steps} steps, loss {r.losses[0]:.3f} -> "
         f"{r.losses[-1]:.3f} -> {r.export}",
-        f"fdcache finetune --preset fd-finetune-vit-b16 --student {student} --data {data} --val {data} "
+        f"fdcache finetune --preset fd-finetune-vit-b16 --student-run {student} --data {data} --val {data} "
         f"--steps 12 --batch-size 8 --lr 1e-3 --lr-batch 8 --warmup-steps 2 --workers 0 --out {ft}")
     m, spec, weights = load_export(ft)
     res = evaluate(m, spec, [str(data)], workers=0)

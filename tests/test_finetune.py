@@ -167,7 +167,7 @@ def test_a_few_finetuning_steps_reduce_the_loss(tmp_path):
 
 
 def test_a_distilled_student_starts_finetuning_from_its_weights(student, folder, tmp_path):
-    ft = Finetuner(fcfg(tmp_path, folder, student=str(student), model=None, random_init=None, drop_path=0.1))
+    ft = Finetuner(fcfg(tmp_path, folder, student_run=str(student), model=None, random_init=None, drop_path=0.1))
     state = load_file(str(student / "student.safetensors"))
     m = ft.model
     assert torch.equal(m.patch_embed.proj.weight, state["patch_embed.proj.weight"])
@@ -179,7 +179,7 @@ def test_a_distilled_student_starts_finetuning_from_its_weights(student, folder,
 
 
 def test_resume_is_exact_with_mixup_drop_path_randaugment_and_ema(student, folder, tmp_path):
-    kw = dict(student=str(student), model=None, random_init=None, steps=6, mixup=0.8, cutmix=1.0, drop_path=0.1,
+    kw = dict(student_run=str(student), model=None, random_init=None, steps=6, mixup=0.8, cutmix=1.0, drop_path=0.1,
               ema_decay=0.9, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, label_smoothing=0.1,
               layer_decay=0.75, clip_grad=5.0)
     a = finetune(fcfg(tmp_path / "a", folder, **kw))
@@ -294,15 +294,15 @@ def test_resume_with_other_classes_is_refused(folder, tmp_path):
 
 
 @pytest.mark.parametrize("kw,message", [
-    (dict(head="zeroshot", student="S", model=None, random_init=None), "no text tower"),
+    (dict(head="zeroshot", student_run="S", model=None, random_init=None), "no text tower"),
     (dict(mode="flyp", model="timm:vit_tiny_patch16_224"), "no text tower"),
     (dict(model=TINY_TEACHER, random_init=None), "--random-init"),
     (dict(drop_path=0.1), "no drop path"),
     (dict(epochs=None, steps=None), "--epochs"),
 ])
 def test_impossible_settings_are_refused_clearly(folder, student, tmp_path, kw, message):
-    if kw.get("student") == "S":
-        kw = kw | {"student": str(student)}
+    if kw.get("student_run") == "S":
+        kw = kw | {"student_run": str(student)}
     cfg = fcfg(tmp_path, folder, **kw)
     if "steps" in kw:
         cfg.steps = cfg.epochs = None

@@ -231,7 +231,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             "student": cfg.student, "student_overrides": cfg.student_overrides, "teacher": teacher.spec.label,
             "resolution": teacher.spec.resolution, "student_tokens": offline.sspec.tokens,
             "teacher_tokens": teacher.spec.tokens, "teacher_dim": teacher.spec.dim, "batch_size": B,
-            "steps": cfg.steps, "warmup": cfg.warmup, "amp": str(offline.amp_dtype), "codec": cfg.codec,
+            "steps": cfg.steps, "warmup": cfg.warmup, "amp": str(offline.engine.amp_dtype), "codec": cfg.codec,
             "loss_impl": cfg.loss_impl}}
     finally:
         if cfg.workdir is None:

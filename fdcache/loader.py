@@ -15,7 +15,7 @@ from typing import Iterator
 
 import torch
 
-from .pixels import pixel_graph
+from .pixels import explain_decode_failure, pixel_graph
 from .sources import TrainSource
 
 
@@ -79,6 +79,8 @@ def batches(source: TrainSource, **pipeline_kw) -> Iterator[Batch]:
             pipe.reset()
             epoch, step = epoch + 1, 0
             continue
+        except RuntimeError as e:
+            raise _explain(source, epoch, step, e) from e
         tensors = [torch.from_dlpack(o.as_tensor()).clone() for o in outs]
         wait = time.perf_counter() - t0
         targets = tensors[1] if offline else None
@@ -86,3 +88,10 @@ def batches(source: TrainSource, **pipeline_kw) -> Iterator[Batch]:
         yield Batch(images=tensors[0], targets=targets, qparams=qparams, index=tensors[-1],
                     epoch=epoch, step_in_epoch=step, wait_s=wait)
         step += 1
+
+
+def _explain(source: TrainSource, epoch: int, step: int, err: RuntimeError) -> Exception:
+    """Name the image DALI could not decode: it is in this batch or one prefetched after it."""
+    rows = source.order(epoch)[step * source.batch_size:(step + 3) * source.batch_size]
+    return explain_decode_failure([source.files[int(i)] for i in rows], err, f"epoch {epoch} batch {step}",
+                                  fix="Remove or fix them (fdcache verify checks a store's folder), then resume.")

@@ -161,15 +161,21 @@ class PixelStream:
         # The failing batch is the one requested or one already prefetched after it.
         rows = np.concatenate(self.work.batches[k:k + 3]) if self.work.batches[k:k + 3] else []
         files = [self.work.files[int(r)] for r in rows if int(r) not in self.work.skip]
-        bad = find_undecodable(files)
-        if not bad:
-            return DataError(f"DALI failed on batch {k} and no file in it fails to decode with "
-                             f"PIL; DALI said: {str(err).splitlines()[0][:500]}")
-        names = [f[self.root_len:] for f in bad]
-        return BadImageError(
-            f"cannot decode {len(bad)} image(s): {', '.join(names[:5])}"
-            f"{' ...' if len(names) > 5 else ''}. Remove or fix them, or pass --skip-bad "
-            "to record them as skipped.", names)
+        return explain_decode_failure(files, err, f"batch {k}", self.root_len,
+                                      "Remove or fix them, or pass --skip-bad to record them as skipped.")
+
+
+def explain_decode_failure(files: Sequence[str], err: RuntimeError, where: str, root_len: int = 0,
+                           fix: str = "Remove or fix them.") -> Exception:
+    """DALI's decode errors name no file: find the culprits among ``files`` (the batches that
+    were in flight) with PIL and name them, or pass DALI's message on."""
+    bad = find_undecodable(files)
+    if not bad:
+        return DataError(f"DALI failed on {where} and no file in it fails to decode with "
+                         f"PIL; DALI said: {str(err).splitlines()[0][:500]}")
+    names = [f[root_len:] for f in bad]
+    return BadImageError(f"cannot decode {len(bad)} image(s): {', '.join(names[:5])}"
+                         f"{' ...' if len(names) > 5 else ''}. {fix}", names)
 
 
 

@@ -317,3 +317,14 @@ def test_progress_moves_every_step_from_the_resumed_step_and_never_past_the_tota
     seen.clear()
     train(tcfg(tmp_path / "r", cache=str(store), steps=5, resume=True, log_every=2, progress=True))
     assert seen == [(3, 5), (4, 5), (5, 5)]
+
+
+def test_an_image_that_breaks_during_training_is_named(images, tmp_path):
+    from fdcache.errors import BadImageError
+
+    s = _extract(images, tmp_path / "s.zarr", seeds=1)
+    bad = sorted((images / "class_001").glob("*.jpg"))[0]
+    bad.write_bytes(bad.read_bytes()[:300])  # damaged after extraction
+    with pytest.raises(BadImageError, match=bad.name) as e:
+        train(tcfg(tmp_path / "r", cache=str(s), check_data=False))
+    assert "cannot decode" in str(e.value)

@@ -30,7 +30,6 @@ from typing import Iterator, Protocol
 import numpy as np
 import torch
 
-from .config import OptimOptions, RunOptions, ScheduleOptions, option_default  # noqa: F401 (re-exported)
 from .errors import FdcacheError, Interrupted
 from .progress import Progress
 

@@ -2,9 +2,10 @@
 
 One DALI pipeline per run: ``fn.external_source`` (per-sample :class:`TrainSource`,
 optionally in parallel worker processes with prefetch) yields encoded bytes, the recorded
-window, the flip and the stored target; images go through :func:`pixels.pixel_graph`
-(``mixed`` decode on GPU), targets ride along (copied to the GPU by DALI). Batches come
-out as torch tensors on the device, images and targets in matching order.
+window, the flip and the stored target; images go through :func:`pixels.pixel_pipeline`,
+the builder extraction uses (``mixed`` decode on GPU), targets ride along (copied to the
+GPU by DALI). Batches come out as torch tensors on the device, images and targets in
+matching order.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Iterator
 
 import torch
 
-from .pixels import explain_decode_failure, pixel_graph
+from .pixels import explain_decode_failure, pixel_pipeline
 from .sources import TrainSource
 
 
@@ -33,36 +34,21 @@ class Batch:
 def build_pipeline(source: TrainSource, *, resolution: int, mean, std, device: str = "cpu",
                    num_threads: int = 4, parallel: bool = False, py_workers: int = 2, prefetch: int = 2,
                    device_id: int | None = None):
-    from nvidia.dali import fn, pipeline_def, types
+    """:func:`pixels.pixel_pipeline` fed per sample by ``source``; the stored target (and
+    qparams) and the sample index ride beside the images."""
+    from nvidia.dali import types
 
-    offline = source.store_url is not None
-    dtypes = [types.UINT8, types.INT32, types.INT32]
-    ndims = [1, 1, 0]
-    if offline:
+    extra = []
+    if source.store_url is not None:
         import zarr
         tdtype = zarr.open_array(source.store_url, path="targets", mode="r").dtype
-        dtypes.append(types.INT8 if tdtype.kind == "i" else types.FLOAT16)
-        ndims.append(2)
+        extra.append((types.INT8 if tdtype.kind == "i" else types.FLOAT16, 2))
         if source.with_qparams:
-            dtypes.append(types.FLOAT); ndims.append(2)
-    dtypes.append(types.INT64); ndims.append(0)
-    if device == "gpu" and device_id is None:
-        device_id = torch.cuda.current_device()
-
-    @pipeline_def(batch_size=source.batch_size, num_threads=num_threads,
-                  device_id=device_id if device == "gpu" else None, prefetch_queue_depth=prefetch,
-                  exec_dynamic=True, py_num_workers=py_workers, py_start_method="spawn")
-    def pipe():
-        outs = fn.external_source(source=source, num_outputs=len(dtypes), batch=False,
-                                  parallel=parallel, dtype=dtypes, ndim=ndims)
-        images = pixel_graph(outs[0], outs[1], outs[2], resolution=resolution, mean=mean, std=std,
-                             device=device)
-        extras = [o.gpu() if device == "gpu" else o for o in outs[3:]]
-        return (images, *extras)
-
-    p = pipe()
-    p.build()
-    return p
+            extra.append((types.FLOAT, 2))
+    extra.append((types.INT64, 0))
+    return pixel_pipeline(source, batch_size=source.batch_size, resolution=resolution, mean=mean, std=std,
+                          device=device, num_threads=num_threads, device_id=device_id, prefetch=prefetch,
+                          parallel=parallel, py_workers=py_workers, batch=False, extra=extra)
 
 
 def batches(source: TrainSource, **pipeline_kw) -> Iterator[Batch]:

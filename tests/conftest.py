@@ -60,9 +60,11 @@ def one_and_two_processes(args: list[str], batch: int, out: Path) -> tuple[Path,
     return out / "one", out / "two"
 
 
-def interrupt_at(monkeypatch, step: int, signum=None):
+def interrupt_at(monkeypatch, step: int, signum=None, children: bool = False):
     """Deliver SIGINT (or ``signum``) to this process right after optimizer step ``step``: an
-    injected Ctrl-C at a known step, not a lucky timing."""
+    injected Ctrl-C at a known step, not a lucky timing. ``children``: to its worker
+    processes too, as a terminal's Ctrl-C reaches the whole process group."""
+    import multiprocessing
     import signal
 
     from fdcache.engine import Engine
@@ -72,5 +74,7 @@ def interrupt_at(monkeypatch, step: int, signum=None):
     def step_then_signal(self):
         real(self)
         if self.step == step:
+            for p in multiprocessing.active_children() if children else []:
+                os.kill(p.pid, signum or signal.SIGINT)
             os.kill(os.getpid(), signum or signal.SIGINT)
     monkeypatch.setattr(Engine, "optimizer_step", step_then_signal)

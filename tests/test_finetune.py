@@ -481,3 +481,34 @@ def test_sigint_at_a_random_step_then_resume_gives_bit_identical_weights(folder,
         assert all(torch.equal(wa[n], wb[n]) for n in wa), f
     steps = [json.loads(x)["step"] for x in open(tmp_path / "b" / "log.jsonl")]
     assert steps == list(range(1, 7))
+
+
+def test_loader_workers_outlive_a_ctrl_c_so_the_step_in_flight_can_finish(folder):
+    """A terminal's Ctrl-C reaches the workers too; the main process decides when to stop."""
+    import os
+    import signal
+
+    from fdcache.imagefolder import EpochSampler
+
+    ds = LabeledImages(folder, eval_transform(32, (0.5,) * 3, (0.5,) * 3, 1.0))
+    it = iter(train_loader(ds, EpochSampler(len(ds), 4, seed=0), 1, False))
+    next(it)
+    for w in it._workers:
+        os.kill(w.pid, signal.SIGINT)
+    assert len([next(it) for _ in range(3)]) == 3  # the rest of the epoch still arrives
+
+
+def test_ctrl_c_reaching_the_loader_workers_too_still_stops_cleanly_and_resumes_exactly(folder, tmp_path,
+                                                                                       monkeypatch):
+    from fdcache.engine import Interrupted
+
+    kw = dict(steps=6, workers=2, base_lr=1e-3)
+    a = finetune(fcfg(tmp_path / "a", folder, **kw))
+    interrupt_at(monkeypatch, 3, children=True)
+    with pytest.raises(Interrupted, match="at step 3/6"):
+        finetune(fcfg(tmp_path / "b", folder, **kw))
+    monkeypatch.undo()
+    b = finetune(fcfg(tmp_path / "b", folder, resume=True, **kw))
+    assert a.losses[3:] == b.losses
+    wa, wb = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("a", "b"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -105,11 +105,17 @@ def clear_run(out: Path, patterns) -> list[Path]:
 
 def truncate_log(path: Path, step: int) -> None:
     """Keep the records of steps up to ``step`` (the checkpoint's): a resumed run logs each
-    step once. Rewritten atomically."""
+    step once. A line cut short by a crash is dropped. Rewritten atomically."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+
+    def step_of(line: str) -> float:
+        try:
+            return json.loads(line).get("step", 0)
+        except json.JSONDecodeError:
+            return math.inf
+
+    keep = [line for line in path.read_text().splitlines() if line.strip() and step_of(line) <= step]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     os.replace(tmp, path)

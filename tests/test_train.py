@@ -283,6 +283,8 @@ def test_resume_drops_log_records_past_the_checkpoint(store, tmp_path, monkeypat
     # A crash after step 5 was logged but before its checkpoint: last.pt is still step 3's.
     shutil.copy(tmp_path / "step3.pt", tmp_path / "r/checkpoints/last.pt")
     assert [r["step"] for r in _log(tmp_path / "r")] == [1, 2, 3, 4, 5]
+    with open(tmp_path / "r/log.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')  # and a line cut short
     r = train(tcfg(tmp_path / "r", cache=str(store), steps=6, save_every=3, resume=True))
     assert r.steps == 6 and [rec["step"] for rec in _log(tmp_path / "r")] == [1, 2, 3, 4, 5, 6]
 

@@ -124,7 +124,8 @@ def truncate_log(path: Path, step: int) -> None:
 def resume_command() -> str:
     """The command line that continues this run."""
     argv = sys.argv[1:]
-    if Path(sys.argv[0]).name not in ("fdcache", "__main__.py"):
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)  # python -m fdcache / torchrun -m
+    if Path(sys.argv[0]).name != "fdcache" and not (spec and spec.name.split(".")[0] == "fdcache"):
         return "the same call with resume=True"
     extra = [] if "--resume" in argv else ["--resume"]
     line = shlex.join(["fdcache", *[a for a in argv if a != "--overwrite"], *extra])

@@ -56,9 +56,9 @@ def main():
 
     def step(batch):
         images, labels, index = batch
-        ft.scheduler.step_update(ft.step)
-        ft.forward_backward(images, labels, index, 0)
-        ft.optimizer_step()
+        ft.engine.scheduler.step_update(ft.engine.step)
+        ft.engine.forward_backward((images, labels, index, 0))
+        ft.engine.optimizer_step()
 
     # Workers keep prefetch_factor (2) batches each ready while the other modes run: take
     # those untimed first, so the loader figure is its production rate, not a queue pop.

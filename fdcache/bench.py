@@ -106,16 +106,16 @@ class _Ceiling:
                                     .to(torch.float16).to(dev)), qparams=None)
 
     def step(self):
-        self.trainer.forward_backward(self.batch)
-        self.trainer.optimizer_step()
+        self.trainer.engine.forward_backward(self.batch)
+        self.trainer.engine.optimizer_step()
 
 
 def _train_step(trainer: Trainer, stream) -> float:
     t0 = time.perf_counter()
     batch = next(stream)
     wait = time.perf_counter() - t0
-    trainer.forward_backward(batch)
-    trainer.optimizer_step()
+    trainer.engine.forward_backward(batch)
+    trainer.engine.optimizer_step()
     return wait
 
 
@@ -231,7 +231,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             "student": cfg.student, "student_overrides": cfg.student_overrides, "teacher": teacher.spec.label,
             "resolution": teacher.spec.resolution, "student_tokens": offline.sspec.tokens,
             "teacher_tokens": teacher.spec.tokens, "teacher_dim": teacher.spec.dim, "batch_size": B,
-            "steps": cfg.steps, "warmup": cfg.warmup, "amp": str(offline.amp_dtype), "codec": cfg.codec,
+            "steps": cfg.steps, "warmup": cfg.warmup, "amp": str(offline.engine.amp_dtype), "codec": cfg.codec,
             "loss_impl": cfg.loss_impl}}
     finally:
         if cfg.workdir is None:

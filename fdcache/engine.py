@@ -1,25 +1,48 @@
-"""Pieces every training loop here shares (distillation, fine-tuning, FLYP): precision,
-schedule, random state, atomic checkpoints, the progress bar. Kept small: the loops own
-their steps; this owns what must behave the same in all of them."""
+"""The one training loop (distillation, fine-tuning, FLYP) and the setup they share.
+
+open_clip's ``train_one_epoch(..., loss)`` is the pattern: a job supplies a *task* (its
+batches, its loss, its export); :class:`Engine` owns everything else so it behaves the
+same in all of them: DDP wrapping, compile, AMP and the grad scaler, the AdamW groups
+(timm, with layer-wise decay), lr scaling, warmup + cosine, accumulation, clipping, EMA,
+logging (``log.jsonl``, progress, TensorBoard), checkpoint/resume, interruption, and
+non-finite / out-of-memory stops.
+
+The loss is read back to the host only every ``log_every`` steps (summed on the device in
+between), so on CUDA the loop never waits for the GPU queue to drain except when it logs.
+"""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
+import shlex
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator, Protocol
 
 import numpy as np
 import torch
 
+from . import distributed
+from .errors import FdcacheError, Interrupted
+from .progress import Progress
 
+
+# -- small shared pieces --------------------------------------------------------------
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """``auto`` = bf16 on CUDA, full precision on CPU; ``bf16`` | ``fp16`` | ``none``."""
     amp = amp if amp != "auto" else ("bf16" if device.type == "cuda" else "none")
     try:
         return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
     except KeyError:
-        raise ValueError(f"amp must be auto, bf16, fp16 or none, not {amp!r}") from None
+        raise FdcacheError(f"amp must be auto, bf16, fp16 or none, not {amp!r}") from None
 
 
 def cosine_schedule(optimizer, total_steps: int, warmup_steps: int, warmup_lr: float, min_lr: float):
@@ -56,49 +79,208 @@ def atomic_save(obj, path: Path) -> Path:
     return path
 
 
-class _NoBar:
-    def update(self, *a, **k): ...
-    def close(self): ...
+# -- the run directory ------------------------------------------------------------------
+RUN_FILES = ("log.jsonl", "checkpoints/last.pt", "checkpoints/nonfinite-step*.pt", "checkpoints/*.tmp",
+             "tb/events.out.tfevents.*")
 
 
-def progress_bar(total: int, enabled: bool, desc: str):
-    """A tqdm bar showing the loss and images/s, or a no-op."""
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    class Bar:
-        def __init__(self):
-            self.t = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
-
-        def update(self, n, loss, rate):
-            self.t.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:,.0f}", refresh=False)
-            self.t.update(n)
-
-        def close(self):
-            self.t.close()
-
-    return Bar()
+def run_files(out: Path, patterns) -> list[Path]:
+    """The files matching ``patterns`` (fdcache's own names) that exist under ``out``."""
+    found = []
+    for pat in patterns:
+        found += sorted(p for p in out.glob(pat) if p.is_file())
+    return found
 
 
-class Loop:
-    """The mechanics the training loops share. A subclass sets ``cfg`` (``out``, ``resume``,
-    ``clip_grad``), ``out``, ``dist``, ``model``, ``optimizer``, ``scheduler``, ``scaler``,
-    ``ema`` and ``step``, and adds what identifies its run to :meth:`state_dict` and checks
-    it in :meth:`check_checkpoint`."""
+def clear_run(out: Path, patterns) -> list[Path]:
+    """Remove fdcache's files of a previous run (nothing else), then the folders they
+    leave empty. Returns what was removed."""
+    gone = run_files(out, patterns)
+    for p in gone:
+        p.unlink()
+    for d in sorted({p.parent for p in gone}, key=lambda p: len(p.parts), reverse=True):
+        if d != out and d.is_dir() and not any(d.iterdir()):
+            d.rmdir()
+    return gone
 
+
+def truncate_log(path: Path, step: int) -> None:
+    """Keep the records of steps up to ``step`` (the checkpoint's): a resumed run logs each
+    step once. A line cut short by a crash is dropped. Rewritten atomically."""
+    if not path.exists():
+        return
+
+    def step_of(line: str) -> float:
+        try:
+            return json.loads(line).get("step", 0)
+        except json.JSONDecodeError:
+            return math.inf
+
+    keep = [line for line in path.read_text().splitlines() if line.strip() and step_of(line) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+def resume_command() -> str:
+    """The command line that continues this run."""
+    argv = sys.argv[1:]
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)  # python -m fdcache / torchrun -m
+    if Path(sys.argv[0]).name != "fdcache" and not (spec and spec.name.split(".")[0] == "fdcache"):
+        return "the same call with resume=True"
+    extra = [] if "--resume" in argv else ["--resume"]
+    line = shlex.join(["fdcache", *[a for a in argv if a != "--overwrite"], *extra])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        line += " (under torchrun, with the same torchrun options)"
+    return line
+
+
+@contextmanager
+def stop_on_signals():
+    """While training: the first SIGINT/SIGTERM asks the loop to stop after its step (the
+    returned list receives the signal number); a second one aborts at once."""
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, frame):
+        if got:
+            signal.signal(signum, old[signum])
+            raise KeyboardInterrupt
+        got.append(signum)
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+              "(send it again to abort without one)", file=sys.stderr, flush=True)
+
+    for s in old:
+        signal.signal(s, handler)
+    try:
+        yield got
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+# -- what a job supplies ----------------------------------------------------------------
+class Task(Protocol):
+    """A training job as the loop sees it (see :class:`fdcache.train.Trainer`,
+    :class:`fdcache.finetune.Finetuner`)."""
+
+    name: str  # progress label: train | finetune | flyp
+    error: type[FdcacheError]  # its error type (non-finite loss, out of memory)
+    nonfinite_hint: str
+    outputs: tuple[str, ...]  # its files in OUT (glob patterns), besides RUN_FILES
+
+    def stream(self, micro_done: int = 0) -> Iterator: ...  # micro-batches from that position on
+    def loss(self, batch) -> torch.Tensor: ...  # forward (through engine.forward) and the loss
+    def images_in(self, batch) -> int: ...  # images in one micro-batch on this rank
+    def where(self, batch) -> dict: ...  # fields for the log record ({"epoch": e})
+    def after_update(self) -> None: ...  # constrain parameters after each update
+    def identity(self) -> dict: ...  # what a checkpoint must match to resume (saved with it)
+    def check_resume(self, ck: dict, path: Path) -> None: ...
+    def started(self, fresh: bool) -> None: ...  # after the checkpoint is loaded (or not)
+    def after_step(self, last: bool) -> None: ...  # e.g. evaluation at an epoch's end
+    def finish(self, checkpoint: Path) -> str | None: ...  # after the last step: export (rank 0)
+
+
+@dataclass
+class FitResult:
+    out: str
+    steps: int
+    losses: list[float]
+    images_per_s: float
+    data_wait_fraction: float
+    checkpoint: str
+    export: str | None
+    evals: list = field(default_factory=list)
+
+
+class Engine:
+    """One run's training state (model, DDP, optimizer, schedule, scaler, EMA, step) and
+    :meth:`fit`. Built once by the task from its model and config."""
+
+    def __init__(self, task: Task, model: torch.nn.Module, cfg, dist, device: torch.device, *,
+                 micro_per_epoch: int, total_micro: int | None = None):
+        """``micro_per_epoch``: micro-batches per rank in the first epoch (for warmup in
+        epochs); ``total_micro``: in all of ``cfg.epochs`` when epochs differ."""
+        from timm.optim import create_optimizer_v2
+
+        self.task, self.model, self.cfg, self.dist, self.device = task, model, cfg, dist, device
+        self.out = Path(cfg.out)
+        if cfg.accum_steps < 1 or cfg.batch_size < 1:
+            raise FdcacheError("--batch-size and --accum-steps must be at least 1")
+        self.log_every = cfg.log_every or (10 if device.type == "cuda" else 1)
+        model.to(device)
+        self.ddp = model
+        if dist.world > 1:
+            self.ddp = distributed.ddp(model, device)
+        self.forward = torch.compile(self.ddp) if cfg.compile else self.ddp
+        self.amp_dtype = amp_dtype(cfg.amp, device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        # schedule
+        steps_per_epoch = max(1, micro_per_epoch // cfg.accum_steps)
+        if cfg.steps:
+            self.total_steps = cfg.steps
+        elif cfg.epochs:
+            self.total_steps = (total_micro if total_micro is not None else cfg.epochs * micro_per_epoch) \
+                // cfg.accum_steps
+        else:
+            raise FdcacheError("give --epochs N or --steps N")
+        scale = cfg.batch_size * dist.world * cfg.accum_steps / cfg.lr_batch
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_epochs * steps_per_epoch)
+        self.warmup_steps = min(warmup, max(self.total_steps - 1, 0))
+        kw = {}
+        if cfg.layer_decay is not None:
+            if not hasattr(model, "group_matcher"):
+                raise FdcacheError(f"this model ({type(model).__name__}) has no layer grouping for "
+                                   "--layer-decay; pass --layer-decay 1")
+            kw["layer_decay"] = cfg.layer_decay
+        self.optimizer = create_optimizer_v2(model, opt="adamw", lr=cfg.base_lr * scale,
+                                             weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8, **kw)
+        self.scheduler = cosine_schedule(self.optimizer, self.total_steps, self.warmup_steps,
+                                         warmup_lr=cfg.warmup_lr * scale, min_lr=cfg.min_lr * scale)
+        self.ema = None
+        if cfg.ema_decay:
+            from timm.utils import ModelEmaV3
+            self.ema = ModelEmaV3(model, decay=cfg.ema_decay)
+        self.step = 0
+        self.log = None
+        self.evals: list[dict] = []
+
+    # -- the step ------------------------------------------------------------------
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def forward_backward(self, batch, sync: bool = True) -> torch.Tensor:
+        """The task's loss on one micro-batch, backward (scaled for AMP and accumulation);
+        DDP all-reduces the gradients only on the last micro-batch (``sync``)."""
+        ctx = nullcontext() if sync or self.dist.world == 1 else self.ddp.no_sync()
+        with ctx:
+            loss = self.task.loss(batch)
+            self.scaler.scale(loss / self.cfg.accum_steps).backward()
+        return loss.detach()
+
+    def optimizer_step(self) -> None:
+        """Unscale and clip (when asked), step through the grad scaler, zero the grads, the
+        task's ``after_update``, the EMA, count the step."""
+        if self.cfg.clip_grad:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.task.after_update()
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.step)
+        self.step += 1
+
+    # -- checkpoints ---------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema is not None else None, "step": self.step,
-                "rng": rng_state(), "world": self.dist.world}
-
-    def check_checkpoint(self, ck: dict, path: Path) -> None:
-        from .errors import FdcacheError
-
-        if ck["world"] != self.dist.world:
-            raise FdcacheError(f"checkpoint {path} ran on {ck['world']} rank(s), now {self.dist.world}: "
-                               "resume with the same world size (the data order depends on it)")
+                "rng": rng_state(), "world": self.dist.world, "config": _plain(self.cfg)} | self.task.identity()
 
     def save(self, name: str = "last.pt") -> Path:
         path = self.out / "checkpoints" / name
@@ -108,7 +290,10 @@ class Loop:
 
     def load(self, path: Path) -> None:
         ck = torch.load(path, map_location="cpu", weights_only=False)
-        self.check_checkpoint(ck, path)
+        self.task.check_resume(ck, path)
+        if ck["world"] != self.dist.world:
+            raise FdcacheError(f"checkpoint {path} ran on {ck['world']} rank(s), now {self.dist.world}: "
+                               "resume with the same world size (the data order depends on it)")
         self.model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
@@ -119,54 +304,154 @@ class Loop:
         set_rng_state(ck["rng"])
 
     def begin(self) -> bool:
-        """Resume from ``OUT/checkpoints/last.pt`` with ``--resume``; refuse to start over an
-        existing run without it. True when this is a fresh start."""
-        from .errors import FdcacheError
-
+        """``--resume``: load ``OUT/checkpoints/last.pt`` and drop log records past it. A fresh
+        run into an OUT that holds a run is refused unless ``--overwrite`` (which removes only
+        fdcache's files of that run). True when this is a fresh start."""
+        patterns = RUN_FILES + tuple(self.task.outputs)
         last = self.out / "checkpoints" / "last.pt"
         if self.cfg.resume:
             if not last.exists():
                 raise FdcacheError(f"--resume: no checkpoint at {last}")
             self.load(last)
-        elif last.exists():
-            raise FdcacheError(f"{self.out} already holds a run (checkpoints/last.pt): pass --resume to "
-                               "continue it, or choose another --out")
+            if self.dist.is_main:
+                truncate_log(self.out / "log.jsonl", self.step)
+        else:
+            held = run_files(self.out, patterns)
+            if held and not self.cfg.overwrite:
+                names = ", ".join(p.relative_to(self.out).as_posix() for p in held[:4])
+                raise FdcacheError(f"{self.out} already holds a run ({names}): pass --resume to continue it, "
+                                   "--overwrite to replace it (removes only fdcache's files there), "
+                                   "or choose another --out")
+            self.dist.barrier()
+            if held and self.dist.is_main:
+                clear_run(self.out, patterns)
+        self.dist.barrier()
         self.out.mkdir(parents=True, exist_ok=True)
         return not self.cfg.resume
 
-    def optimizer_step(self) -> None:
-        """Unscale and clip (when asked), step through the grad scaler, zero the grads,
-        :meth:`after_update`, update the EMA, count the step."""
-        if self.cfg.clip_grad:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.after_update()
-        if self.ema is not None:
-            self.ema.update(self.model, step=self.step)
-        self.step += 1
+    # -- logging -------------------------------------------------------------------
+    def record(self, rec: dict) -> dict:
+        """Append ``rec`` to ``log.jsonl`` (rank 0); evaluation records are also kept."""
+        if self.log is not None:
+            self.log.write(json.dumps(rec) + "\n")
+            self.log.flush()
+        if "eval" in rec:
+            self.evals.append(rec)
+        return rec
 
-    def after_update(self) -> None:
-        """Hook: constrain parameters after each update (before the EMA sees them)."""
-
-    error = None  # the subclass's error type (an FdcacheError)
-    nonfinite_hint = "Lower the lr or resume from checkpoints/last.pt"
-
-    def logged_loss(self, loss_sum: torch.Tensor, micro_batches: int) -> float:
-        """The step's loss averaged over micro-batches and ranks, read back (one device sync);
-        a non-finite value saves the state under its step and stops the run."""
-        loss = loss_sum / micro_batches
+    def read_back(self, loss_sum: torch.Tensor, micro_batches: int, first_step: int,
+                  stop_asked: bool) -> tuple[float, bool]:
+        """The window's mean loss over micro-batches and ranks, read to the host (the one
+        device sync per log), and whether any rank was asked to stop (packed into the same
+        all-reduce). A non-finite loss saves the state under its step and stops the run."""
+        packed = torch.stack([loss_sum.float() / micro_batches,
+                              torch.tensor(float(stop_asked), device=loss_sum.device)])
         if self.dist.world > 1:
-            torch.distributed.all_reduce(loss)
-            loss /= self.dist.world
-        value = loss.item()
+            torch.distributed.all_reduce(packed)
+            packed[0] /= self.dist.world
+        value, stop = packed.tolist()
         if not math.isfinite(value):
             bad = self.save(f"nonfinite-step{self.step}.pt")
-            raise self.error(f"loss is {value} at step {self.step}; state saved to {bad}. {self.nonfinite_hint}")
-        return value
+            where = f"at step {self.step}" if first_step == self.step else f"in steps {first_step}..{self.step}"
+            raise self.task.error(f"loss is {value} {where}; state saved to {bad}. {self.task.nonfinite_hint}")
+        return value, stop > 0
 
-    def out_of_memory(self) -> Exception:
-        return self.error(f"out of device memory at step {self.step} with --batch-size {self.cfg.batch_size}: "
-                          "lower --batch-size and raise --accum-steps to keep the total batch")
+    def _tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise FdcacheError("--tensorboard needs the tensorboard package (pip install tensorboard)") from e
+        return SummaryWriter(str(self.out / "tb"))
+
+    # -- the loop ------------------------------------------------------------------
+    def fit(self) -> FitResult:
+        """Run (or resume) to ``total_steps`` (or ``run_steps`` more), then checkpoint and,
+        when done, the task's export. SIGINT/SIGTERM: checkpoint after the step, then
+        :class:`Interrupted` naming the resume command."""
+        cfg, d, task = self.cfg, self.dist, self.task
+        task.started(self.begin())
+        stop = self.total_steps if cfg.run_steps is None else min(self.total_steps, self.step + cfg.run_steps)
+        self.log = open(self.out / "log.jsonl", "a") if d.is_main else None
+        try:
+            losses, seen, wait, signum, elapsed = self._loop(stop)
+            ckpt = self.save()
+            if signum is not None:
+                raise Interrupted(f"{signal.Signals(signum).name} at step {self.step}/{self.total_steps}: "
+                                  f"checkpoint saved to {ckpt}. Resume with: {resume_command()}", int(signum))
+            export = task.finish(ckpt) if self.step >= self.total_steps else None
+        finally:
+            if self.log is not None:
+                self.log.close()
+                self.log = None
+        d.barrier()
+        return FitResult(out=str(self.out), steps=self.step, losses=losses,
+                         images_per_s=seen / max(elapsed, 1e-9), data_wait_fraction=wait / max(elapsed, 1e-9),
+                         checkpoint=str(ckpt), export=export, evals=list(self.evals))
+
+    def _window(self, t: float) -> dict:
+        """What is summed between two read-backs (the loss stays on the device)."""
+        return dict(t=t, images=0, wait=0.0, micro=0, first=self.step + 1, loss=torch.zeros((), device=self.device))
+
+    def _loop(self, stop: int):
+        cfg, d, task = self.cfg, self.dist, self.task
+        tb = self._tensorboard() if cfg.tensorboard and d.is_main else None
+        bar = Progress(task.name, self.total_steps, completed=self.step, enabled=cfg.progress and d.is_main)
+        losses, seen, wait_total, signum = [], 0, 0.0, None
+        t_start = time.perf_counter()
+        w = self._window(t_start)
+        self.model.train()
+        try:
+            with stop_on_signals() as signals:
+                stream = task.stream(self.step * cfg.accum_steps)
+                while self.step < stop:
+                    self.scheduler.step_update(self.step)
+                    for m in range(cfg.accum_steps):
+                        t0 = time.perf_counter()
+                        batch = next(stream)
+                        waited = time.perf_counter() - t0
+                        w["wait"] += waited
+                        wait_total += waited
+                        w["loss"] += self.forward_backward(batch, sync=m == cfg.accum_steps - 1)
+                        w["images"] += task.images_in(batch) * d.world
+                        w["micro"] += 1
+                    self.optimizer_step()
+                    # One process stops on its own signal after this step; ranks agree at read-backs.
+                    asked = bool(signals) and d.world == 1
+                    if self.step % self.log_every == 0 or self.step == stop or asked:
+                        value, stop_all = self.read_back(w["loss"], w["micro"], w["first"], bool(signals))
+                        now = time.perf_counter()
+                        span = max(now - w["t"], 1e-9)
+                        rec = self.record({"step": self.step, **task.where(batch), "loss": value,
+                                           "lr": max(g["lr"] for g in self.optimizer.param_groups),
+                                           "images_per_s": w["images"] / span, "data_wait": w["wait"] / span})
+                        losses.append(value)
+                        seen += w["images"]
+                        if tb:
+                            for k in ("loss", "lr", "images_per_s", "data_wait"):
+                                tb.add_scalar(f"{task.name}/{k}", rec[k], self.step)
+                        bar.update(self.step, loss=value, img_s=rec["images_per_s"])
+                        w = self._window(now)
+                        if stop_all:
+                            signum = signals[0] if signals else signal.SIGTERM
+                            break
+                    else:
+                        bar.update(self.step)
+                    task.after_step(self.step == stop)
+                    if self.step % cfg.save_every == 0 and self.step < stop:
+                        self.save()
+        except torch.OutOfMemoryError as e:
+            raise task.error(f"out of device memory at step {self.step} with --batch-size {cfg.batch_size}: "
+                             "lower --batch-size and raise --accum-steps to keep the total batch") from e
+        finally:
+            bar.close()
+            if tb:
+                tb.close()
+        return losses, seen, wait_total, signum, time.perf_counter() - t_start
+
+
+def _plain(cfg) -> dict:
+    to_dict = getattr(cfg, "to_dict", None)
+    if to_dict is not None:
+        return to_dict()
+    from dataclasses import asdict
+    return asdict(cfg)

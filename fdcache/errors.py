@@ -60,3 +60,12 @@ class VerifyError(FdcacheError):
     def __init__(self, message: str, problems: list[str] = ()):
         super().__init__(message)
         self.problems = list(problems)
+
+
+class Interrupted(FdcacheError):
+    """SIGINT / SIGTERM stopped a training run after a whole step, with a checkpoint; the
+    message names the resume command. Exits 128 + the signal (130, 143), as shells do."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum

@@ -18,6 +18,7 @@ from .classifiers import ModelSpec, ZeroShotClassifier, templates_of, tokenizer_
 from .distributed import Dist
 from .engine import amp_dtype
 from .errors import FdcacheError
+from .progress import Progress
 from .imagefolder import LabeledImages, classnames_for, eval_loader, eval_transform, find_classes
 
 TOPK = (1, 5)
@@ -49,11 +50,13 @@ def head_for(model: nn.Module, spec: ModelSpec, classnames: list[str]) -> nn.Mod
 
 @torch.no_grad()
 def evaluate_set(classify: nn.Module, loader, device: torch.device, dtype: torch.dtype | None,
-                 num_classes: int, dist: Dist | None = None) -> dict:
+                 num_classes: int, dist: Dist | None = None, bar=None) -> dict:
     """Correct counts at each k over the loader (summed over ranks)."""
     correct = torch.zeros(len(TOPK), dtype=torch.long, device=device)
     seen = torch.zeros((), dtype=torch.long, device=device)
     for images, labels, _ in loader:
+        if bar is not None:
+            bar.update(advance=1)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = classify(images).float()
@@ -85,8 +88,10 @@ def set_names(paths: list[str]) -> list[str]:
 
 def evaluate(model: nn.Module, spec: ModelSpec, sets: list[str], *, classnames: str = "folder",
              crop_pct: float | None = None, batch_size: int = 128, workers: int = 4,
-             device: torch.device | None = None, amp: str = "auto", dist: Dist | None = None) -> dict:
-    """``{set name: {"top1", "top5", "n", ...}}`` for each image folder in ``sets``."""
+             device: torch.device | None = None, amp: str = "auto", dist: Dist | None = None,
+             progress: bool = False) -> dict:
+    """``{set name: {"top1", "top5", "n", ...}}`` for each image folder in ``sets``; ``progress``
+    shows a bar per set (rank 0)."""
     device = device or next(model.parameters()).device
     dtype = amp_dtype(amp, device)
     tf = eval_transform(spec.resolution, spec.mean, spec.std, crop_pct=crop_pct or spec.crop_pct)
@@ -100,7 +105,43 @@ def evaluate(model: nn.Module, spec: ModelSpec, sets: list[str], *, classnames: 
             classify = head_for(model, spec, names)
             ds = LabeledImages(path, tf, classes=classes)
             loader = eval_loader(ds, batch_size, workers, dist.rank if dist else 0, dist.world if dist else 1)
-            results[name] = evaluate_set(classify, loader, device, dtype, len(names), dist)
+            with Progress(f"eval {name}", len(loader), unit="batch",
+                          enabled=progress and (dist is None or dist.is_main)) as bar:
+                results[name] = evaluate_set(classify, loader, device, dtype, len(names), dist, bar)
     finally:
         model.train(was)
     return results
+
+
+def evaluate_run(data: list[str], *, run: str | None = None, model: str | None = None,
+                 pretrained: str | None = None, random_init: bool = False, resolution: int | None = None,
+                 templates: str = "openai", classnames: str = "folder", ema: bool = True,
+                 crop_pct: float | None = None, batch_size: int = 128, workers: int = 4, amp: str = "auto",
+                 device: str = "auto", progress: bool = False) -> dict | None:
+    """``fdcache eval``: a fine-tuned export (``run``) or a zero-shot open_clip ``model`` on
+    each folder in ``data``. Returns the report on rank 0 (None elsewhere): results per
+    set and, with several sets, ``shift_mean`` (FLYP's "avg OOD": the mean over the sets
+    after the first)."""
+    from . import distributed
+    from .classifiers import init_model, load_export
+
+    if (run is None) == (model is None):
+        raise FdcacheError("give --run DIR (a fine-tuned export) or --model NAME (zero-shot)")
+    d = distributed.init()
+    dev = distributed.device_for(d, device)
+    if run is not None:
+        m, spec, weights = load_export(run, ema=ema)
+    else:
+        m, spec = init_model(model=model, pretrained=pretrained, random_init=random_init, student=None, kind="clip",
+                             classnames=classnames_for(find_classes(data[0]), classnames), head="zeroshot",
+                             templates=templates, resolution=resolution, drop_path=0.0)
+        weights = pretrained or "random-init"
+    r = evaluate(m.to(dev), spec, [str(p) for p in data], classnames=classnames, crop_pct=crop_pct,
+                 batch_size=batch_size, workers=workers, device=dev, amp=amp, dist=d, progress=progress)
+    if not d.is_main:
+        return None
+    report = {"model": str(run or model), "weights": weights, "results": r}
+    if len(r) > 1:
+        shifts = list(r.values())[1:]
+        report["shift_mean"] = {k: sum(x[k] for x in shifts) / len(shifts) for k in ("top1", "top5")}
+    return report

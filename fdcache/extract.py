@@ -186,7 +186,7 @@ def _run(cfg: ExtractConfig, store: Store, manifest: Manifest, teacher: Teacher,
                     parts.append(cfg.codec.encode(out))
                     samples += len(images)
                     partial += len(images)
-                    bar.advance(len(images))
+                    bar.update(advance=len(images))
                     last_of_shard = bi + 1 == len(batches) or owners[bi + 1] != owners[bi]
                     if last_of_shard:
                         s, k = work_shards[owners[bi]]
@@ -205,7 +205,7 @@ def _run(cfg: ExtractConfig, store: Store, manifest: Manifest, teacher: Teacher,
                 skip.update(by_name[p] for p in e.paths)
                 pos += current
                 samples -= partial
-                bar.advance(-partial)
+                bar.update(advance=-partial)
             finally:
                 del stream
         _drain(pending, limit=0)
@@ -213,7 +213,7 @@ def _run(cfg: ExtractConfig, store: Store, manifest: Manifest, teacher: Teacher,
         for f in pending:
             f.cancel()
         pool.shutdown(wait=True)
-        bar.stop()
+        bar.close()
     skipped_names = sorted(manifest.paths[i] for i in skip)
     return ExtractResult(store=str(cfg.out), samples=samples, shards=len(shards),
                          seconds=time.perf_counter() - t0, skipped=skipped_names, already_done=0)
@@ -274,33 +274,7 @@ def _drain(pending: list[Future], limit: int) -> None:
         pending.pop(0).result()
 
 
-class _NullBar:
-    def advance(self, n): ...
-    def stop(self): ...
-
-
 def _progress(total: int, enabled: bool):
-    if not enabled or total == 0:
-        return _NullBar()
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
+    from .progress import Progress
 
-    class _Bar:
-        def __init__(self):
-            self.p = Progress(TextColumn("extract"), BarColumn(), MofNCompleteColumn(),
-                              TextColumn("{task.fields[rate]} img/s"), TimeElapsedColumn(),
-                              TextColumn("eta"), TimeRemainingColumn(), transient=False)
-            self.task = self.p.add_task("extract", total=total, rate="-")
-            self.t0 = time.perf_counter()
-            self.n = 0
-            self.p.start()
-
-        def advance(self, n):
-            self.n += n
-            rate = self.n / max(time.perf_counter() - self.t0, 1e-9)
-            self.p.update(self.task, advance=n, rate=f"{rate:,.1f}")
-
-        def stop(self):
-            self.p.stop()
-
-    return _Bar()
+    return Progress("extract", total, unit="img", enabled=enabled and total > 0)

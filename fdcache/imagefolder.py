@@ -154,7 +154,17 @@ def train_loader(ds: LabeledImages, sampler: EpochSampler, workers: int, pin: bo
     # from the global stream would shift drop path and mixup after a resume.
     return DataLoader(ds, batch_size=sampler.batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=pin, persistent_workers=workers > 0, drop_last=True,
-                      generator=torch.Generator().manual_seed(sampler.seed))
+                      generator=torch.Generator().manual_seed(sampler.seed), worker_init_fn=ignore_interrupts)
+
+
+def ignore_interrupts(worker_id: int = 0) -> None:
+    """In a loader worker: a terminal's Ctrl-C reaches the workers too, and torch's workers
+    exit on it, failing the batch in flight. The main process decides: it finishes the step,
+    checkpoints, and shuts its workers down. (SIGTERM keeps its default: the loader
+    terminates its workers with it.)"""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def eval_loader(ds: LabeledImages, batch_size: int, workers: int, rank: int = 0, world: int = 1) -> DataLoader:

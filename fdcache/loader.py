@@ -2,9 +2,10 @@
 
 One DALI pipeline per run: ``fn.external_source`` (per-sample :class:`TrainSource`,
 optionally in parallel worker processes with prefetch) yields encoded bytes, the recorded
-window, the flip and the stored target; images go through :func:`pixels.pixel_graph`
-(``mixed`` decode on GPU), targets ride along (copied to the GPU by DALI). Batches come
-out as torch tensors on the device, images and targets in matching order.
+window, the flip and the stored target; images go through :func:`pixels.pixel_pipeline`,
+the builder extraction uses (``mixed`` decode on GPU), targets ride along (copied to the
+GPU by DALI). Batches come out as torch tensors on the device, images and targets in
+matching order.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Iterator
 import torch
 
 from .errors import FdcacheError
-from .pixels import pixel_graph
+from .pixels import explain_decode_failure, pixel_pipeline
 from .sources import TrainSource
 
 
@@ -54,36 +55,21 @@ def resolve_workers(workers: int | str, device: torch.device) -> int:
 def build_pipeline(source: TrainSource, *, resolution: int, mean, std, device: str = "cpu",
                    num_threads: int = 4, parallel: bool = False, py_workers: int = 2, prefetch: int = 2,
                    device_id: int | None = None):
-    from nvidia.dali import fn, pipeline_def, types
+    """:func:`pixels.pixel_pipeline` fed per sample by ``source``; the stored target (and
+    qparams) and the sample index ride beside the images."""
+    from nvidia.dali import types
 
-    offline = source.store_url is not None
-    dtypes = [types.UINT8, types.INT32, types.INT32]
-    ndims = [1, 1, 0]
-    if offline:
+    extra = []
+    if source.store_url is not None:
         import zarr
         tdtype = zarr.open_array(source.store_url, path="targets", mode="r").dtype
-        dtypes.append(types.INT8 if tdtype.kind == "i" else types.FLOAT16)
-        ndims.append(2)
+        extra.append((types.INT8 if tdtype.kind == "i" else types.FLOAT16, 2))
         if source.with_qparams:
-            dtypes.append(types.FLOAT); ndims.append(2)
-    dtypes.append(types.INT64); ndims.append(0)
-    if device == "gpu" and device_id is None:
-        device_id = torch.cuda.current_device()
-
-    @pipeline_def(batch_size=source.batch_size, num_threads=num_threads,
-                  device_id=device_id if device == "gpu" else None, prefetch_queue_depth=prefetch,
-                  exec_dynamic=True, py_num_workers=py_workers, py_start_method="spawn")
-    def pipe():
-        outs = fn.external_source(source=source, num_outputs=len(dtypes), batch=False,
-                                  parallel=parallel, dtype=dtypes, ndim=ndims)
-        images = pixel_graph(outs[0], outs[1], outs[2], resolution=resolution, mean=mean, std=std,
-                             device=device)
-        extras = [o.gpu() if device == "gpu" else o for o in outs[3:]]
-        return (images, *extras)
-
-    p = pipe()
-    p.build()
-    return p
+            extra.append((types.FLOAT, 2))
+    extra.append((types.INT64, 0))
+    return pixel_pipeline(source, batch_size=source.batch_size, resolution=resolution, mean=mean, std=std,
+                          device=device, num_threads=num_threads, device_id=device_id, prefetch=prefetch,
+                          parallel=parallel, py_workers=py_workers, batch=False, extra=extra)
 
 
 def batches(source: TrainSource, **pipeline_kw) -> Iterator[Batch]:
@@ -100,6 +86,8 @@ def batches(source: TrainSource, **pipeline_kw) -> Iterator[Batch]:
             pipe.reset()
             epoch, step = epoch + 1, 0
             continue
+        except RuntimeError as e:
+            raise _explain(source, epoch, step, e) from e
         # No copy: exec_dynamic allocates each run's outputs anew and keeps them alive while
         # referenced; ``__dlpack__`` makes torch's current stream wait for DALI's
         # (nvidia.dali.tensors.TensorGPU.__dlpack__ docs).
@@ -110,3 +98,10 @@ def batches(source: TrainSource, **pipeline_kw) -> Iterator[Batch]:
         yield Batch(images=tensors[0], targets=targets, qparams=qparams, index=tensors[-1],
                     epoch=epoch, step_in_epoch=step, wait_s=wait)
         step += 1
+
+
+def _explain(source: TrainSource, epoch: int, step: int, err: RuntimeError) -> Exception:
+    """Name the image DALI could not decode: it is in this batch or one prefetched after it."""
+    rows = source.order(epoch)[step * source.batch_size:(step + 3) * source.batch_size]
+    return explain_decode_failure([source.files[int(i)] for i in rows], err, f"epoch {epoch} batch {step}",
+                                  fix="Remove or fix them (fdcache verify checks a store's folder), then resume.")

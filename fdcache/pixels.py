@@ -81,9 +81,12 @@ def dali_device(device: torch.device | str) -> dict:
 def pixel_pipeline(source: Callable, *, batch_size: int, resolution: int,
                    mean: Sequence[float], std: Sequence[float], device: str = "cpu",
                    num_threads: int = 4, device_id: int | None = None, prefetch: int = 2,
-                   parallel: bool = False, py_workers: int = 2):
-    """Build the DALI pipeline. ``source(iteration)`` returns (encoded, windows, flips)
-    lists for one batch (see :class:`ViewBatches`); mean/std are in [0, 1] units."""
+                   parallel: bool = False, py_workers: int = 2, batch: bool = True, extra=()):
+    """The one DALI pipeline builder (extraction and training). ``source`` yields (encoded,
+    windows, flips, *extra): per batch (``source(iteration)``, see :class:`ViewBatches`) or,
+    with ``batch=False``, per sample (training's ``sample_info`` callbacks). ``extra`` lists
+    (DALI dtype, ndim) of outputs passed through beside the images (to the GPU on "gpu").
+    mean/std are in [0, 1] units."""
     from nvidia.dali import fn, pipeline_def, types
 
     if device not in ("cpu", "gpu"):
@@ -96,11 +99,15 @@ def pixel_pipeline(source: Callable, *, batch_size: int, resolution: int,
                   prefetch_queue_depth=prefetch, exec_dynamic=True,
                   py_num_workers=py_workers, py_start_method="spawn")
     def pipe():
-        encoded, window, flip = fn.external_source(
-            source=source, num_outputs=3, batch=True, parallel=parallel,
-            dtype=[types.UINT8, types.INT32, types.INT32], ndim=[1, 1, 0])
-        return pixel_graph(encoded, window, flip, resolution=resolution, mean=mean, std=std,
-                           device=device)
+        outs = fn.external_source(
+            source=source, num_outputs=3 + len(extra), batch=batch, parallel=parallel,
+            dtype=[types.UINT8, types.INT32, types.INT32, *(d for d, _ in extra)],
+            ndim=[1, 1, 0, *(n for _, n in extra)])
+        images = pixel_graph(outs[0], outs[1], outs[2], resolution=resolution, mean=mean, std=std,
+                             device=device)
+        if not extra:
+            return images
+        return (images, *(o.gpu() if device == "gpu" else o for o in outs[3:]))
 
     p = pipe()
     p.build()
@@ -168,15 +175,21 @@ class PixelStream:
         # The failing batch is the one requested or one already prefetched after it.
         rows = np.concatenate(self.work.batches[k:k + 3]) if self.work.batches[k:k + 3] else []
         files = [self.work.files[int(r)] for r in rows if int(r) not in self.work.skip]
-        bad = find_undecodable(files)
-        if not bad:
-            return DataError(f"DALI failed on batch {k} and no file in it fails to decode with "
-                             f"PIL; DALI said: {str(err).splitlines()[0][:500]}")
-        names = [f[self.root_len:] for f in bad]
-        return BadImageError(
-            f"cannot decode {len(bad)} image(s): {', '.join(names[:5])}"
-            f"{' ...' if len(names) > 5 else ''}. Remove or fix them, or pass --skip-bad "
-            "to record them as skipped.", names)
+        return explain_decode_failure(files, err, f"batch {k}", self.root_len,
+                                      "Remove or fix them, or pass --skip-bad to record them as skipped.")
+
+
+def explain_decode_failure(files: Sequence[str], err: RuntimeError, where: str, root_len: int = 0,
+                           fix: str = "Remove or fix them.") -> Exception:
+    """DALI's decode errors name no file: find the culprits among ``files`` (the batches that
+    were in flight) with PIL and name them, or pass DALI's message on."""
+    bad = find_undecodable(files)
+    if not bad:
+        return DataError(f"DALI failed on {where} and no file in it fails to decode with "
+                         f"PIL; DALI said: {str(err).splitlines()[0][:500]}")
+    names = [f[root_len:] for f in bad]
+    return BadImageError(f"cannot decode {len(bad)} image(s): {', '.join(names[:5])}"
+                         f"{' ...' if len(names) > 5 else ''}. {fix}", names)
 
 
 

@@ -61,6 +61,10 @@ class TrainSource:
         n = len(self.eligible[self.seed_of(epoch) if self.store_url else 0])
         return n // self.world // self.batch_size * self.batch_size
 
+    def order(self, epoch: int) -> np.ndarray:
+        """This rank's sample indices in ``epoch``, in order."""
+        return self._epoch(epoch)["order"]
+
     def _epoch(self, epoch: int):
         c = self._cache
         if c.get("epoch") != epoch:

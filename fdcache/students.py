@@ -17,9 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import DEFAULT_STUDENT  # noqa: F401 (declared with the configs)
 from .errors import ConfigError, FdcacheError
-
-DEFAULT_STUDENT = "beit_base_patch16_224"
 
 # Small configs for tests, quickstart and CPU benchmarks (random init; same code path).
 PRESETS = {

@@ -58,3 +58,24 @@ def wise(zeroshot: str | Path, finetuned: str | Path, alphas: list[float], out: 
                                                 "finetuned": str(finetuned), "finetuned_weights": ft_file}}))
     return paths
 
+
+
+def sweep(zeroshot: str | Path, finetuned: str | Path, alphas: list[float], out: str | Path, *,
+          ema: bool = True, data: list[str] = (), classnames: str = "folder", batch_size: int = 128,
+          workers: int = 4, device: str = "auto", progress: bool = False) -> list[tuple[float, Path, dict | None]]:
+    """``fdcache wise``: write each alpha's export and, with ``data``, evaluate it there.
+    Returns (alpha, export, results or None) per alpha."""
+    from .classifiers import load_export
+    from .distributed import Dist, device_for
+    from .evaluate import evaluate
+
+    dev = device_for(Dist(), device)
+    rows = []
+    for a, p in zip(alphas, wise(zeroshot, finetuned, alphas, out, ema=ema)):
+        results = None
+        if data:
+            m, spec, _ = load_export(p)
+            results = evaluate(m.to(dev), spec, [str(x) for x in data], classnames=classnames,
+                               batch_size=batch_size, workers=workers, device=dev, progress=progress)
+        rows.append((a, p, results))
+    return rows

@@ -58,3 +58,23 @@ def one_and_two_processes(args: list[str], batch: int, out: Path) -> tuple[Path,
         r = subprocess.run([*cmd, "--out", str(out / name)], capture_output=True, text=True, env=env, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
     return out / "one", out / "two"
+
+
+def interrupt_at(monkeypatch, step: int, signum=None, children: bool = False):
+    """Deliver SIGINT (or ``signum``) to this process right after optimizer step ``step``: an
+    injected Ctrl-C at a known step, not a lucky timing. ``children``: to its worker
+    processes too, as a terminal's Ctrl-C reaches the whole process group."""
+    import multiprocessing
+    import signal
+
+    from fdcache.engine import Engine
+
+    real = Engine.optimizer_step
+
+    def step_then_signal(self):
+        real(self)
+        if self.step == step:
+            for p in multiprocessing.active_children() if children else []:
+                os.kill(p.pid, signum or signal.SIGINT)
+            os.kill(os.getpid(), signum or signal.SIGINT)
+    monkeypatch.setattr(Engine, "optimizer_step", step_then_signal)

@@ -96,3 +96,27 @@ def test_verify_exits_1_naming_the_problem(image_root, tmp_path):
 def test_inspect_of_a_non_store_is_a_clear_error(tmp_path):
     r = run("inspect", tmp_path / "nothing.zarr")
     assert r.exit_code == 2 and "error" in r.output
+
+
+def test_ctrl_c_stops_with_a_checkpoint_and_the_resume_command_then_resume_finishes(image_root, tmp_path,
+                                                                                   monkeypatch):
+    import sys
+
+    from conftest import interrupt_at
+
+    args = ["finetune", "--model", TINY_TEACHER, "--random-init", "--templates", "simple", "--data", image_root,
+            "--steps", 4, "--batch-size", 4, "--lr-batch", 4, "--warmup-steps", 1, "--workers", 0,
+            "--out", tmp_path / "ft"]
+    monkeypatch.setattr(sys, "argv", ["fdcache", *map(str, args)])  # as the shell started it
+    interrupt_at(monkeypatch, 2)
+    r = run(*args)
+    assert r.exit_code == 130, r.output
+    assert "stopped:" in r.output and "SIGINT at step 2/4" in r.output
+    assert f"fdcache finetune --model {TINY_TEACHER}" in r.output and "--resume" in r.output
+    monkeypatch.undo()
+    r = run(*args)  # a fresh run into the same --out is refused, naming what is there
+    assert r.exit_code == 2 and "already holds a run" in r.output and "--overwrite" in r.output
+    r = run(*args, "--resume")
+    assert r.exit_code == 0 and "finetune: 4 step(s)" in r.output, r.output
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "ft" / "log.jsonl")]
+    assert steps == [1, 2, 3, 4]

@@ -22,7 +22,7 @@ from fdcache.teachers import TINY_TEACHER, create_openclip
 from fdcache.train import TrainConfig, train
 from fdcache.wise import wise
 
-from conftest import one_and_two_processes
+from conftest import interrupt_at, one_and_two_processes
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def _batch(ft):
 def test_layer_decay_gives_each_block_its_lr_and_no_decay_to_norms_and_embeddings(folder, tmp_path):
     ft = Finetuner(fcfg(tmp_path, folder, layer_decay=0.5, warmup_steps=0, steps=10, weight_decay=0.05,
                         freeze_patch_embed=True))
-    ft.scheduler.step_update(0)
+    ft.engine.scheduler.step_update(0)
     peak = ft.cfg.base_lr  # total batch 4 == lr_batch
     names = {id(p): n for n, p in ft.model.named_parameters()}
     depth = 2  # the tiny CLIP tower's blocks; stem = layer 0, block i = i + 1, head = depth + 1
@@ -72,7 +72,7 @@ def test_layer_decay_gives_each_block_its_lr_and_no_decay_to_norms_and_embedding
         return 1.0
 
     seen = []
-    for g in ft.optimizer.param_groups:
+    for g in ft.engine.optimizer.param_groups:
         for p in g["params"]:
             name = names[id(p)]
             seen.append(name)
@@ -89,12 +89,12 @@ def test_ema_update_follows_the_formula(folder, tmp_path):
     it = iter(train_loader(ft.dataset, ft.sampler, 0, False))
     for step in range(4):
         images, labels, index = next(it)
-        ft.scheduler.step_update(ft.step)
-        before = {k: v.clone() for k, v in ft.ema.module.state_dict().items()}
-        ft.forward_backward(images, labels, index, 0)
-        ft.optimizer_step()
+        ft.engine.scheduler.step_update(ft.engine.step)
+        before = {k: v.clone() for k, v in ft.engine.ema.module.state_dict().items()}
+        ft.engine.forward_backward((images, labels, index, 0))
+        ft.engine.optimizer_step()
         d = 0.0 if step < 2 else 0.9  # timm's ModelEmaV3 copies the model on its first updates
-        model, ema = ft.model.state_dict(), ft.ema.module.state_dict()
+        model, ema = ft.model.state_dict(), ft.engine.ema.module.state_dict()
         for k, v in ema.items():
             if v.is_floating_point():
                 torch.testing.assert_close(v, d * before[k] + (1 - d) * model[k], rtol=1e-5, atol=1e-7)
@@ -167,7 +167,7 @@ def test_a_few_finetuning_steps_reduce_the_loss(tmp_path):
 
 
 def test_a_distilled_student_starts_finetuning_from_its_weights(student, folder, tmp_path):
-    ft = Finetuner(fcfg(tmp_path, folder, student=str(student), model=None, random_init=None, drop_path=0.1))
+    ft = Finetuner(fcfg(tmp_path, folder, student_run=str(student), model=None, random_init=None, drop_path=0.1))
     state = load_file(str(student / "student.safetensors"))
     m = ft.model
     assert torch.equal(m.patch_embed.proj.weight, state["patch_embed.proj.weight"])
@@ -179,7 +179,7 @@ def test_a_distilled_student_starts_finetuning_from_its_weights(student, folder,
 
 
 def test_resume_is_exact_with_mixup_drop_path_randaugment_and_ema(student, folder, tmp_path):
-    kw = dict(student=str(student), model=None, random_init=None, steps=6, mixup=0.8, cutmix=1.0, drop_path=0.1,
+    kw = dict(student_run=str(student), model=None, random_init=None, steps=6, mixup=0.8, cutmix=1.0, drop_path=0.1,
               ema_decay=0.9, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, label_smoothing=0.1,
               layer_decay=0.75, clip_grad=5.0)
     a = finetune(fcfg(tmp_path / "a", folder, **kw))
@@ -294,15 +294,15 @@ def test_resume_with_other_classes_is_refused(folder, tmp_path):
 
 
 @pytest.mark.parametrize("kw,message", [
-    (dict(head="zeroshot", student="S", model=None, random_init=None), "no text tower"),
+    (dict(head="zeroshot", student_run="S", model=None, random_init=None), "no text tower"),
     (dict(mode="flyp", model="timm:vit_tiny_patch16_224"), "no text tower"),
     (dict(model=TINY_TEACHER, random_init=None), "--random-init"),
     (dict(drop_path=0.1), "no drop path"),
     (dict(epochs=None, steps=None), "--epochs"),
 ])
 def test_impossible_settings_are_refused_clearly(folder, student, tmp_path, kw, message):
-    if kw.get("student") == "S":
-        kw = kw | {"student": str(student)}
+    if kw.get("student_run") == "S":
+        kw = kw | {"student_run": str(student)}
     cfg = fcfg(tmp_path, folder, **kw)
     if "steps" in kw:
         cfg.steps = cfg.epochs = None
@@ -460,3 +460,55 @@ def test_non_finite_loss_stops_with_the_step_and_a_checkpoint(folder, tmp_path):
     with pytest.raises(FinetuneError, match="at step 1"):
         ft.fit()
     assert (tmp_path / "r" / "checkpoints" / "nonfinite-step1.pt").exists()
+
+
+@pytest.mark.parametrize("mode", ["finetune", "flyp"])
+def test_sigint_at_a_random_step_then_resume_gives_bit_identical_weights(folder, tmp_path, monkeypatch, mode):
+    from fdcache.engine import Interrupted
+
+    kw = dict(mode=mode, templates="simple", steps=6, base_lr=1e-3, ema_decay=0.9, drop_path=0.0)
+    a = finetune(fcfg(tmp_path / "a", folder, **kw))
+    k = int(np.random.default_rng(7 if mode == "flyp" else 3).integers(1, 6))  # a fixed draw
+    interrupt_at(monkeypatch, k)
+    with pytest.raises(Interrupted, match=f"at step {k}/6") as e:
+        finetune(fcfg(tmp_path / "b", folder, **kw))
+    assert e.value.exit_code == 130
+    monkeypatch.undo()
+    b = finetune(fcfg(tmp_path / "b", folder, resume=True, **kw))
+    assert b.steps == 6 and a.losses[k:] == b.losses
+    for f in ("model.safetensors", "model_ema.safetensors"):
+        wa, wb = load_file(str(tmp_path / "a" / f)), load_file(str(tmp_path / "b" / f))
+        assert all(torch.equal(wa[n], wb[n]) for n in wa), f
+    steps = [json.loads(x)["step"] for x in open(tmp_path / "b" / "log.jsonl")]
+    assert steps == list(range(1, 7))
+
+
+def test_loader_workers_outlive_a_ctrl_c_so_the_step_in_flight_can_finish(folder):
+    """A terminal's Ctrl-C reaches the workers too; the main process decides when to stop."""
+    import os
+    import signal
+
+    from fdcache.imagefolder import EpochSampler
+
+    ds = LabeledImages(folder, eval_transform(32, (0.5,) * 3, (0.5,) * 3, 1.0))
+    it = iter(train_loader(ds, EpochSampler(len(ds), 4, seed=0), 1, False))
+    next(it)
+    for w in it._workers:
+        os.kill(w.pid, signal.SIGINT)
+    assert len([next(it) for _ in range(3)]) == 3  # the rest of the epoch still arrives
+
+
+def test_ctrl_c_reaching_the_loader_workers_too_still_stops_cleanly_and_resumes_exactly(folder, tmp_path,
+                                                                                       monkeypatch):
+    from fdcache.engine import Interrupted
+
+    kw = dict(steps=6, workers=2, base_lr=1e-3)
+    a = finetune(fcfg(tmp_path / "a", folder, **kw))
+    interrupt_at(monkeypatch, 3, children=True)
+    with pytest.raises(Interrupted, match="at step 3/6"):
+        finetune(fcfg(tmp_path / "b", folder, **kw))
+    monkeypatch.undo()
+    b = finetune(fcfg(tmp_path / "b", folder, resume=True, **kw))
+    assert a.losses[3:] == b.losses
+    wa, wb = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("a", "b"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -13,7 +13,7 @@ from fdcache.students import build_student, resize_token_grid
 from fdcache.teachers import TINY_TEACHER
 from fdcache.train import TrainConfig, Trainer, TrainError, train
 
-from conftest import one_and_two_processes
+from conftest import interrupt_at, one_and_two_processes
 
 
 def _extract(data, out, **kw):
@@ -56,7 +56,7 @@ def test_offline_and_online_give_the_same_step0_loss_and_gradients(image_root, s
     b_off, b_on = next(off.stream()), next(on.stream())
     assert torch.equal(b_off.index, b_on.index)  # same order
     assert torch.equal(b_off.images, b_on.images)  # same recorded views, same pixels
-    l_off, l_on = off.forward_backward(b_off), on.forward_backward(b_on)
+    l_off, l_on = off.engine.forward_backward(b_off), on.engine.forward_backward(b_on)
     # The store holds the teacher's output in fp16: that rounding is the only difference.
     torch.testing.assert_close(l_off, l_on, rtol=2e-3, atol=0)
     for (name, p), q in zip(off.model.named_parameters(), on.model.parameters()):
@@ -109,9 +109,9 @@ def test_int8_store_trains_through_the_fused_kernel(image_root, tmp_path):
     t = Trainer(tcfg(tmp_path / "r", cache=str(s), loss_impl="triton"))
     b = next(t.stream())
     assert b.targets.dtype == torch.int8 and b.qparams.shape == (4, 17, 2)
-    loss = t.forward_backward(b)
+    loss = t.engine.forward_backward(b)
     ref = Trainer(tcfg(tmp_path / "r2", cache=str(s), loss_impl="torch"))
-    torch.testing.assert_close(loss, ref.forward_backward(next(ref.stream())), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, ref.engine.forward_backward(next(ref.stream())), rtol=1e-5, atol=1e-6)
 
 
 def test_incomplete_store_is_refused_naming_the_seed_unless_allow_partial(image_root, tmp_path):
@@ -136,7 +136,7 @@ def test_token_grid_mismatch_is_refused_or_resampled(store, tmp_path):
         Trainer(tcfg(tmp_path / "r", cache=str(store), resolution=96))
     t = Trainer(tcfg(tmp_path / "r", cache=str(store), resolution=96, resize_targets=True))
     b = next(t.stream())
-    assert b.images.shape[-1] == 96 and torch.isfinite(t.forward_backward(b))
+    assert b.images.shape[-1] == 96 and torch.isfinite(t.engine.forward_backward(b))
 
 
 def test_resize_token_grid_keeps_cls_and_interpolates_patches():
@@ -191,3 +191,142 @@ def test_parallel_loader_workers_yield_the_same_batches(store, tmp_path):
         # Images and targets belong together: the target is the store's (seed, index) row.
         want = Store.open(str(store)).group["targets"].get_orthogonal_selection((x.epoch % 2, x.index.numpy()))
         assert torch.equal(x.targets, torch.from_numpy(want))
+
+
+def count_read_backs(monkeypatch) -> list[str]:
+    """Tensor-to-host reads (``item``, ``tolist``, ``float()``, ``bool()``) made by fdcache's
+    code (its package and kernels): each is a device sync on CUDA. torch's AdamW also calls
+    ``item()``, on its step counters, which it keeps on the host (no sync)."""
+    import sys
+
+    import fdcache
+    repo = os.path.dirname(os.path.dirname(fdcache.__file__))
+    calls = []
+    for name in ("item", "tolist", "__float__", "__bool__"):
+        real = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _real=real, _name=name, **k):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(repo) and os.sep + "tests" + os.sep not in caller:
+                calls.append(_name)
+            return _real(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    return calls
+
+
+def test_the_loss_is_read_back_only_every_log_every_steps(store, tmp_path, monkeypatch):
+    t = Trainer(tcfg(tmp_path / "r", cache=str(store), steps=6, log_every=3, ema_decay=0.9))
+    calls = count_read_backs(monkeypatch)
+    r = t.fit()
+    monkeypatch.undo()
+    assert calls == ["tolist", "tolist"], calls  # steps 3 and 6: one read-back each, none per step
+    assert [rec["step"] for rec in _log(tmp_path / "r")] == [3, 6] and len(r.losses) == 2
+
+
+def test_log_every_defaults_to_a_window_on_cuda_and_every_step_on_cpu(store, tmp_path, monkeypatch):
+    from fdcache.engine import Engine
+
+    t = Trainer(tcfg(tmp_path / "r", cache=str(store)))
+    assert t.cfg.log_every is None and t.engine.log_every == 1
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: self)  # no CUDA here: keep tensors put
+    e = Engine(t, t.model, t.cfg, t.dist, torch.device("cuda", 0), micro_per_epoch=4)
+    assert e.log_every == 10
+
+
+def test_sigint_at_a_random_step_checkpoints_and_resume_is_bit_identical(store, tmp_path, monkeypatch):
+    from fdcache.engine import Interrupted
+
+    kw = dict(cache=str(store), steps=8, save_every=1000, drop_path=0.2, ema_decay=0.9, log_every=2)
+    full = train(tcfg(tmp_path / "a", **kw))
+    k = int(np.random.default_rng(12).integers(1, 8))  # a fixed draw: the test is repeatable
+    interrupt_at(monkeypatch, k)
+    with pytest.raises(Interrupted, match=f"SIGINT at step {k}/8") as e:
+        train(tcfg(tmp_path / "b", **kw))
+    assert e.value.exit_code == 130 and "resume=True" in str(e.value)  # (the CLI prints its command line)
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "b/checkpoints/last.pt", weights_only=False)["step"] == k
+    train(tcfg(tmp_path / "b", resume=True, **kw))
+    a, b = (torch.load(tmp_path / d / "checkpoints/last.pt", weights_only=False) for d in ("a", "b"))
+    for part in ("model", "ema"):
+        assert all(torch.equal(a[part][n], b[part][n]) for n in a[part]), part
+    steps = [r["step"] for r in _log(tmp_path / "b")]
+    assert steps == sorted(set(steps)) and steps[-1] == 8  # each logged step once
+    assert k in steps  # the interrupted step was logged before the checkpoint
+
+
+def test_sigterm_exits_143(store, tmp_path, monkeypatch):
+    import signal
+
+    from fdcache.engine import Interrupted
+
+    interrupt_at(monkeypatch, 2, signal.SIGTERM)
+    with pytest.raises(Interrupted, match="SIGTERM at step 2") as e:
+        train(tcfg(tmp_path / "r", cache=str(store), steps=6))
+    assert e.value.exit_code == 143
+
+
+def test_resume_drops_log_records_past_the_checkpoint(store, tmp_path, monkeypatch):
+    import shutil
+
+    from fdcache.engine import Engine
+
+    real = Engine.save
+
+    def save_and_keep(self, name="last.pt"):  # keep the step-3 checkpoint aside
+        path = real(self, name)
+        if self.step == 3:
+            shutil.copy(path, tmp_path / "step3.pt")
+        return path
+    monkeypatch.setattr(Engine, "save", save_and_keep)
+    train(tcfg(tmp_path / "r", cache=str(store), steps=6, save_every=3, run_steps=5))
+    monkeypatch.undo()
+    # A crash after step 5 was logged but before its checkpoint: last.pt is still step 3's.
+    shutil.copy(tmp_path / "step3.pt", tmp_path / "r/checkpoints/last.pt")
+    assert [r["step"] for r in _log(tmp_path / "r")] == [1, 2, 3, 4, 5]
+    with open(tmp_path / "r/log.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')  # and a line cut short
+    r = train(tcfg(tmp_path / "r", cache=str(store), steps=6, save_every=3, resume=True))
+    assert r.steps == 6 and [rec["step"] for rec in _log(tmp_path / "r")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_an_occupied_out_is_refused_naming_it_and_overwrite_replaces_only_fdcache_files(store, tmp_path):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')  # a run stopped before any checkpoint
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FdcacheError, match=r"already holds a run \(log.jsonl\).*--resume.*--overwrite"):
+        train(tcfg(out, cache=str(store), steps=2))
+    train(tcfg(out, cache=str(store), steps=2, overwrite=True))
+    assert [r["step"] for r in _log(out)] == [1, 2] and (out / "notes.txt").read_text() == "mine"
+    (out / "checkpoints" / "mine.pt").write_text("x")
+    train(tcfg(out, cache=str(store), steps=3, overwrite=True))
+    assert (out / "checkpoints" / "mine.pt").exists() and (out / "notes.txt").exists()
+
+
+def test_progress_moves_every_step_from_the_resumed_step_and_never_past_the_total(store, tmp_path, monkeypatch):
+    import fdcache.engine
+    from fdcache.progress import Progress
+
+    seen = []
+
+    class Recording(Progress):
+        def update(self, *a, **k):
+            super().update(*a, **k)
+            seen.append((self.n, self.total))
+    monkeypatch.setattr(fdcache.engine, "Progress", Recording)
+    train(tcfg(tmp_path / "r", cache=str(store), steps=5, run_steps=2, log_every=2, progress=True))
+    assert seen == [(1, 5), (2, 5)]
+    seen.clear()
+    train(tcfg(tmp_path / "r", cache=str(store), steps=5, resume=True, log_every=2, progress=True))
+    assert seen == [(3, 5), (4, 5), (5, 5)]
+
+
+def test_an_image_that_breaks_during_training_is_named(images, tmp_path):
+    from fdcache.errors import BadImageError
+
+    s = _extract(images, tmp_path / "s.zarr", seeds=1)
+    bad = sorted((images / "class_001").glob("*.jpg"))[0]
+    bad.write_bytes(bad.read_bytes()[:300])  # damaged after extraction
+    with pytest.raises(BadImageError, match=bad.name) as e:
+        train(tcfg(tmp_path / "r", cache=str(s), check_data=False))
+    assert "cannot decode" in str(e.value)

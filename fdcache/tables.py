@@ -1,0 +1,55 @@
+"""The tables the commands print (rich renderables built from the library's result dicts),
+so every front end shows the same figures the same way."""
+
+from __future__ import annotations
+
+import json
+
+from rich.table import Table
+
+
+def evals_table(evals: dict, title: str = "evaluation") -> Table:
+    """``{weights: {set: {"n", "top1", "top5"}}}`` as rows."""
+    table = Table(title=title)
+    for col in ("weights", "set", "images", "top-1", "top-5"):
+        table.add_column(col, justify="right")
+    for which, sets in evals.items():
+        for name, r in sets.items():
+            table.add_row(which, name, str(r["n"]), f"{100 * r['top1']:.2f}", f"{100 * r['top5']:.2f}")
+    return table
+
+
+def store_table(r: dict) -> Table:
+    """``fdcache inspect``'s summary of :func:`fdcache.inspection.inspect_store`."""
+    t = r["teacher"]
+    table = Table(title=f"fdcache store {r['store']}", show_header=False)
+    table.add_row("teacher", t["label"])
+    table.add_row("feature map", f"{t['tokens']} tokens ({t['prefix_tokens']} prefix) x {t['dim']} dims, "
+                  f"patch {t['patch']}, {t['layer']} layer, post-norm={t['post_norm']}")
+    table.add_row("weights sha256", t["weights_sha256"][:16] + "...")
+    table.add_row("shape [S, N, L, D]", str(list(r["shape"].values())))
+    table.add_row("view policy", json.dumps(r["view_policy"]))
+    table.add_row("codec", json.dumps(r["codec"]))
+    table.add_row("bytes / sample-view", f"{r['bytes_per_sample_view']:,.0f} (raw fp16 "
+                  f"{r['raw_fp16_bytes_per_sample_view']:,}; ratio {r['compression_ratio'] or 0:.2f}x)")
+    table.add_row("stored", f"{r['bytes_stored'] / 1e6:,.2f} MB")
+    for c in r["completeness"]:
+        table.add_row(f"seed {c['seed']}", f"{c['shards_done']}/{c['shards']} shards, "
+                      f"{c['samples_done']} samples, {c['skipped']} skipped")
+    return table
+
+
+def bench_table(r: dict, modes) -> Table:
+    """``fdcache bench``'s figures per mode (median, spread, data wait, peak memory)."""
+    env = r["environment"]
+    table = Table(title=f"fdcache bench: {env['student']} <- {env['teacher']}, batch {env['batch_size']}, "
+                        f"{env['device']}")
+    for col in ("mode", "img/s (median)", "min..max", "data wait", "peak MiB"):
+        table.add_column(col, justify="right")
+    for m in modes:
+        if m in r:
+            v = r[m]
+            table.add_row(m, f"{v['images_per_s']:,.1f}", f"{v['min']:,.1f}..{v['max']:,.1f}",
+                          "-" if v["data_wait_fraction"] is None else f"{100 * v['data_wait_fraction']:.0f}%",
+                          "-" if v["peak_memory_MiB"] is None else f"{v['peak_memory_MiB']:,.0f}")
+    return table

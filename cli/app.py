@@ -116,7 +116,7 @@ def _overrides(items: list[str]) -> dict:
 @app.command()
 @handles_errors
 def train(
-    out_: Path = typer.Option(..., "--out", "-o", help="Run directory: log.jsonl, checkpoints/, student.safetensors."),
+    out_: Path = typer.Option(..., "--out", "-o", help="Run directory: log.jsonl, checkpoints/, config.json + model.safetensors (timm local-dir)."),
     cache: Optional[str] = typer.Option(None, help="Store made by fdcache extract (offline distillation)."),
     data: Optional[Path] = typer.Option(None, help="Image folder (default for --cache: the one recorded in the store)."),
     online: bool = typer.Option(False, "--online", help="Run the teacher in the loop instead of reading a store (baseline)."),
@@ -295,7 +295,7 @@ def _tune_command(mode: str, default_preset: str, doc: str):
         pretrained: Optional[str] = typer.Option(None, help="Weight tag (openai) or local checkpoint path."),
         random_init: Optional[bool] = typer.Option(None, "--random-init", help="Seeded random weights (tests, smoke runs)."),
         init_seed: Optional[int] = typer.Option(None, help="Seed of --random-init weights."),
-        student: Optional[Path] = typer.Option(None, help="finetune: an fdcache train --out directory (student.safetensors) instead of --model."),
+        student: Optional[Path] = typer.Option(None, help="finetune: an fdcache train --out directory instead of --model."),
         resolution: Optional[int] = typer.Option(None, help="Input size (default: the model's / the preset's)."),
         classnames: Optional[str] = typer.Option(None, help="Class names for prompts and matching: folder, imagenet, or a JSON/text file."),
         templates: Optional[str] = typer.Option(None, help="Prompt templates: openai (80) or simple (open_clip's)."),

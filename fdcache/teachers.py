@@ -70,7 +70,8 @@ def parse_teacher_name(name: str) -> tuple[str, str]:
     return "openclip", name
 
 
-def _register_configs() -> None:
+def register_configs() -> None:
+    """Make the bundled configs (the tiny random-init CLIP) known to open_clip."""
     import open_clip
     if TINY_TEACHER not in open_clip.list_models():
         open_clip.add_model_config(CONFIG_DIR)
@@ -172,7 +173,7 @@ def create_openclip(model_name: str, pretrained: str | None, resolution: int | N
     """open_clip's CLIP model (both towers): weights by tag or local path, or random (None)."""
     import open_clip
 
-    _register_configs()
+    register_configs()
     if model_name not in open_clip.list_models():
         raise TeacherError(f"unknown open_clip model {model_name!r}; see open_clip.list_models() "
                            f"(e.g. ViT-B-16, ViT-L-14) or use timm:<name>")

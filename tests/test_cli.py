@@ -20,7 +20,7 @@ def test_quickstart_runs_the_whole_tour(tmp_path):
     assert "verify: ok" in r.output and (tmp_path / "teacher.zarr" / "zarr.json").exists()
     for step in ("5. train", "6. finetune", "7. eval", "8. flyp", "9. wise"):
         assert step in r.output, r.output
-    for export in ("student/student.safetensors", "finetune/model.json", "flyp/init/model.json",
+    for export in ("student/model.safetensors", "finetune/model.json", "flyp/init/model.json",
                    "wise/alpha-0.50/model.safetensors"):
         assert (tmp_path / export).exists(), export
 

@@ -33,6 +33,20 @@ def _fail(e: FdcacheError) -> None:
     raise typer.Exit(e.exit_code)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from fdcache import __version__
+
+        out.print(f"fdcache {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                        help="Print the version and exit.")) -> None:
+    """Cache a CLIP teacher's feature maps once; train feature-distillation students fast."""
+
+
 def handles_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):

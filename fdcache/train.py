@@ -392,7 +392,7 @@ class Trainer(Loop):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
-            raise FdcacheError("--tensorboard needs the tensorboard package (pip install tensorboard)") from e
+            raise FdcacheError("--tensorboard needs the tensorboard package: pip install 'fdcache[tensorboard]'") from e
         return SummaryWriter(str(self.out / "tb"))
 
 

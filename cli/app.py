@@ -297,45 +297,63 @@ def verify(store: str = typer.Argument(..., help="Store path or URL."),
               f"{r['samples']} samples checksummed; {r['files_checked']} image file(s) unchanged")
 
 
+def _preset_values(name: str) -> dict:
+    """A preset's values, read without importing the training code (help stays fast)."""
+    path = Path(__file__).resolve().parents[1] / "fdcache" / "presets" / f"{name}.json"
+    if not path.is_file():  # installed layout: fdcache/cli/app.py beside fdcache/presets
+        path = Path(__file__).resolve().parent.parent / "presets" / f"{name}.json"
+    return json.loads(path.read_text())["values"] if path.is_file() else {}
+
+
 def _tune_command(mode: str, default_preset: str, doc: str):
     """``finetune`` and ``flyp`` share their options; a preset fills what is not given."""
 
+    preset_values = _preset_values(default_preset)
+
+    def pd(key: str) -> dict:
+        """Show the default preset's value as the option's default (flags default to None: unset)."""
+        if key not in preset_values:
+            return {}
+        value = preset_values[key]
+        return {"show_default": f"{default_preset}: {'off' if value is None else value}"}
+
     def command(
-        out_: Path = typer.Option(..., "--out", "-o", help="Run directory: log.jsonl, checkpoints/, model.safetensors (+ model_ema), init/."),
-        data: Path = typer.Option(..., help="Training image folder (root/<class>/<image>)."),
+        out_: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory: log.jsonl, checkpoints/, config.json, model.safetensors (+ model_ema), init/. Required."),
+        data: Optional[Path] = typer.Option(None, help="Training image folder (root/<class>/<image>). Required."),
         val: list[Path] = typer.Option([], help="Eval image folder, after each epoch and at the end (repeatable: a val set and its shifts)."),
         preset: str = typer.Option(default_preset, help="Recipe: ft-clip-vit-b16, ft-clip-vit-l14, fd-finetune-vit-b16, flyp-imagenet (fdcache/presets/*.json); flags override it."),
-        model: Optional[str] = typer.Option(None, help="open_clip name (ViT-B-16) or timm:<name> (finetune only)."),
-        pretrained: Optional[str] = typer.Option(None, help="Weight tag (openai) or local checkpoint path."),
+        print_config: bool = typer.Option(False, "--print-config", help="Print the resolved configuration (the preset, then the flags given) as JSON and exit."),
+        model: Optional[str] = typer.Option(None, **pd("model"), help="open_clip name (ViT-B-16) or timm:<name> (finetune only)."),
+        pretrained: Optional[str] = typer.Option(None, **pd("pretrained"), help="Weight tag (openai) or local checkpoint path."),
         random_init: Optional[bool] = typer.Option(None, "--random-init", help="Seeded random weights (tests, smoke runs)."),
         init_seed: Optional[int] = typer.Option(None, help="Seed of --random-init weights."),
         student: Optional[Path] = typer.Option(None, help="finetune: an fdcache train --out directory instead of --model."),
-        resolution: Optional[int] = typer.Option(None, help="Input size (default: the model's / the preset's)."),
-        classnames: Optional[str] = typer.Option(None, help="Class names for prompts and matching: folder, imagenet, or a JSON/text file."),
-        templates: Optional[str] = typer.Option(None, help="Prompt templates: openai (80) or simple (open_clip's)."),
-        head: Optional[str] = typer.Option(None, help="finetune: fresh (FT-CLIP, mean-pooled tokens) or zeroshot (head from the text tower; writes init/ for WiSE-FT)."),
-        epochs: Optional[int] = typer.Option(None, help="Epochs."),
+        resolution: Optional[int] = typer.Option(None, **pd("resolution"), help="Input size (default: the model's / the preset's)."),
+        classnames: Optional[str] = typer.Option(None, **pd("classnames"), help="Class names for prompts and matching: folder, imagenet, or a JSON/text file."),
+        templates: Optional[str] = typer.Option(None, **pd("templates"), help="Prompt templates: openai (80) or simple (open_clip's)."),
+        head: Optional[str] = typer.Option(None, **pd("head"), help="finetune: fresh (FT-CLIP, mean-pooled tokens) or zeroshot (head from the text tower; writes init/ for WiSE-FT)."),
+        epochs: Optional[int] = typer.Option(None, **pd("epochs"), help="Epochs."),
         steps: Optional[int] = typer.Option(None, help="Optimizer steps (instead of --epochs)."),
-        batch_size: Optional[int] = typer.Option(None, help="Images per rank per micro-batch."),
-        accum_steps: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step."),
-        lr: Optional[float] = typer.Option(None, help="Peak lr per --lr-batch images of total batch (scaled linearly)."),
-        lr_batch: Optional[int] = typer.Option(None, help="Total batch at which --lr is given."),
-        warmup_epochs: Optional[float] = typer.Option(None, help="Linear warmup, in epochs."),
-        warmup_steps: Optional[int] = typer.Option(None, help="Linear warmup, in steps (overrides --warmup-epochs)."),
-        warmup_lr: Optional[float] = typer.Option(None, help="lr at the start of warmup (scaled like --lr)."),
-        min_lr: Optional[float] = typer.Option(None, help="lr at the end of the cosine (scaled like --lr)."),
-        weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay (not on biases, norms, embeddings)."),
-        layer_decay: Optional[float] = typer.Option(None, help="finetune: layer-wise lr decay (timm's groups); 1 turns it off."),
-        drop_path: Optional[float] = typer.Option(None, help="Stochastic depth (timm models and students)."),
-        clip_grad: Optional[float] = typer.Option(None, help="Gradient-norm clip; 0 turns it off."),
-        ema_decay: Optional[float] = typer.Option(None, help="EMA of the weights (timm ModelEmaV3); 0 turns it off."),
-        label_smoothing: Optional[float] = typer.Option(None, help="finetune: label smoothing."),
-        mixup: Optional[float] = typer.Option(None, help="finetune: mixup alpha (timm); 0 is off."),
-        cutmix: Optional[float] = typer.Option(None, help="finetune: cutmix alpha (timm); 0 is off."),
-        auto_augment: Optional[str] = typer.Option(None, help="finetune: timm RandAugment policy (rand-m9-mstd0.5-inc1) or none."),
-        reprob: Optional[float] = typer.Option(None, help="finetune: random-erasing probability."),
-        crop_pct: Optional[float] = typer.Option(None, help="Evaluation centre-crop fraction (1.0: CLIP's; 0.875: BEiT/FT-CLIP)."),
-        freeze_patch_embed: Optional[bool] = typer.Option(None, "--freeze-patch-embed/--train-patch-embed", help="Freeze the patch embedding (FT-CLIP at 224)."),
+        batch_size: Optional[int] = typer.Option(None, **pd("batch_size"), help="Images per rank per micro-batch."),
+        accum_steps: Optional[int] = typer.Option(None, **pd("accum_steps"), help="Micro-batches per optimizer step."),
+        lr: Optional[float] = typer.Option(None, **pd("base_lr"), help="Peak lr per --lr-batch images of total batch (scaled linearly)."),
+        lr_batch: Optional[int] = typer.Option(None, **pd("lr_batch"), help="Total batch at which --lr is given."),
+        warmup_epochs: Optional[float] = typer.Option(None, **pd("warmup_epochs"), help="Linear warmup, in epochs."),
+        warmup_steps: Optional[int] = typer.Option(None, **pd("warmup_steps"), help="Linear warmup, in steps (overrides --warmup-epochs)."),
+        warmup_lr: Optional[float] = typer.Option(None, **pd("warmup_lr"), help="lr at the start of warmup (scaled like --lr)."),
+        min_lr: Optional[float] = typer.Option(None, **pd("min_lr"), help="lr at the end of the cosine (scaled like --lr)."),
+        weight_decay: Optional[float] = typer.Option(None, **pd("weight_decay"), help="AdamW weight decay (not on biases, norms, embeddings)."),
+        layer_decay: Optional[float] = typer.Option(None, **pd("layer_decay"), help="finetune: layer-wise lr decay (timm's groups); 1 turns it off."),
+        drop_path: Optional[float] = typer.Option(None, **pd("drop_path"), help="Stochastic depth (timm models and students)."),
+        clip_grad: Optional[float] = typer.Option(None, **pd("clip_grad"), help="Gradient-norm clip; 0 turns it off."),
+        ema_decay: Optional[float] = typer.Option(None, **pd("ema_decay"), help="EMA of the weights (timm ModelEmaV3); 0 turns it off."),
+        label_smoothing: Optional[float] = typer.Option(None, **pd("label_smoothing"), help="finetune: label smoothing."),
+        mixup: Optional[float] = typer.Option(None, **pd("mixup"), help="finetune: mixup alpha (timm); 0 is off."),
+        cutmix: Optional[float] = typer.Option(None, **pd("cutmix"), help="finetune: cutmix alpha (timm); 0 is off."),
+        auto_augment: Optional[str] = typer.Option(None, **pd("auto_augment"), help="finetune: timm RandAugment policy (rand-m9-mstd0.5-inc1) or none."),
+        reprob: Optional[float] = typer.Option(None, **pd("re_prob"), help="finetune: random-erasing probability."),
+        crop_pct: Optional[float] = typer.Option(None, **pd("crop_pct"), help="Evaluation centre-crop fraction (1.0: CLIP's; 0.875: BEiT/FT-CLIP)."),
+        freeze_patch_embed: Optional[bool] = typer.Option(None, "--freeze-patch-embed/--train-patch-embed", **pd("freeze_patch_embed"), help="Freeze the patch embedding (FT-CLIP at 224)."),
         amp: Optional[str] = typer.Option(None, help="auto (bf16 on CUDA) | bf16 | fp16 | none."),
         compile_: Optional[bool] = typer.Option(None, "--compile", help="torch.compile the model."),
         seed: Optional[int] = typer.Option(None, help="Run seed: sample order, augmentation, drop path."),
@@ -348,8 +366,13 @@ def _tune_command(mode: str, default_preset: str, doc: str):
     ):
         from fdcache.finetune import finetune as run, make_config
 
+        if not print_config:
+            for name, value in (("--out", out_), ("--data", data)):
+                if value is None:
+                    raise typer.BadParameter(f"{name} is required (or --print-config to only print the settings)")
         cfg = make_config(
-            preset or None, mode=mode, out=str(out_), data=str(data), val=[str(v) for v in val] or None,
+            preset or None, mode=mode, out=str(out_) if out_ else "", data=str(data) if data else "",
+            val=[str(v) for v in val] or None,
             model=model, pretrained=pretrained, random_init=random_init, init_seed=init_seed,
             student=str(student) if student else None, resolution=resolution, classnames=classnames,
             templates=templates, head=head, epochs=epochs, steps=steps, batch_size=batch_size,
@@ -360,6 +383,10 @@ def _tune_command(mode: str, default_preset: str, doc: str):
             re_prob=reprob, crop_pct=crop_pct, freeze_patch_embed=freeze_patch_embed, amp=amp,
             compile=compile_, seed=seed, resume=resume, save_every=save_every, run_steps=run_steps,
             log_every=log_every, workers=workers, device=device, progress=sys.stderr.isatty())
+        if print_config:
+            shown = {k: (v if v != "" else None) for k, v in cfg.to_dict().items() if k != "progress"}
+            out.print(json.dumps(shown, indent=2), highlight=False, soft_wrap=True)
+            return
         r = run(cfg)
         if int(os.environ.get("RANK", "0")) == 0:
             last = f"{r.losses[-1]:.4f}" if r.losses else "-"

@@ -47,6 +47,7 @@ class FinetuneConfig:
     data: str
     val: list = field(default_factory=list)  # eval sets: after each epoch and at the end
     mode: str = "finetune"  # finetune | flyp
+    preset: str | None = None  # the recipe the values started from (recorded, not read)
     model: str | None = None
     pretrained: str | None = None
     random_init: bool = False
@@ -131,6 +132,7 @@ def make_config(preset: str | None, **given) -> FinetuneConfig:
     if given.get("epochs"):
         values.pop("steps", None)
     values.update(given)
+    values["preset"] = preset or None
     known = {f.name for f in fields(FinetuneConfig)}
     unknown = set(values) - known
     if unknown:
@@ -406,4 +408,8 @@ class Finetuner(Loop):
 
 
 def finetune(cfg: FinetuneConfig) -> FinetuneResult:
-    return Finetuner(cfg).fit()
+    from .runinfo import record_run
+
+    tuner = Finetuner(cfg)
+    record_run(cfg.out, cfg.mode, cfg.to_dict(), preset=cfg.preset, resume=cfg.resume)
+    return tuner.fit()

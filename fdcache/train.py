@@ -397,5 +397,9 @@ class Trainer(Loop):
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    return Trainer(cfg).fit()
+    from .runinfo import record_run
+
+    trainer = Trainer(cfg)
+    record_run(cfg.out, "train", cfg.to_dict(), resume=cfg.resume)
+    return trainer.fit()
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import FdcacheError
-from .teachers import create_openclip, create_timm, parse_teacher_name
+from .teachers import create_openclip, create_timm, openclip_name, parse_teacher_name
 
 TEMPLATES = ("openai", "simple")
 NO_DROP_PATH = ("open_clip's CLIP towers have no drop path; use --drop-path 0, or the timm form of the "
@@ -221,7 +221,7 @@ def init_model(*, model: str | None, pretrained: str | None, random_init: bool, 
     if (model is None) == (student is None):
         raise FdcacheError("give exactly one of --model NAME (a CLIP / timm model) or --student RUN "
                            "(an fdcache train export)")
-    if model is not None and (pretrained is None) == (not random_init):
+    if model is not None and not model.startswith("hf-hub:") and (pretrained is None) == (not random_init):
         raise FdcacheError(f"--model {model}: give --pretrained TAG|PATH (e.g. openai) or --random-init")
     size = {"img_size": resolution} if resolution else {}
     with torch.random.fork_rng(devices=[]):
@@ -237,6 +237,7 @@ def init_model(*, model: str | None, pretrained: str | None, random_init: bool, 
             net = build(spec, student=student)
             return net, _with_timm_cfg(spec, net)
         source, name = parse_teacher_name(model)
+        name = openclip_name(name, pretrained) if source == "openclip" else name
         if source == "timm":
             if kind != "classifier" or head != "fresh":
                 raise FdcacheError(f"timm:{name} has no text tower: zero-shot heads and FLYP need an "

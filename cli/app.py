@@ -10,6 +10,7 @@ import shutil
 import sys
 import tempfile
 import time
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -19,10 +20,44 @@ from rich.table import Table
 
 from fdcache.errors import FdcacheError, VerifyError
 
+class Codec(str, Enum):
+    """Target codecs (fdcache.codecs); listed here so --help needs no torch import."""
+    fp16 = "fp16"
+    int8 = "int8"
+
+
+class Amp(str, Enum):
+    auto = "auto"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    none = "none"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cuda = "cuda"
+    cpu = "cpu"
+
+
+class LossImpl(str, Enum):
+    auto = "auto"
+    triton = "triton"
+    torch = "torch"
+
+
+def _value(choice):
+    return choice.value if isinstance(choice, Enum) else choice
+
+
+if hasattr(typer.core.TyperOption, "display_type_rich"):  # typer >= 0.20 prints <bool> after every flag
+    _display_type = typer.core.TyperOption.display_type_rich
+    typer.core.TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag else _display_type(self, ctx)
+
 app = typer.Typer(
     name="fdcache", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="Cache a CLIP teacher's feature maps once; train feature-distillation students fast.")
-out = Console()
+# Not a terminal (a log, a pipe): long lines stay whole, so printed commands copy as they are.
+out = Console(soft_wrap=not sys.stdout.isatty())
 err = Console(stderr=True)
 
 
@@ -47,6 +82,21 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """Cache a CLIP teacher's feature maps once; train feature-distillation students fast."""
 
 
+JSON_HELP = "Also write the results as JSON to FILE (- for stdout): {command, fdcache_version, ...}."
+
+
+def _write_json(dest: str, command: str, payload: dict) -> None:
+    """Every --json: a FILE (or - for stdout) holding one object that names its command and
+    version, then the command's fields."""
+    from fdcache import __version__
+
+    text = json.dumps({"command": command, "fdcache_version": __version__, **payload}, indent=2)
+    if dest == "-":
+        print(text)
+    else:
+        Path(dest).write_text(text + "\n")
+
+
 def handles_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -60,25 +110,25 @@ def handles_errors(fn):
 @app.command()
 @handles_errors
 def extract(
-    data: Path = typer.Argument(..., help="Image folder (ImageFolder layout root/<class>/<image>)."),
-    out_: str = typer.Option(..., "--out", "-o", help="Store path or fsspec URL (Zarr v3 group)."),
-    teacher: str = typer.Option(..., help="open_clip name (ViT-B-16), openclip:<name> or timm:<name>."),
-    pretrained: Optional[str] = typer.Option(None, help="open_clip/timm weight tag (openai) or a local checkpoint path."),
-    random_init: bool = typer.Option(False, "--random-init", help="Seeded random teacher (tests, benchmarks)."),
-    init_seed: int = typer.Option(0, help="Seed of --random-init weights (recorded in the store)."),
-    seeds: int = typer.Option(1, help="Augmentation seeds (views per image); raise later to append."),
-    resolution: Optional[int] = typer.Option(None, help="Teacher input size (default: the model's)."),
-    codec: str = typer.Option("fp16", help="Target codec: fp16 (lossless vs the teacher) or int8 (per-token scale/offset)."),
-    compressor: str = typer.Option("zstd", help="Lossless compressor under the codec: zstd or none."),
-    batch_size: int = typer.Option(64, help="Teacher batch size."),
-    shard_size: int = typer.Option(128, help="Samples per shard (the unit of writing and resuming)."),
-    global_seed: int = typer.Option(0, help="Seed of the view generator."),
-    views: str = typer.Option("rrc", help="View policy: rrc (RandomResizedCrop 0.08-1 + flip, as FD) or full."),
-    file_list: Optional[Path] = typer.Option(None, help="Text file of 'relative/path [label]' lines under DATA instead of an ImageFolder."),
-    skip_bad: bool = typer.Option(False, help="Record unreadable images as skipped instead of stopping."),
-    overwrite: bool = typer.Option(False, help="Replace an existing store made differently."),
-    threads: int = typer.Option(4, help="DALI decoder threads."),
-    device: str = typer.Option("auto", help="auto | cuda | cpu."),
+    data: Path = typer.Argument(..., rich_help_panel="Input", help="Image folder (ImageFolder layout root/<class>/<image>)."),
+    out_: str = typer.Option(..., "--out", "-o", rich_help_panel="Views and storage", help="Store path or fsspec URL (Zarr v3 group)."),
+    teacher: str = typer.Option(..., rich_help_panel="Teacher", help="open_clip name (ViT-B-16), openclip:<name> or timm:<name>."),
+    pretrained: Optional[str] = typer.Option(None, rich_help_panel="Teacher", help="open_clip/timm weight tag (openai) or a local checkpoint path."),
+    random_init: bool = typer.Option(False, "--random-init", rich_help_panel="Teacher", help="Seeded random teacher (tests, benchmarks)."),
+    init_seed: int = typer.Option(0, rich_help_panel="Teacher", help="Seed of --random-init weights (recorded in the store)."),
+    seeds: int = typer.Option(1, rich_help_panel="Views and storage", help="Augmentation seeds (views per image); raise later to append."),
+    resolution: Optional[int] = typer.Option(None, rich_help_panel="Teacher", help="Teacher input size (default: the model's)."),
+    codec: Codec = typer.Option(Codec.fp16, rich_help_panel="Views and storage", help="Target codec: fp16 (lossless vs the teacher) or int8 (per-token scale/offset)."),
+    compressor: str = typer.Option("zstd", rich_help_panel="Views and storage", help="Lossless compressor under the codec: zstd or none."),
+    batch_size: int = typer.Option(64, rich_help_panel="Performance", help="Teacher batch size."),
+    shard_size: int = typer.Option(128, rich_help_panel="Views and storage", help="Samples per shard (the unit of writing and resuming)."),
+    global_seed: int = typer.Option(0, rich_help_panel="Views and storage", help="Seed of the view generator."),
+    views: str = typer.Option("rrc", rich_help_panel="Views and storage", help="View policy: rrc (RandomResizedCrop 0.08-1 + flip, as FD) or full."),
+    file_list: Optional[Path] = typer.Option(None, rich_help_panel="Input", help="Text file of 'relative/path \\[label]' lines under DATA instead of an ImageFolder."),
+    skip_bad: bool = typer.Option(False, rich_help_panel="Input", help="Record unreadable images as skipped instead of stopping."),
+    overwrite: bool = typer.Option(False, rich_help_panel="Views and storage", help="Replace an existing store made differently."),
+    threads: int = typer.Option(4, rich_help_panel="Performance", help="DALI decoder threads."),
+    device: Device = typer.Option(Device.auto, rich_help_panel="Performance", help="Where the teacher runs."),
 ):
     """Run the teacher on recorded crop views of every image and store its feature maps.
 
@@ -91,11 +141,11 @@ def extract(
 
     cfg = ExtractConfig(data=str(data), out=out_, teacher=teacher, pretrained=pretrained,
                         random_init=random_init, init_seed=init_seed, resolution=resolution,
-                        seeds=seeds, codec=_spec(CodecSpec, name=codec, compressor=compressor),
+                        seeds=seeds, codec=_spec(CodecSpec, name=_value(codec), compressor=compressor),
                         policy=_spec(ViewPolicy, kind=views), batch_size=batch_size,
                         shard_size=shard_size, global_seed=global_seed,
                         file_list=str(file_list) if file_list else None, skip_bad=skip_bad,
-                        overwrite=overwrite, num_threads=threads, device=device,
+                        overwrite=overwrite, num_threads=threads, device=_value(device),
                         progress=sys.stderr.isatty())
     r = run(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -130,43 +180,43 @@ def _overrides(items: list[str]) -> dict:
 @app.command()
 @handles_errors
 def train(
-    out_: Path = typer.Option(..., "--out", "-o", help="Run directory: log.jsonl, checkpoints/, config.json + model.safetensors (timm local-dir)."),
-    cache: Optional[str] = typer.Option(None, help="Store made by fdcache extract (offline distillation)."),
-    data: Optional[Path] = typer.Option(None, help="Image folder (default for --cache: the one recorded in the store)."),
-    online: bool = typer.Option(False, "--online", help="Run the teacher in the loop instead of reading a store (baseline)."),
-    teacher: Optional[str] = typer.Option(None, help="--online: teacher, as for extract."),
-    pretrained: Optional[str] = typer.Option(None, help="--online: teacher weights tag or path."),
-    random_init: bool = typer.Option(False, "--random-init", help="--online: seeded random teacher."),
-    init_seed: int = typer.Option(0, help="--online: seed of --random-init teacher weights."),
-    student: str = typer.Option("beit_base_patch16_224", help="timm ViT name (FD's ViT-B/16 = beit_base_patch16_224 with shared rel-pos bias), or fd-tiny / fd-small."),
-    student_arg: list[str] = typer.Option([], help="timm option for the student, key=value (repeatable), e.g. depth=6."),
-    resolution: Optional[int] = typer.Option(None, help="Student input size (default: the teacher's)."),
-    epochs: Optional[int] = typer.Option(None, help="Epochs (epoch e replays the store's seed e mod S)."),
-    steps: Optional[int] = typer.Option(None, help="Optimizer steps (instead of --epochs)."),
-    batch_size: int = typer.Option(128, help="Images per rank per micro-batch."),
-    accum_steps: int = typer.Option(1, help="Micro-batches per optimizer step."),
-    lr: float = typer.Option(3e-4, help="Base lr per 512 images of total batch (scaled linearly)."),
-    warmup_epochs: float = typer.Option(10.0, help="Warmup from 5e-7 (scaled), in epochs."),
-    warmup_steps: Optional[int] = typer.Option(None, help="Warmup in steps (overrides --warmup-epochs)."),
-    weight_decay: float = typer.Option(0.05),
-    clip_grad: float = typer.Option(3.0, help="Gradient-norm clip (0: off)."),
-    drop_path: float = typer.Option(0.2),
-    layer_scale: float = typer.Option(0.1),
-    ema_decay: Optional[float] = typer.Option(None, help="Keep an EMA of the weights (timm ModelEmaV3)."),
-    loss_impl: str = typer.Option("auto", help="auto (Triton on CUDA) | triton | torch."),
-    amp: str = typer.Option("auto", help="auto (bf16 on CUDA) | bf16 | fp16 | none."),
-    compile_: bool = typer.Option(False, "--compile", help="torch.compile the student."),
-    resize_targets: bool = typer.Option(False, help="Resample the teacher's token grid to the student's."),
-    allow_partial: bool = typer.Option(False, help="Train on the completed shards of an unfinished store."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from checkpoints/last.pt."),
-    save_every: int = typer.Option(1000, help="Checkpoint every N steps (and at the end)."),
-    run_steps: Optional[int] = typer.Option(None, help="Stop this invocation after N steps (checkpointed; --resume continues)."),
-    log_every: int = typer.Option(1, help="Log (and check the loss is finite) every N steps."),
-    tensorboard: bool = typer.Option(False, help="Also write TensorBoard scalars to OUT/tb."),
-    seed: int = typer.Option(0, help="Run seed: student init and sample order."),
-    threads: int = typer.Option(4, help="DALI threads."),
-    loader_workers: int = typer.Option(0, help="DALI parallel external-source worker processes (0: in-process)."),
-    device: str = typer.Option("auto"),
+    out_: Path = typer.Option(..., "--out", "-o", rich_help_panel="Run", help="Run directory: log.jsonl, checkpoints/, config.json + model.safetensors (timm local-dir)."),
+    cache: Optional[str] = typer.Option(None, rich_help_panel="Data", help="Store made by fdcache extract (offline distillation)."),
+    data: Optional[Path] = typer.Option(None, rich_help_panel="Data", help="Image folder (default for --cache: the one recorded in the store)."),
+    online: bool = typer.Option(False, "--online", rich_help_panel="Online teacher (--online)", help="Run the teacher in the loop instead of reading a store (baseline)."),
+    teacher: Optional[str] = typer.Option(None, rich_help_panel="Online teacher (--online)", help="--online: teacher, as for extract."),
+    pretrained: Optional[str] = typer.Option(None, rich_help_panel="Online teacher (--online)", help="--online: teacher weights tag or path."),
+    random_init: bool = typer.Option(False, "--random-init", rich_help_panel="Online teacher (--online)", help="--online: seeded random teacher."),
+    init_seed: int = typer.Option(0, rich_help_panel="Online teacher (--online)", help="--online: seed of --random-init teacher weights."),
+    student: str = typer.Option("beit_base_patch16_224", rich_help_panel="Student", help="timm ViT name (FD's ViT-B/16 = beit_base_patch16_224 with shared rel-pos bias), or fd-tiny / fd-small."),
+    student_arg: list[str] = typer.Option([], rich_help_panel="Student", help="timm option for the student, key=value (repeatable), e.g. depth=6."),
+    resolution: Optional[int] = typer.Option(None, rich_help_panel="Student", help="Student input size (default: the teacher's)."),
+    epochs: Optional[int] = typer.Option(None, rich_help_panel="Schedule and optimizer", help="Epochs (epoch e replays the store's seed e mod S)."),
+    steps: Optional[int] = typer.Option(None, rich_help_panel="Schedule and optimizer", help="Optimizer steps (instead of --epochs)."),
+    batch_size: int = typer.Option(128, rich_help_panel="Schedule and optimizer", help="Images per rank per micro-batch."),
+    accum_steps: int = typer.Option(1, rich_help_panel="Schedule and optimizer", help="Micro-batches per optimizer step."),
+    lr: float = typer.Option(3e-4, rich_help_panel="Schedule and optimizer", help="Base lr per 512 images of total batch (scaled linearly)."),
+    warmup_epochs: float = typer.Option(10.0, rich_help_panel="Schedule and optimizer", help="Warmup from 5e-7 (scaled), in epochs."),
+    warmup_steps: Optional[int] = typer.Option(None, rich_help_panel="Schedule and optimizer", help="Warmup in steps (overrides --warmup-epochs)."),
+    weight_decay: float = typer.Option(0.05, rich_help_panel="Schedule and optimizer", help="AdamW weight decay (timm's no-decay groups)."),
+    clip_grad: float = typer.Option(3.0, rich_help_panel="Schedule and optimizer", help="Gradient-norm clip (0: off)."),
+    drop_path: float = typer.Option(0.2, rich_help_panel="Student", help="Stochastic depth rate."),
+    layer_scale: float = typer.Option(0.1, rich_help_panel="Student", help="Layer-scale init (0: none)."),
+    ema_decay: Optional[float] = typer.Option(None, rich_help_panel="Schedule and optimizer", help="Keep an EMA of the weights (timm ModelEmaV3)."),
+    loss_impl: LossImpl = typer.Option(LossImpl.auto, rich_help_panel="Performance", help="FD loss: auto is Triton on CUDA, PyTorch otherwise."),
+    amp: Amp = typer.Option(Amp.auto, rich_help_panel="Performance", help="Autocast: auto is bf16 on CUDA, none on CPU."),
+    compile_: bool = typer.Option(False, "--compile", rich_help_panel="Performance", help="torch.compile the student."),
+    resize_targets: bool = typer.Option(False, rich_help_panel="Student", help="Resample the teacher's token grid to the student's."),
+    allow_partial: bool = typer.Option(False, rich_help_panel="Data", help="Train on the completed shards of an unfinished store."),
+    resume: bool = typer.Option(False, "--resume", rich_help_panel="Run", help="Continue the run in --out from checkpoints/last.pt."),
+    save_every: int = typer.Option(1000, rich_help_panel="Run", help="Checkpoint every N steps (and at the end)."),
+    run_steps: Optional[int] = typer.Option(None, rich_help_panel="Run", help="Stop this invocation after N steps (checkpointed; --resume continues)."),
+    log_every: int = typer.Option(1, rich_help_panel="Run", help="Log (and check the loss is finite) every N steps."),
+    tensorboard: bool = typer.Option(False, rich_help_panel="Run", help="Also write TensorBoard scalars to OUT/tb."),
+    seed: int = typer.Option(0, rich_help_panel="Schedule and optimizer", help="Run seed: student init and sample order."),
+    threads: int = typer.Option(4, rich_help_panel="Performance", help="DALI threads."),
+    loader_workers: int = typer.Option(0, rich_help_panel="Performance", help="DALI parallel external-source worker processes (0: in-process)."),
+    device: Device = typer.Option(Device.auto, rich_help_panel="Performance", help="Where the student trains."),
 ):
     """Distill a student from a store (offline) or from the teacher in the loop (--online).
 
@@ -179,10 +229,10 @@ def train(
         student_overrides=_overrides(student_arg), resolution=resolution, drop_path=drop_path,
         layer_scale=layer_scale or None, epochs=epochs, steps=steps, batch_size=batch_size,
         accum_steps=accum_steps, base_lr=lr, warmup_epochs=warmup_epochs, warmup_steps=warmup_steps,
-        weight_decay=weight_decay, clip_grad=clip_grad or None, ema_decay=ema_decay, loss_impl=loss_impl,
-        amp=amp, compile=compile_, seed=seed, resize_targets=resize_targets, allow_partial=allow_partial,
+        weight_decay=weight_decay, clip_grad=clip_grad or None, ema_decay=ema_decay, loss_impl=_value(loss_impl),
+        amp=_value(amp), compile=compile_, seed=seed, resize_targets=resize_targets, allow_partial=allow_partial,
         resume=resume, save_every=save_every, run_steps=run_steps, log_every=log_every,
-        tensorboard=tensorboard, num_threads=threads, loader_workers=loader_workers, device=device,
+        tensorboard=tensorboard, num_threads=threads, loader_workers=loader_workers, device=_value(device),
         progress=sys.stderr.isatty())
     r = run(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -195,27 +245,27 @@ def train(
 @app.command()
 @handles_errors
 def bench(
-    student: str = typer.Option(..., help="Student (as for train), e.g. beit_base_patch16_224 or fd-tiny."),
-    teacher: str = typer.Option(..., help="Teacher (as for extract)."),
-    pretrained: Optional[str] = typer.Option(None, help="Teacher weights tag or path."),
-    random_init: bool = typer.Option(False, "--random-init", help="Seeded random teacher."),
-    resolution: Optional[int] = typer.Option(None, help="Input size for both models (default: the teacher's)."),
-    batch_size: int = typer.Option(32),
-    steps: int = typer.Option(10, help="Timed steps per mode and repeat."),
-    warmup: int = typer.Option(2, help="Untimed steps before each measurement."),
-    repeats: int = typer.Option(3, help="Interleaved repeats (median and spread are reported)."),
-    cache: Optional[str] = typer.Option(None, help="Use this store for offline mode instead of building one."),
-    data: Optional[Path] = typer.Option(None, help="Image folder (default: synthetic images)."),
-    student_arg: list[str] = typer.Option([], help="timm option for the student, key=value (repeatable)."),
-    codec: str = typer.Option("fp16", help="Codec of the store built for offline mode."),
-    loss_impl: str = typer.Option("auto"),
-    amp: str = typer.Option("auto"),
-    threads: int = typer.Option(4, help="DALI threads."),
-    loader_workers: int = typer.Option(0, help="DALI parallel external-source workers."),
-    modes: str = typer.Option(",".join(("ceiling", "offline", "online", "teacher", "extract")),
+    student: str = typer.Option(..., rich_help_panel="Models", help="Student (as for train), e.g. beit_base_patch16_224 or fd-tiny."),
+    teacher: str = typer.Option(..., rich_help_panel="Models", help="Teacher (as for extract)."),
+    pretrained: Optional[str] = typer.Option(None, rich_help_panel="Models", help="Teacher weights tag or path."),
+    random_init: bool = typer.Option(False, "--random-init", rich_help_panel="Models", help="Seeded random teacher."),
+    resolution: Optional[int] = typer.Option(None, rich_help_panel="Models", help="Input size for both models (default: the teacher's)."),
+    batch_size: int = typer.Option(32, rich_help_panel="Measurement"),
+    steps: int = typer.Option(10, rich_help_panel="Measurement", help="Timed steps per mode and repeat."),
+    warmup: int = typer.Option(2, rich_help_panel="Measurement", help="Untimed steps before each measurement."),
+    repeats: int = typer.Option(3, rich_help_panel="Measurement", help="Interleaved repeats (median and spread are reported)."),
+    cache: Optional[str] = typer.Option(None, rich_help_panel="Measurement", help="Use this store for offline mode instead of building one."),
+    data: Optional[Path] = typer.Option(None, rich_help_panel="Measurement", help="Image folder (default: synthetic images)."),
+    student_arg: list[str] = typer.Option([], rich_help_panel="Models", help="timm option for the student, key=value (repeatable)."),
+    codec: Codec = typer.Option(Codec.fp16, rich_help_panel="Measurement", help="Codec of the store built for offline mode."),
+    loss_impl: LossImpl = typer.Option(LossImpl.auto, rich_help_panel="Performance", help="FD loss implementation."),
+    amp: Amp = typer.Option(Amp.auto, rich_help_panel="Performance", help="Autocast dtype."),
+    threads: int = typer.Option(4, rich_help_panel="Performance", help="DALI threads."),
+    loader_workers: int = typer.Option(0, rich_help_panel="Performance", help="DALI parallel external-source workers."),
+    modes: str = typer.Option(",".join(("ceiling", "offline", "online", "teacher", "extract")), rich_help_panel="Measurement",
                               help="Comma-separated subset of ceiling,offline,online,teacher,extract."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write every figure as JSON here."),
-    plot_out: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG bar chart here (needs matplotlib)."),
+    json_out: Optional[str] = typer.Option(None, "--json", metavar="FILE", rich_help_panel="Output", help=JSON_HELP),
+    plot_out: Optional[Path] = typer.Option(None, "--plot", rich_help_panel="Output", help="Write a PNG bar chart here (needs matplotlib)."),
 ):
     """Throughput of offline vs online distillation vs the synthetic ceiling (interleaved)."""
     from fdcache.bench import MODES, BenchConfig, plot, run_bench
@@ -227,7 +277,7 @@ def bench(
     cfg = BenchConfig(student=student, teacher=teacher, pretrained=pretrained, random_init=random_init,
                       resolution=resolution, batch_size=batch_size, steps=steps, warmup=warmup,
                       repeats=repeats, cache=cache, data=str(data) if data else None,
-                      student_overrides=_overrides(student_arg), codec=codec, loss_impl=loss_impl, amp=amp,
+                      student_overrides=_overrides(student_arg), codec=_value(codec), loss_impl=_value(loss_impl), amp=_value(amp),
                       threads=threads, loader_workers=loader_workers, modes=chosen)
     r = run_bench(cfg, log=lambda m: err.print(m, highlight=False))
     env = r["environment"]
@@ -247,7 +297,7 @@ def bench(
     for note in r["diagnosis"]:
         out.print(f"[yellow]held back:[/] {note}", highlight=False)
     if json_out:
-        json_out.write_text(json.dumps(r, indent=2))
+        _write_json(json_out, "bench", r)
     if plot_out:
         plot(r, str(plot_out))
 
@@ -255,14 +305,15 @@ def bench(
 @app.command("inspect")
 @handles_errors
 def inspect_(store: str = typer.Argument(..., help="Store path or URL."),
-             as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
+             as_json: Optional[str] = typer.Option(None, "--json", metavar="FILE", help=JSON_HELP)):
     """Teacher, shapes, codec, bytes per sample-view, compression ratio, completeness."""
     from fdcache.inspection import inspect_store
 
     r = inspect_store(store)
     if as_json:
-        print(json.dumps(r, indent=2))
-        return
+        _write_json(as_json, "inspect", r)
+        if as_json == "-":
+            return
     t = r["teacher"]
     table = Table(title=f"fdcache store {store}", show_header=False)
     table.add_row("teacher", t["label"])
@@ -286,13 +337,13 @@ def inspect_(store: str = typer.Argument(..., help="Store path or URL."),
 @handles_errors
 def verify(store: str = typer.Argument(..., help="Store path or URL."),
            data: Optional[Path] = typer.Option(None, help="Image folder, if moved since extraction."),
-           no_files: bool = typer.Option(False, help="Skip the image-folder check.")):
+           files: bool = typer.Option(True, "--files/--no-files", help="Check that the images still match (--no-files: skip).")):
     """Read and checksum every chunk, check completeness and that the images still match.
 
     Exit 0 when the store is whole, 1 naming each problem otherwise."""
     from fdcache.inspection import verify_store
 
-    r = verify_store(store, data=data, check_files=not no_files)
+    r = verify_store(store, data=data, check_files=files)
     out.print(f"[green]ok[/]: {r['shards_checked']} shard(s) of {r['seeds']} seed(s) x "
               f"{r['samples']} samples checksummed; {r['files_checked']} image file(s) unchanged")
 
@@ -317,55 +368,64 @@ def _tune_command(mode: str, default_preset: str, doc: str):
         value = preset_values[key]
         return {"show_default": f"{default_preset}: {'off' if value is None else value}"}
 
+    finetune_only = {"hidden": mode == "flyp"}  # flyp's help lists only what flyp uses
+
     def command(
-        out_: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory: log.jsonl, checkpoints/, config.json, model.safetensors (+ model_ema), init/. Required."),
-        data: Optional[Path] = typer.Option(None, help="Training image folder (root/<class>/<image>). Required."),
-        val: list[Path] = typer.Option([], help="Eval image folder, after each epoch and at the end (repeatable: a val set and its shifts)."),
-        preset: str = typer.Option(default_preset, help="Recipe: ft-clip-vit-b16, ft-clip-vit-l14, fd-finetune-vit-b16, flyp-imagenet (fdcache/presets/*.json); flags override it."),
-        print_config: bool = typer.Option(False, "--print-config", help="Print the resolved configuration (the preset, then the flags given) as JSON and exit."),
-        model: Optional[str] = typer.Option(None, **pd("model"), help="open_clip name (ViT-B-16) or timm:<name> (finetune only)."),
-        pretrained: Optional[str] = typer.Option(None, **pd("pretrained"), help="Weight tag (openai) or local checkpoint path."),
-        random_init: Optional[bool] = typer.Option(None, "--random-init", help="Seeded random weights (tests, smoke runs)."),
-        init_seed: Optional[int] = typer.Option(None, help="Seed of --random-init weights."),
-        student: Optional[Path] = typer.Option(None, help="finetune: an fdcache train --out directory instead of --model."),
-        resolution: Optional[int] = typer.Option(None, **pd("resolution"), help="Input size (default: the model's / the preset's)."),
-        classnames: Optional[str] = typer.Option(None, **pd("classnames"), help="Class names for prompts and matching: folder, imagenet, or a JSON/text file."),
-        templates: Optional[str] = typer.Option(None, **pd("templates"), help="Prompt templates: openai (80) or simple (open_clip's)."),
-        head: Optional[str] = typer.Option(None, **pd("head"), help="finetune: fresh (FT-CLIP, mean-pooled tokens) or zeroshot (head from the text tower; writes init/ for WiSE-FT)."),
-        epochs: Optional[int] = typer.Option(None, **pd("epochs"), help="Epochs."),
-        steps: Optional[int] = typer.Option(None, help="Optimizer steps (instead of --epochs)."),
-        batch_size: Optional[int] = typer.Option(None, **pd("batch_size"), help="Images per rank per micro-batch."),
-        accum_steps: Optional[int] = typer.Option(None, **pd("accum_steps"), help="Micro-batches per optimizer step."),
-        lr: Optional[float] = typer.Option(None, **pd("base_lr"), help="Peak lr per --lr-batch images of total batch (scaled linearly)."),
-        lr_batch: Optional[int] = typer.Option(None, **pd("lr_batch"), help="Total batch at which --lr is given."),
-        warmup_epochs: Optional[float] = typer.Option(None, **pd("warmup_epochs"), help="Linear warmup, in epochs."),
-        warmup_steps: Optional[int] = typer.Option(None, **pd("warmup_steps"), help="Linear warmup, in steps (overrides --warmup-epochs)."),
-        warmup_lr: Optional[float] = typer.Option(None, **pd("warmup_lr"), help="lr at the start of warmup (scaled like --lr)."),
-        min_lr: Optional[float] = typer.Option(None, **pd("min_lr"), help="lr at the end of the cosine (scaled like --lr)."),
-        weight_decay: Optional[float] = typer.Option(None, **pd("weight_decay"), help="AdamW weight decay (not on biases, norms, embeddings)."),
-        layer_decay: Optional[float] = typer.Option(None, **pd("layer_decay"), help="finetune: layer-wise lr decay (timm's groups); 1 turns it off."),
-        drop_path: Optional[float] = typer.Option(None, **pd("drop_path"), help="Stochastic depth (timm models and students)."),
-        clip_grad: Optional[float] = typer.Option(None, **pd("clip_grad"), help="Gradient-norm clip; 0 turns it off."),
-        ema_decay: Optional[float] = typer.Option(None, **pd("ema_decay"), help="EMA of the weights (timm ModelEmaV3); 0 turns it off."),
-        label_smoothing: Optional[float] = typer.Option(None, **pd("label_smoothing"), help="finetune: label smoothing."),
-        mixup: Optional[float] = typer.Option(None, **pd("mixup"), help="finetune: mixup alpha (timm); 0 is off."),
-        cutmix: Optional[float] = typer.Option(None, **pd("cutmix"), help="finetune: cutmix alpha (timm); 0 is off."),
-        auto_augment: Optional[str] = typer.Option(None, **pd("auto_augment"), help="finetune: timm RandAugment policy (rand-m9-mstd0.5-inc1) or none."),
-        reprob: Optional[float] = typer.Option(None, **pd("re_prob"), help="finetune: random-erasing probability."),
-        crop_pct: Optional[float] = typer.Option(None, **pd("crop_pct"), help="Evaluation centre-crop fraction (1.0: CLIP's; 0.875: BEiT/FT-CLIP)."),
-        freeze_patch_embed: Optional[bool] = typer.Option(None, "--freeze-patch-embed/--train-patch-embed", **pd("freeze_patch_embed"), help="Freeze the patch embedding (FT-CLIP at 224)."),
-        amp: Optional[str] = typer.Option(None, help="auto (bf16 on CUDA) | bf16 | fp16 | none."),
-        compile_: Optional[bool] = typer.Option(None, "--compile", help="torch.compile the model."),
-        seed: Optional[int] = typer.Option(None, help="Run seed: sample order, augmentation, drop path."),
-        resume: Optional[bool] = typer.Option(None, "--resume", help="Continue the run in --out from checkpoints/last.pt."),
-        save_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps (and at the end)."),
-        run_steps: Optional[int] = typer.Option(None, help="Stop this invocation after N steps (checkpointed; --resume continues)."),
-        log_every: Optional[int] = typer.Option(None, help="Log every N steps."),
-        workers: Optional[int] = typer.Option(None, help="DataLoader worker processes."),
-        device: Optional[str] = typer.Option(None, help="auto | cuda | cpu."),
+        out_: Optional[Path] = typer.Option(None, "--out", "-o", rich_help_panel="Run", help="Run directory: log.jsonl, checkpoints/, config.json, model.safetensors (+ model_ema), init/. Required."),
+        data: Optional[Path] = typer.Option(None, rich_help_panel="Run", help="Training image folder (root/<class>/<image>). Required."),
+        val: list[Path] = typer.Option([], rich_help_panel="Run", help="Eval image folder, after each epoch and at the end (repeatable: a val set and its shifts)."),
+        preset: str = typer.Option(default_preset, rich_help_panel="Run", help="Recipe: ft-clip-vit-b16, ft-clip-vit-l14, fd-finetune-vit-b16, flyp-imagenet (fdcache/presets/*.json); flags override it."),
+        print_config: bool = typer.Option(False, "--print-config", rich_help_panel="Run", help="Print the resolved configuration (the preset, then the flags given) as JSON and exit."),
+        model: Optional[str] = typer.Option(None, **pd("model"), rich_help_panel="Model", help="open_clip name (ViT-B-16) or timm:<name> (finetune only)."),
+        pretrained: Optional[str] = typer.Option(None, **pd("pretrained"), rich_help_panel="Model", help="Weight tag (openai) or local checkpoint path."),
+        random_init: Optional[bool] = typer.Option(None, "--random-init", rich_help_panel="Model", help="Seeded random weights (tests, smoke runs)."),
+        init_seed: Optional[int] = typer.Option(None, rich_help_panel="Model", help="Seed of --random-init weights."),
+        student: Optional[Path] = typer.Option(None, **finetune_only, rich_help_panel="Model", help="finetune: an fdcache train --out directory instead of --model."),
+        resolution: Optional[int] = typer.Option(None, **pd("resolution"), rich_help_panel="Model", help="Input size (default: the model's / the preset's)."),
+        classnames: Optional[str] = typer.Option(None, **pd("classnames"), rich_help_panel="Model", help="Class names for prompts and matching: folder, imagenet, or a JSON/text file."),
+        templates: Optional[str] = typer.Option(None, **pd("templates"), rich_help_panel="Model", help="Prompt templates: openai (80) or simple (open_clip's)."),
+        head: Optional[str] = typer.Option(None, **finetune_only, **pd("head"), rich_help_panel="Model", help="finetune: fresh (FT-CLIP, mean-pooled tokens) or zeroshot (head from the text tower; writes init/ for WiSE-FT)."),
+        epochs: Optional[int] = typer.Option(None, **pd("epochs"), rich_help_panel="Schedule and optimizer", help="Epochs."),
+        steps: Optional[int] = typer.Option(None, rich_help_panel="Schedule and optimizer", help="Optimizer steps (instead of --epochs)."),
+        batch_size: Optional[int] = typer.Option(None, **pd("batch_size"), rich_help_panel="Schedule and optimizer", help="Images per rank per micro-batch."),
+        accum_steps: Optional[int] = typer.Option(None, **pd("accum_steps"), rich_help_panel="Schedule and optimizer", help="Micro-batches per optimizer step."),
+        lr: Optional[float] = typer.Option(None, **pd("base_lr"), rich_help_panel="Schedule and optimizer", help="Peak lr per --lr-batch images of total batch (scaled linearly)."),
+        lr_batch: Optional[int] = typer.Option(None, **pd("lr_batch"), rich_help_panel="Schedule and optimizer", help="Total batch at which --lr is given."),
+        warmup_epochs: Optional[float] = typer.Option(None, **pd("warmup_epochs"), rich_help_panel="Schedule and optimizer", help="Linear warmup, in epochs."),
+        warmup_steps: Optional[int] = typer.Option(None, **pd("warmup_steps"), rich_help_panel="Schedule and optimizer", help="Linear warmup, in steps (overrides --warmup-epochs)."),
+        warmup_lr: Optional[float] = typer.Option(None, **pd("warmup_lr"), rich_help_panel="Schedule and optimizer", help="lr at the start of warmup (scaled like --lr)."),
+        min_lr: Optional[float] = typer.Option(None, **pd("min_lr"), rich_help_panel="Schedule and optimizer", help="lr at the end of the cosine (scaled like --lr)."),
+        weight_decay: Optional[float] = typer.Option(None, **pd("weight_decay"), rich_help_panel="Schedule and optimizer", help="AdamW weight decay (not on biases, norms, embeddings)."),
+        layer_decay: Optional[float] = typer.Option(None, **finetune_only, **pd("layer_decay"), rich_help_panel="Schedule and optimizer", help="finetune: layer-wise lr decay (timm's groups); 1 turns it off."),
+        drop_path: Optional[float] = typer.Option(None, **pd("drop_path"), rich_help_panel="Regularization and augmentation", help="Stochastic depth (timm models and students)."),
+        clip_grad: Optional[float] = typer.Option(None, **pd("clip_grad"), rich_help_panel="Schedule and optimizer", help="Gradient-norm clip; 0 turns it off."),
+        ema_decay: Optional[float] = typer.Option(None, **pd("ema_decay"), rich_help_panel="Schedule and optimizer", help="EMA of the weights (timm ModelEmaV3); 0 turns it off."),
+        label_smoothing: Optional[float] = typer.Option(None, **finetune_only, **pd("label_smoothing"), rich_help_panel="Regularization and augmentation", help="finetune: label smoothing."),
+        mixup: Optional[float] = typer.Option(None, **finetune_only, **pd("mixup"), rich_help_panel="Regularization and augmentation", help="finetune: mixup alpha (timm); 0 is off."),
+        cutmix: Optional[float] = typer.Option(None, **finetune_only, **pd("cutmix"), rich_help_panel="Regularization and augmentation", help="finetune: cutmix alpha (timm); 0 is off."),
+        auto_augment: Optional[str] = typer.Option(None, **finetune_only, **pd("auto_augment"), rich_help_panel="Regularization and augmentation", help="finetune: timm RandAugment policy (rand-m9-mstd0.5-inc1) or none."),
+        reprob: Optional[float] = typer.Option(None, **finetune_only, **pd("re_prob"), rich_help_panel="Regularization and augmentation", help="finetune: random-erasing probability."),
+        crop_pct: Optional[float] = typer.Option(None, **pd("crop_pct"), rich_help_panel="Regularization and augmentation", help="Evaluation centre-crop fraction (1.0: CLIP's; 0.875: BEiT/FT-CLIP)."),
+        freeze_patch_embed: Optional[bool] = typer.Option(None, "--freeze-patch-embed/--train-patch-embed", **pd("freeze_patch_embed"), rich_help_panel="Regularization and augmentation", help="Freeze the patch embedding (FT-CLIP at 224)."),
+        amp: Optional[Amp] = typer.Option(None, rich_help_panel="Performance", help="Autocast: auto is bf16 on CUDA, none on CPU. [default: auto]"),
+        compile_: Optional[bool] = typer.Option(None, "--compile", rich_help_panel="Performance", help="torch.compile the model."),
+        seed: Optional[int] = typer.Option(None, rich_help_panel="Schedule and optimizer", help="Run seed: sample order, augmentation, drop path."),
+        resume: Optional[bool] = typer.Option(None, "--resume", rich_help_panel="Run", help="Continue the run in --out from checkpoints/last.pt."),
+        save_every: Optional[int] = typer.Option(None, rich_help_panel="Run", help="Checkpoint every N steps (and at the end)."),
+        run_steps: Optional[int] = typer.Option(None, rich_help_panel="Run", help="Stop this invocation after N steps (checkpointed; --resume continues)."),
+        log_every: Optional[int] = typer.Option(None, rich_help_panel="Run", help="Log every N steps."),
+        workers: Optional[int] = typer.Option(None, rich_help_panel="Performance", help="DataLoader worker processes."),
+        device: Optional[Device] = typer.Option(None, rich_help_panel="Performance", help="Where to train. [default: auto]"),
     ):
         from fdcache.finetune import finetune as run, make_config
 
+        if mode == "flyp":
+            given = {"--student": student, "--head": head, "--layer-decay": layer_decay, "--label-smoothing": label_smoothing,
+                     "--mixup": mixup, "--cutmix": cutmix, "--auto-augment": auto_augment, "--reprob": reprob}
+            wrong = [k for k, v in given.items() if v is not None]
+            if wrong:
+                raise typer.BadParameter(f"{', '.join(wrong)}: fdcache finetune options; flyp trains both towers with "
+                                         "the CLIP loss (see fdcache flyp --help)")
         if not print_config:
             for name, value in (("--out", out_), ("--data", data)):
                 if value is None:
@@ -380,9 +440,9 @@ def _tune_command(mode: str, default_preset: str, doc: str):
             warmup_steps=warmup_steps, warmup_lr=warmup_lr, min_lr=min_lr, weight_decay=weight_decay,
             layer_decay=layer_decay, drop_path=drop_path, clip_grad=clip_grad, ema_decay=ema_decay,
             label_smoothing=label_smoothing, mixup=mixup, cutmix=cutmix, auto_augment=auto_augment,
-            re_prob=reprob, crop_pct=crop_pct, freeze_patch_embed=freeze_patch_embed, amp=amp,
+            re_prob=reprob, crop_pct=crop_pct, freeze_patch_embed=freeze_patch_embed, amp=_value(amp),
             compile=compile_, seed=seed, resume=resume, save_every=save_every, run_steps=run_steps,
-            log_every=log_every, workers=workers, device=device, progress=sys.stderr.isatty())
+            log_every=log_every, workers=workers, device=_value(device), progress=sys.stderr.isatty())
         if print_config:
             shown = {k: (v if v != "" else None) for k, v in cfg.to_dict().items() if k != "progress"}
             out.print(json.dumps(shown, indent=2), highlight=False, soft_wrap=True)
@@ -435,9 +495,9 @@ def eval_(
     crop_pct: Optional[float] = typer.Option(None, help="Centre-crop fraction (default: the run's)."),
     batch_size: int = typer.Option(128),
     workers: int = typer.Option(4, help="DataLoader worker processes."),
-    amp: str = typer.Option("auto"),
-    device: str = typer.Option("auto"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
+    amp: Amp = typer.Option(Amp.auto, help="Autocast: auto is bf16 on CUDA, none on CPU."),
+    device: Device = typer.Option(Device.auto, help="Where to evaluate."),
+    json_out: Optional[str] = typer.Option(None, "--json", metavar="FILE", help=JSON_HELP),
 ):
     """Top-1 / top-5 on one or more image folders (classifier head, or zero-shot for CLIP models)."""
     from fdcache import distributed
@@ -445,7 +505,7 @@ def eval_(
     from fdcache.evaluate import evaluate
 
     d = distributed.init()
-    dev = distributed.device_for(d, device)
+    dev = distributed.device_for(d, _value(device))
     if (run is None) == (model is None):
         raise typer.BadParameter("give --run DIR (a fine-tuned export) or --model NAME (zero-shot)")
     if run is not None:
@@ -458,7 +518,7 @@ def eval_(
                              templates=templates, resolution=resolution, drop_path=0.0)
         weights = pretrained or "random-init"
     r = evaluate(m.to(dev), spec, [str(p) for p in data], classnames=classnames, crop_pct=crop_pct,
-                 batch_size=batch_size, workers=workers, device=dev, amp=amp, dist=d)
+                 batch_size=batch_size, workers=workers, device=dev, amp=_value(amp), dist=d)
     if d.is_main:
         _print_evals({weights: r})
         report = {"model": str(run or model), "weights": weights, "results": r}
@@ -468,7 +528,7 @@ def eval_(
             out.print(f"mean over the {len(shifts)} set(s) after the first: top-1 "
                       f"{100 * report['shift_mean']['top1']:.2f}, top-5 {100 * report['shift_mean']['top5']:.2f}")
         if json_out:
-            json_out.write_text(json.dumps(report, indent=2))
+            _write_json(json_out, "eval", report)
 
 
 @app.command()
@@ -483,8 +543,8 @@ def wise(
     ema: bool = typer.Option(True, "--ema/--no-ema", help="Fine-tuned end: EMA weights when kept."),
     batch_size: int = typer.Option(128),
     workers: int = typer.Option(4),
-    device: str = typer.Option("auto"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the sweep's results as JSON here."),
+    device: Device = typer.Option(Device.auto, help="Where to evaluate."),
+    json_out: Optional[str] = typer.Option(None, "--json", metavar="FILE", help=JSON_HELP),
 ):
     """WiSE-FT: (1 - alpha) * zero-shot + alpha * fine-tuned weights, for one alpha or a sweep."""
     from fdcache import distributed
@@ -497,14 +557,14 @@ def wise(
     for a, p in zip(alpha, paths):
         out.print(f"alpha {a:.2f} -> {p}")
         if data:
-            dev = distributed.device_for(distributed.Dist(), device)
+            dev = distributed.device_for(distributed.Dist(), _value(device))
             m, spec, _ = load_export(p)
             results[f"alpha={a:.2f}"] = evaluate(m.to(dev), spec, [str(x) for x in data], classnames=classnames,
                                                  batch_size=batch_size, workers=workers, device=dev)
     if results:
         _print_evals(results)
         if json_out:
-            json_out.write_text(json.dumps(results, indent=2))
+            _write_json(json_out, "wise", {"finetuned": str(finetuned), "zeroshot": str(zeroshot), "results": results})
 
 
 @app.command()

@@ -265,7 +265,7 @@ def bench(
     modes: str = typer.Option(",".join(("ceiling", "offline", "online", "teacher", "extract")), rich_help_panel="Measurement",
                               help="Comma-separated subset of ceiling,offline,online,teacher,extract."),
     json_out: Optional[str] = typer.Option(None, "--json", metavar="FILE", rich_help_panel="Output", help=JSON_HELP),
-    plot_out: Optional[Path] = typer.Option(None, "--plot", rich_help_panel="Output", help="Write a PNG bar chart here (needs matplotlib)."),
+    plot_out: Optional[Path] = typer.Option(None, "--plot", rich_help_panel="Output", help="Write a PNG of the ratios here (needs matplotlib)."),
 ):
     """Throughput of offline vs online distillation vs the synthetic ceiling (interleaved)."""
     from fdcache.bench import MODES, BenchConfig, plot, run_bench
@@ -563,8 +563,22 @@ def wise(
                                                  batch_size=batch_size, workers=workers, device=dev)
     if results:
         _print_evals(results)
+        sweep = {"finetuned": str(finetuned), "zeroshot": str(zeroshot), "results": results}
+        _write_json(str(out_ / "wise.json"), "wise", sweep)  # for fdcache plot OUT
         if json_out:
-            _write_json(json_out, "wise", {"finetuned": str(finetuned), "zeroshot": str(zeroshot), "results": results})
+            _write_json(json_out, "wise", sweep)
+
+
+@app.command()
+@handles_errors
+def plot(
+    path: Path = typer.Argument(..., help="A train/finetune/flyp --out directory, a wise --out directory (evaluated with --data), or a wise --json file."),
+    out_: Optional[Path] = typer.Option(None, "--out", "-o", help="PNG to write (default: curves.png / wise.png beside the input)."),
+):
+    """Draw a run's loss/lr (and evaluation) curves from log.jsonl, or a WiSE-FT sweep as ID vs OOD top-1 (needs matplotlib: the plot extra)."""
+    from fdcache.plots import plot_path
+
+    out.print(f"wrote {plot_path(path, out_)}", highlight=False)
 
 
 @app.command()

@@ -130,6 +130,13 @@ class CLIPImageClassifier(nn.Module):
         return {"visual.class_embedding", "visual.positional_embedding"}
 
 
+class SharedState(dict):
+    """Tensors a model carries but does not train: copies of the model (its EMA) share them."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+
 class ZeroShotClassifier(nn.Module):
     """A CLIP model and class embeddings ``[D, C]``: logits = 100 * cos(image, class)."""
 
@@ -271,6 +278,9 @@ def init_model(*, model: str | None, pretrained: str | None, random_init: bool, 
             with torch.no_grad():
                 classifier.head.weight.copy_(clip.logit_scale.exp() * w.T)
                 classifier.head.bias.zero_()
+            # The rest of the CLIP (text tower, logit scale): not trained, kept for the open_clip form.
+            classifier.clip_rest = SharedState(
+                {k: v.detach().cpu().clone() for k, v in clip.state_dict().items() if not k.startswith("visual.")})
         return classifier, spec
 
 
@@ -288,7 +298,7 @@ def _with_timm_cfg(spec: ModelSpec, model: nn.Module) -> ModelSpec:
 
 # -- export ---------------------------------------------------------------------------------
 def save_export(out: str | Path, spec: ModelSpec, model: nn.Module | dict, ema: nn.Module | None = None,
-                info: dict | None = None) -> Path:
+                info: dict | None = None, clip_rest: dict | None = None) -> Path:
     """``model.json`` (the spec and ``info``), ``model.safetensors`` (a module's weights or a
     state dict) and, with an EMA, ``model_ema.safetensors``; plus the files timm or open_clip
     read to load the same weights themselves (:mod:`fdcache.exports`)."""
@@ -301,14 +311,15 @@ def save_export(out: str | Path, spec: ModelSpec, model: nn.Module | dict, ema: 
     save_file(state, str(out / "model.safetensors"))
     if ema_state is not None:
         save_file(ema_state, str(out / "model_ema.safetensors"))
-    loads = library_forms(out, spec, model, state, ema_state)
+    rest = clip_rest if clip_rest is not None else getattr(model, "clip_rest", None)
+    loads = library_forms(out, spec, model, state, ema_state, rest)
     (out / "model.json").write_text(json.dumps({"spec": spec.to_dict(), "ema": ema is not None,
                                                 "loads_with": loads, **(info or {})}, indent=2))
     return out
 
 
 def library_forms(out: Path, spec: ModelSpec, model: nn.Module | dict, state: dict,
-                  ema_state: dict | None) -> list[str]:
+                  ema_state: dict | None, clip_rest: dict | None = None) -> list[str]:
     """Write the timm / open_clip form of an export; returns the calls that load it."""
     from . import exports
 
@@ -324,7 +335,21 @@ def library_forms(out: Path, spec: ModelSpec, model: nn.Module | dict, state: di
     if spec.source == "openclip" and spec.head == "fresh":
         if exports.write_timm_from_openclip(out / "timm", spec, state, ema_state, check=net) is not None:
             return [f"timm.create_model('local-dir:{out / 'timm'}', pretrained=True)"]
+    if spec.source == "openclip" and spec.head == "zeroshot" and clip_rest is not None:
+        exports.write_openclip_with_head(out / "open_clip", spec, state, clip_rest)
+        return [f"open_clip.create_model_and_transforms('local-dir:{out / 'open_clip'}') + head.safetensors"]
     return []
+
+
+def read_clip_rest(run: str | Path) -> dict | None:
+    """The untrained rest of a zero-shot-headed run's CLIP (text tower, logit scale), from its
+    open_clip form; None where the run has none."""
+    from safetensors.torch import load_file
+
+    path = Path(run) / "open_clip" / "open_clip_model.safetensors"
+    if not path.is_file():
+        return None
+    return {k: v for k, v in load_file(str(path)).items() if not k.startswith("visual.")}
 
 
 def _with_state(spec: ModelSpec, state: dict) -> nn.Module:

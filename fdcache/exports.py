@@ -122,6 +122,25 @@ def write_openclip_config(out: str | Path, name: str, resolution: int, mean, std
     return path
 
 
+def write_openclip_with_head(out: str | Path, spec, state: dict, clip_rest: dict) -> Path:
+    """A zero-shot-headed classifier as open_clip reads it: the whole CLIP (the fine-tuned
+    image tower, the untouched text tower) in ``open_clip_model.safetensors``, and the linear
+    head over the normalised image embedding in ``head.safetensors`` (``weight``, ``bias``)::
+
+        logits = F.normalize(model.encode_image(x), dim=-1) @ head["weight"].T + head["bias"]
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    clip = {k: v for k, v in state.items() if k.startswith("visual.")} | dict(clip_rest)
+    save_file({k: v.contiguous() for k, v in clip.items()}, str(out / "open_clip_model.safetensors"))
+    save_file({"weight": state["head.weight"].contiguous(), "bias": state["head.bias"].contiguous()},
+              str(out / "head.safetensors"))
+    write_openclip_config(out, spec.name, spec.resolution, spec.mean, spec.std)
+    return out
+
+
 # -- FT-CLIP fresh head: open_clip tower -> timm CLIP ViT ---------------------------------------
 # timm architectures for open_clip's plain ViT towers: (patch, width, layers, quick_gelu) -> name.
 # Others get the closest builder with explicit size arguments (recorded in config.json).

@@ -48,9 +48,10 @@ def _finetune(out, folder, **kw):
 def runs(student_run, folder, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("runs")
     flyp = _finetune(root / "flyp", folder, mode="flyp", ema_decay=0)
+    zs = _finetune(root / "ft-zs", folder, head="zeroshot", templates="simple")
     from fdcache.wise import wise
 
-    return {"student": student_run,
+    return {"student": student_run, "zs": zs, "zs-wise": wise(zs / "init", zs, [0.5], root / "zs-wise")[0],
             "timm": _finetune(root / "ft-student", folder, student=str(student_run), model=None, random_init=None),
             "ftclip": _finetune(root / "ft-clip", folder, head="fresh"),
             "flyp": flyp, "wise": wise(flyp / "init", flyp, [0.5], root / "wise")[0]}
@@ -58,6 +59,7 @@ def runs(student_run, folder, tmp_path_factory) -> dict:
 
 LOADER = """
 import sys, torch, timm, open_clip
+import torch.nn.functional as F
 from safetensors.torch import load_file
 runs = dict(arg.split("=", 1) for arg in sys.argv[3:])
 x = torch.load(sys.argv[1])
@@ -77,6 +79,11 @@ with torch.no_grad():
         m.eval()
         norm = [t for t in preprocess.transforms if type(t).__name__ == "Normalize"][0]
         out[name] = dict(image=m.encode_image(x), text=m.encode_text(tok(["a photo of a cat."])), mean=list(norm.mean))
+    for name in ("zs", "zs-wise"):
+        folder = runs[name] + "/open_clip"
+        m, _, _ = open_clip.create_model_and_transforms("local-dir:" + folder)
+        head = load_file(folder + "/head.safetensors")
+        out[name] = dict(logits=F.normalize(m.eval().encode_image(x), dim=-1) @ head["weight"].T + head["bias"])
 assert not any(m == "fdcache" or m.startswith("fdcache.") for m in sys.modules), "fdcache was imported"
 torch.save(out, sys.argv[2])
 """
@@ -138,3 +145,10 @@ def test_a_flyp_run_and_its_wise_mix_load_with_open_clip_local_dir(runs, loaded,
         torch.testing.assert_close(got["image"], ref.eval().encode_image(_x()))
         torch.testing.assert_close(got["text"], ref.encode_text(tok(["a photo of a cat."])))
     assert got["mean"] == pytest.approx(spec.mean)
+
+
+@pytest.mark.parametrize("name", ["zs", "zs-wise"])
+def test_a_zero_shot_head_and_its_wise_mix_load_with_open_clip_and_their_head_file(runs, loaded, name):
+    ref, _, _ = load_export(runs[name], ema=False)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded[name]["logits"], ref.eval()(_x()), rtol=1e-4, atol=1e-5)

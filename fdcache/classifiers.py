@@ -300,8 +300,12 @@ def _with_timm_cfg(spec: ModelSpec, model: nn.Module) -> ModelSpec:
 def save_export(out: str | Path, spec: ModelSpec, model: nn.Module | dict, ema: nn.Module | None = None,
                 info: dict | None = None, clip_rest: dict | None = None) -> Path:
     """``model.json`` (the spec and ``info``), ``model.safetensors`` (a module's weights or a
-    state dict) and, with an EMA, ``model_ema.safetensors``; plus the files timm or open_clip
-    read to load the same weights themselves (:mod:`fdcache.exports`)."""
+    state dict) and, with an EMA, ``model_ema.safetensors``; then the files timm or open_clip
+    read to load the same weights themselves (:mod:`fdcache.exports`). fdcache's own export is
+    complete before those are tried: a library form that cannot be written is a warning,
+    recorded in ``model.json``, not a lost run."""
+    import warnings
+
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -311,10 +315,15 @@ def save_export(out: str | Path, spec: ModelSpec, model: nn.Module | dict, ema: 
     save_file(state, str(out / "model.safetensors"))
     if ema_state is not None:
         save_file(ema_state, str(out / "model_ema.safetensors"))
+    meta = {"spec": spec.to_dict(), "ema": ema is not None, **(info or {})}
+    (out / "model.json").write_text(json.dumps(meta, indent=2))
     rest = clip_rest if clip_rest is not None else getattr(model, "clip_rest", None)
-    loads = library_forms(out, spec, model, state, ema_state, rest)
-    (out / "model.json").write_text(json.dumps({"spec": spec.to_dict(), "ema": ema is not None,
-                                                "loads_with": loads, **(info or {})}, indent=2))
+    try:
+        meta["loads_with"] = library_forms(out, spec, model, state, ema_state, rest)
+    except FdcacheError as e:
+        meta["library_form_error"] = str(e)
+        warnings.warn(f"{out}: fdcache's export is written, but not its timm/open_clip form: {e}", stacklevel=2)
+    (out / "model.json").write_text(json.dumps(meta, indent=2))
     return out
 
 
@@ -326,14 +335,16 @@ def library_forms(out: Path, spec: ModelSpec, model: nn.Module | dict, state: di
     if spec.kind == "clip":
         exports.write_openclip_config(out, spec.name, spec.resolution, spec.mean, spec.std)
         return [f"open_clip.create_model_and_transforms('local-dir:{out}')"]
-    net = model if isinstance(model, nn.Module) else _with_state(spec, state)
     if spec.source in ("timm", "student"):
+        net = model if isinstance(model, nn.Module) else _with_state(spec, state)
         args = spec.timm_kwargs | {"num_classes": len(spec.classnames), "img_size": spec.resolution}
         exports.write_timm_config(out, net, args, mean=spec.mean, std=spec.std, crop_pct=spec.crop_pct,
                                   label_names=spec.classnames)
         return [f"timm.create_model('local-dir:{out}', pretrained=True)"]
     if spec.source == "openclip" and spec.head == "fresh":
-        if exports.write_timm_from_openclip(out / "timm", spec, state, ema_state, check=net) is not None:
+        # Checked against a CPU copy in fp32: the live model may sit on a GPU with TF32 convolutions.
+        if exports.write_timm_from_openclip(out / "timm", spec, state, ema_state,
+                                            check=_with_state(spec, state)) is not None:
             return [f"timm.create_model('local-dir:{out / 'timm'}', pretrained=True)"]
     if spec.source == "openclip" and spec.head == "zeroshot" and clip_rest is not None:
         exports.write_openclip_with_head(out / "open_clip", spec, state, clip_rest)

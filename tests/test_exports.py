@@ -152,3 +152,22 @@ def test_a_zero_shot_head_and_its_wise_mix_load_with_open_clip_and_their_head_fi
     ref, _, _ = load_export(runs[name], ema=False)
     with torch.no_grad():
         torch.testing.assert_close(loaded[name]["logits"], ref.eval()(_x()), rtol=1e-4, atol=1e-5)
+
+
+def test_a_library_form_that_fails_leaves_fdcaches_export_whole(monkeypatch, tmp_path):
+    from fdcache import exports
+    from fdcache.classifiers import init_model, save_export
+    from fdcache.errors import FdcacheError
+
+    def broken(*a, **k):
+        raise FdcacheError("the timm form computes something else")
+
+    monkeypatch.setattr(exports, "write_timm_from_openclip", broken)
+    model, spec = init_model(model=TINY_TEACHER, pretrained=None, random_init=True, student=None, kind="classifier",
+                             classnames=["a", "b"], head="fresh", templates="openai", resolution=None, drop_path=0.0)
+    with pytest.warns(UserWarning, match="not its timm/open_clip form"):
+        save_export(tmp_path, spec, model)
+    meta = json.loads((tmp_path / "model.json").read_text())
+    assert "computes something else" in meta["library_form_error"]
+    ref, _, _ = load_export(tmp_path)  # fdcache's own export still loads
+    assert torch.equal(ref.head.weight, model.head.weight)

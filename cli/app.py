@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -14,10 +16,44 @@ from rich.console import Console
 from fdcache.config import TrainConfig, option_default
 from fdcache.errors import FdcacheError, Interrupted
 
+class Codec(str, Enum):
+    """Target codecs (fdcache.codecs); listed here so --help needs no torch import."""
+    fp16 = "fp16"
+    int8 = "int8"
+
+
+class Amp(str, Enum):
+    auto = "auto"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    none = "none"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cuda = "cuda"
+    cpu = "cpu"
+
+
+class LossImpl(str, Enum):
+    auto = "auto"
+    triton = "triton"
+    torch = "torch"
+
+
+def _value(choice):
+    return choice.value if isinstance(choice, Enum) else choice
+
+
+if hasattr(typer.core.TyperOption, "display_type_rich"):  # typer >= 0.20 prints <bool> after every flag
+    _display_type = typer.core.TyperOption.display_type_rich
+    typer.core.TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag else _display_type(self, ctx)
+
 app = typer.Typer(
     name="fdcache", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="Cache a CLIP teacher's feature maps once; train feature-distillation students fast.")
-out = Console()
+# Not a terminal (a log, a pipe): long lines stay whole, so printed commands copy as they are.
+out = Console(soft_wrap=not sys.stdout.isatty())
 err = Console(stderr=True)
 
 
@@ -27,6 +63,35 @@ def _fail(e: FdcacheError) -> None:
     for p in getattr(e, "problems", []):
         err.print(f"  - {p}", highlight=False, soft_wrap=True)
     raise typer.Exit(e.exit_code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from fdcache import __version__
+
+        out.print(f"fdcache {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                        help="Print the version and exit.")) -> None:
+    """Cache a CLIP teacher's feature maps once; train feature-distillation students fast."""
+
+
+JSON_HELP = "Also write the results as JSON to FILE (- for stdout): {command, fdcache_version, ...}."
+
+
+def _write_json(dest: str, command: str, payload: dict) -> None:
+    """Every --json: a FILE (or - for stdout) holding one object that names its command and
+    version, then the command's fields."""
+    from fdcache import __version__
+
+    text = json.dumps({"command": command, "fdcache_version": __version__, **payload}, indent=2)
+    if dest == "-":
+        print(text)
+    else:
+        Path(dest).write_text(text + "\n")
 
 
 def handles_errors(fn):
@@ -49,25 +114,25 @@ def _is_main() -> bool:
 @app.command()
 @handles_errors
 def extract(
-    data: Path = typer.Argument(..., help="Image folder (ImageFolder layout root/<class>/<image>)."),
-    out_: str = typer.Option(..., "--out", "-o", help="Store path or fsspec URL (Zarr v3 group)."),
-    teacher: str = typer.Option(..., help="open_clip name (ViT-B-16), openclip:<name> or timm:<name>."),
-    pretrained: Optional[str] = typer.Option(None, help="open_clip/timm weight tag (openai) or a local checkpoint path."),
-    random_init: bool = typer.Option(False, "--random-init", help="Seeded random teacher (tests, benchmarks)."),
-    init_seed: int = typer.Option(0, help="Seed of --random-init weights (recorded in the store)."),
-    seeds: int = typer.Option(1, help="Augmentation seeds (views per image); raise later to append."),
-    resolution: Optional[int] = typer.Option(None, help="Teacher input size (default: the model's)."),
-    codec: str = typer.Option("fp16", help="Target codec: fp16 (lossless vs the teacher) or int8 (per-token scale/offset)."),
-    compressor: str = typer.Option("zstd", help="Lossless compressor under the codec: zstd or none."),
-    batch_size: int = typer.Option(64, help="Teacher batch size."),
-    shard_size: int = typer.Option(128, help="Samples per shard (the unit of writing and resuming)."),
-    global_seed: int = typer.Option(0, help="Seed of the view generator."),
-    views: str = typer.Option("rrc", help="View policy: rrc (RandomResizedCrop 0.08-1 + flip, as FD) or full."),
-    file_list: Optional[Path] = typer.Option(None, help="Text file of 'relative/path [label]' lines under DATA instead of an ImageFolder."),
-    skip_bad: bool = typer.Option(False, help="Record unreadable images as skipped instead of stopping."),
-    overwrite: bool = typer.Option(False, help="Replace an existing fdcache store (never a folder of other files)."),
-    threads: int = typer.Option(4, help="DALI decoder threads."),
-    device: str = typer.Option("auto", help="auto | cuda | cpu."),
+    data: Path = typer.Argument(..., rich_help_panel="Input", help="Image folder (ImageFolder layout root/<class>/<image>)."),
+    out_: str = typer.Option(..., "--out", "-o", rich_help_panel="Views and storage", help="Store path or fsspec URL (Zarr v3 group)."),
+    teacher: str = typer.Option(..., rich_help_panel="Teacher", help="open_clip name (ViT-B-16), openclip:<name> or timm:<name>."),
+    pretrained: Optional[str] = typer.Option(None, rich_help_panel="Teacher", help="open_clip/timm weight tag (openai) or a local checkpoint path."),
+    random_init: bool = typer.Option(False, "--random-init", rich_help_panel="Teacher", help="Seeded random teacher (tests, benchmarks)."),
+    init_seed: int = typer.Option(0, rich_help_panel="Teacher", help="Seed of --random-init weights (recorded in the store)."),
+    seeds: int = typer.Option(1, rich_help_panel="Views and storage", help="Augmentation seeds (views per image); raise later to append."),
+    resolution: Optional[int] = typer.Option(None, rich_help_panel="Teacher", help="Teacher input size (default: the model's)."),
+    codec: Codec = typer.Option(Codec.fp16, rich_help_panel="Views and storage", help="Target codec: fp16 (lossless vs the teacher) or int8 (per-token scale/offset)."),
+    compressor: str = typer.Option("zstd", rich_help_panel="Views and storage", help="Lossless compressor under the codec: zstd or none."),
+    batch_size: int = typer.Option(64, rich_help_panel="Performance", help="Teacher batch size."),
+    shard_size: int = typer.Option(128, rich_help_panel="Views and storage", help="Samples per shard (the unit of writing and resuming)."),
+    global_seed: int = typer.Option(0, rich_help_panel="Views and storage", help="Seed of the view generator."),
+    views: str = typer.Option("rrc", rich_help_panel="Views and storage", help="View policy: rrc (RandomResizedCrop 0.08-1 + flip, as FD) or full."),
+    file_list: Optional[Path] = typer.Option(None, rich_help_panel="Input", help="Text file of 'relative/path \\[label]' lines under DATA instead of an ImageFolder."),
+    skip_bad: bool = typer.Option(False, rich_help_panel="Input", help="Record unreadable images as skipped instead of stopping."),
+    overwrite: bool = typer.Option(False, rich_help_panel="Views and storage", help="Replace an existing fdcache store (never a folder of other files)."),
+    threads: int = typer.Option(4, rich_help_panel="Performance", help="DALI decoder threads."),
+    device: Device = typer.Option(Device.auto, rich_help_panel="Performance", help="Where the teacher runs."),
 ):
     """Run the teacher on recorded crop views of every image and store its feature maps.
 
@@ -80,11 +145,12 @@ def extract(
 
     cfg = ExtractConfig(data=str(data), out=out_, teacher=teacher, pretrained=pretrained,
                         random_init=random_init, init_seed=init_seed, resolution=resolution,
-                        seeds=seeds, codec=_spec(CodecSpec, name=codec, compressor=compressor),
+                        seeds=seeds, codec=_spec(CodecSpec, name=_value(codec), compressor=compressor),
                         policy=_spec(ViewPolicy, kind=views), batch_size=batch_size,
                         shard_size=shard_size, global_seed=global_seed,
                         file_list=str(file_list) if file_list else None, skip_bad=skip_bad,
-                        overwrite=overwrite, num_threads=threads, device=device)
+                        overwrite=overwrite, num_threads=threads, device=_value(device),
+                        progress=sys.stderr.isatty())
     r = run(cfg)
     if _is_main():
         out.print(f"extracted {r.samples} sample-views in {r.shards} shard(s) "
@@ -124,44 +190,44 @@ T = functools.partial(option_default, TrainConfig)
 @app.command()
 @handles_errors
 def train(
-    out_: Path = typer.Option(..., "--out", "-o", help="Run directory: log.jsonl, checkpoints/, student.safetensors."),
-    cache: Optional[str] = typer.Option(None, help="Store made by fdcache extract (offline distillation)."),
-    data: Optional[Path] = typer.Option(None, help="Image folder (default for --cache: the one recorded in the store)."),
-    online: bool = typer.Option(T("online"), "--online", help="Run the teacher in the loop instead of reading a store (baseline)."),
-    teacher: Optional[str] = typer.Option(None, help="--online: teacher, as for extract."),
-    pretrained: Optional[str] = typer.Option(None, help="--online: teacher weights tag or path."),
-    random_init: bool = typer.Option(T("random_init"), "--random-init", help="--online: seeded random teacher."),
-    init_seed: int = typer.Option(T("init_seed"), help="--online: seed of --random-init teacher weights."),
-    student: str = typer.Option(T("student"), help="timm ViT name (FD's ViT-B/16 = beit_base_patch16_224 with shared rel-pos bias), or fd-tiny / fd-small."),
-    student_arg: list[str] = typer.Option([], help="timm option for the student, key=value (repeatable), e.g. depth=6."),
-    resolution: Optional[int] = typer.Option(None, help="Student input size (default: the teacher's)."),
-    epochs: Optional[int] = typer.Option(None, help="Epochs (epoch e replays the store's seed e mod S)."),
-    steps: Optional[int] = typer.Option(None, help="Optimizer steps (instead of --epochs)."),
-    batch_size: int = typer.Option(T("batch_size"), help="Images per rank per micro-batch."),
-    accum_steps: int = typer.Option(T("accum_steps"), help="Micro-batches per optimizer step."),
-    lr: float = typer.Option(T("base_lr"), help="Base lr per 512 images of total batch (scaled linearly)."),
-    warmup_epochs: float = typer.Option(T("warmup_epochs"), help="Warmup from 5e-7 (scaled), in epochs."),
-    warmup_steps: Optional[int] = typer.Option(None, help="Warmup in steps (overrides --warmup-epochs)."),
-    weight_decay: float = typer.Option(T("weight_decay")),
-    clip_grad: float = typer.Option(T("clip_grad"), help="Gradient-norm clip (0: off)."),
-    drop_path: float = typer.Option(T("drop_path")),
-    layer_scale: float = typer.Option(T("layer_scale")),
-    ema_decay: Optional[float] = typer.Option(None, help="Keep an EMA of the weights (timm ModelEmaV3)."),
-    loss_impl: str = typer.Option(T("loss_impl"), help="auto (Triton on CUDA) | triton | torch."),
-    amp: str = typer.Option(T("amp"), help="auto (bf16 on CUDA) | bf16 | fp16 | none."),
-    compile_: bool = typer.Option(T("compile"), "--compile", help="torch.compile the student."),
-    resize_targets: bool = typer.Option(T("resize_targets"), help="Resample the teacher's token grid to the student's."),
-    allow_partial: bool = typer.Option(T("allow_partial"), help="Train on the completed shards of an unfinished store."),
-    resume: bool = typer.Option(T("resume"), "--resume", help="Continue the run in --out from checkpoints/last.pt."),
-    overwrite: bool = typer.Option(T("overwrite"), "--overwrite", help="Replace the run in --out (removes only fdcache's files there)."),
-    save_every: int = typer.Option(T("save_every"), help="Checkpoint every N steps (and at the end, or on Ctrl-C)."),
-    run_steps: Optional[int] = typer.Option(None, help="Stop this invocation after N steps (checkpointed; --resume continues)."),
-    log_every: Optional[int] = typer.Option(None, help="Log (and check the loss is finite) every N steps (default: 1 on CPU, 10 on CUDA)."),
-    tensorboard: bool = typer.Option(T("tensorboard"), help="Also write TensorBoard scalars to OUT/tb."),
-    seed: int = typer.Option(T("seed"), help="Run seed: student init and sample order."),
-    threads: int = typer.Option(T("num_threads"), help="DALI threads."),
-    loader_workers: str = typer.Option(T("loader_workers"), help="DALI parallel external-source worker processes (0: in-process; auto: on with CUDA)."),
-    device: str = typer.Option(T("device")),
+    out_: Path = typer.Option(..., "--out", "-o", rich_help_panel="Run", help="Run directory: log.jsonl, checkpoints/, config.json + model.safetensors (timm local-dir)."),
+    cache: Optional[str] = typer.Option(None, rich_help_panel="Data", help="Store made by fdcache extract (offline distillation)."),
+    data: Optional[Path] = typer.Option(None, rich_help_panel="Data", help="Image folder (default for --cache: the one recorded in the store)."),
+    online: bool = typer.Option(False, "--online", rich_help_panel="Online teacher (--online)", help="Run the teacher in the loop instead of reading a store (baseline)."),
+    teacher: Optional[str] = typer.Option(None, rich_help_panel="Online teacher (--online)", help="--online: teacher, as for extract."),
+    pretrained: Optional[str] = typer.Option(None, rich_help_panel="Online teacher (--online)", help="--online: teacher weights tag or path."),
+    random_init: bool = typer.Option(False, "--random-init", rich_help_panel="Online teacher (--online)", help="--online: seeded random teacher."),
+    init_seed: int = typer.Option(0, rich_help_panel="Online teacher (--online)", help="--online: seed of --random-init teacher weights."),
+    student: str = typer.Option(T("student"), rich_help_panel="Student", help="timm ViT name (FD's ViT-B/16 = beit_base_patch16_224 with shared rel-pos bias), or fd-tiny / fd-small."),
+    student_arg: list[str] = typer.Option([], rich_help_panel="Student", help="timm option for the student, key=value (repeatable), e.g. depth=6."),
+    resolution: Optional[int] = typer.Option(None, rich_help_panel="Student", help="Student input size (default: the teacher's)."),
+    epochs: Optional[int] = typer.Option(None, rich_help_panel="Schedule and optimizer", help="Epochs (epoch e replays the store's seed e mod S)."),
+    steps: Optional[int] = typer.Option(None, rich_help_panel="Schedule and optimizer", help="Optimizer steps (instead of --epochs)."),
+    batch_size: int = typer.Option(T("batch_size"), rich_help_panel="Schedule and optimizer", help="Images per rank per micro-batch."),
+    accum_steps: int = typer.Option(T("accum_steps"), rich_help_panel="Schedule and optimizer", help="Micro-batches per optimizer step."),
+    lr: float = typer.Option(T("base_lr"), rich_help_panel="Schedule and optimizer", help="Base lr per 512 images of total batch (scaled linearly)."),
+    warmup_epochs: float = typer.Option(T("warmup_epochs"), rich_help_panel="Schedule and optimizer", help="Warmup from 5e-7 (scaled), in epochs."),
+    warmup_steps: Optional[int] = typer.Option(None, rich_help_panel="Schedule and optimizer", help="Warmup in steps (overrides --warmup-epochs)."),
+    weight_decay: float = typer.Option(T("weight_decay"), rich_help_panel="Schedule and optimizer", help="AdamW weight decay (timm's no-decay groups)."),
+    clip_grad: float = typer.Option(T("clip_grad"), rich_help_panel="Schedule and optimizer", help="Gradient-norm clip (0: off)."),
+    drop_path: float = typer.Option(T("drop_path"), rich_help_panel="Student", help="Stochastic depth rate."),
+    layer_scale: float = typer.Option(T("layer_scale"), rich_help_panel="Student", help="Layer-scale init (0: none)."),
+    ema_decay: Optional[float] = typer.Option(None, rich_help_panel="Schedule and optimizer", help="Keep an EMA of the weights (timm ModelEmaV3)."),
+    loss_impl: LossImpl = typer.Option(LossImpl.auto, rich_help_panel="Performance", help="FD loss: auto is Triton on CUDA, PyTorch otherwise."),
+    amp: Amp = typer.Option(Amp.auto, rich_help_panel="Performance", help="Autocast: auto is bf16 on CUDA, none on CPU."),
+    compile_: bool = typer.Option(False, "--compile", rich_help_panel="Performance", help="torch.compile the student."),
+    resize_targets: bool = typer.Option(False, rich_help_panel="Student", help="Resample the teacher's token grid to the student's."),
+    allow_partial: bool = typer.Option(False, rich_help_panel="Data", help="Train on the completed shards of an unfinished store."),
+    resume: bool = typer.Option(False, "--resume", rich_help_panel="Run", help="Continue the run in --out from checkpoints/last.pt."),
+    overwrite: bool = typer.Option(False, "--overwrite", rich_help_panel="Run", help="Replace the run in --out (removes only fdcache's files there)."),
+    save_every: int = typer.Option(T("save_every"), rich_help_panel="Run", help="Checkpoint every N steps (and at the end, or on Ctrl-C)."),
+    run_steps: Optional[int] = typer.Option(None, rich_help_panel="Run", help="Stop this invocation after N steps (checkpointed; --resume continues)."),
+    log_every: Optional[int] = typer.Option(None, rich_help_panel="Run", help="Log (and check the loss is finite) every N steps (default: 1 on CPU, 10 on CUDA)."),
+    tensorboard: bool = typer.Option(False, rich_help_panel="Run", help="Also write TensorBoard scalars to OUT/tb."),
+    seed: int = typer.Option(T("seed"), rich_help_panel="Schedule and optimizer", help="Run seed: student init and sample order."),
+    threads: int = typer.Option(T("num_threads"), rich_help_panel="Performance", help="DALI threads."),
+    loader_workers: str = typer.Option(T("loader_workers"), rich_help_panel="Performance", help="DALI parallel external-source worker processes (0: in-process; auto: on with CUDA)."),
+    device: Device = typer.Option(Device.auto, rich_help_panel="Performance", help="Where the student trains."),
 ):
     """Distill a student from a store (offline) or from the teacher in the loop (--online).
 
@@ -175,10 +241,11 @@ def train(
         student_overrides=_overrides(student_arg), resolution=resolution, drop_path=drop_path,
         layer_scale=layer_scale or None, epochs=epochs, steps=steps, batch_size=batch_size,
         accum_steps=accum_steps, base_lr=lr, warmup_epochs=warmup_epochs, warmup_steps=warmup_steps,
-        weight_decay=weight_decay, clip_grad=clip_grad or None, ema_decay=ema_decay, loss_impl=loss_impl,
-        amp=amp, compile=compile_, seed=seed, resize_targets=resize_targets, allow_partial=allow_partial,
+        weight_decay=weight_decay, clip_grad=clip_grad or None, ema_decay=ema_decay, loss_impl=_value(loss_impl),
+        amp=_value(amp), compile=compile_, seed=seed, resize_targets=resize_targets, allow_partial=allow_partial,
         resume=resume, overwrite=overwrite, save_every=save_every, run_steps=run_steps, log_every=log_every,
-        tensorboard=tensorboard, num_threads=threads, loader_workers=loader_workers, device=device)
+        tensorboard=tensorboard, num_threads=threads, loader_workers=loader_workers, device=_value(device),
+        progress=sys.stderr.isatty())
     r = run(cfg)
     if _is_main():
         last = f"{r.losses[-1]:.4f}" if r.losses else "-"
@@ -190,27 +257,27 @@ def train(
 @app.command()
 @handles_errors
 def bench(
-    student: str = typer.Option(..., help="Student (as for train), e.g. beit_base_patch16_224 or fd-tiny."),
-    teacher: str = typer.Option(..., help="Teacher (as for extract)."),
-    pretrained: Optional[str] = typer.Option(None, help="Teacher weights tag or path."),
-    random_init: bool = typer.Option(False, "--random-init", help="Seeded random teacher."),
-    resolution: Optional[int] = typer.Option(None, help="Input size for both models (default: the teacher's)."),
-    batch_size: int = typer.Option(32),
-    steps: int = typer.Option(10, help="Timed steps per mode and repeat."),
-    warmup: int = typer.Option(2, help="Untimed steps before each measurement."),
-    repeats: int = typer.Option(3, help="Interleaved repeats (median and spread are reported)."),
-    cache: Optional[str] = typer.Option(None, help="Use this store for offline mode instead of building one."),
-    data: Optional[Path] = typer.Option(None, help="Image folder (default: synthetic images)."),
-    student_arg: list[str] = typer.Option([], help="timm option for the student, key=value (repeatable)."),
-    codec: str = typer.Option("fp16", help="Codec of the store built for offline mode."),
-    loss_impl: str = typer.Option("auto"),
-    amp: str = typer.Option("auto"),
-    threads: int = typer.Option(4, help="DALI threads."),
-    loader_workers: int = typer.Option(0, help="DALI parallel external-source workers."),
-    modes: str = typer.Option(",".join(("ceiling", "offline", "online", "teacher", "extract")),
+    student: str = typer.Option(..., rich_help_panel="Models", help="Student (as for train), e.g. beit_base_patch16_224 or fd-tiny."),
+    teacher: str = typer.Option(..., rich_help_panel="Models", help="Teacher (as for extract)."),
+    pretrained: Optional[str] = typer.Option(None, rich_help_panel="Models", help="Teacher weights tag or path."),
+    random_init: bool = typer.Option(False, "--random-init", rich_help_panel="Models", help="Seeded random teacher."),
+    resolution: Optional[int] = typer.Option(None, rich_help_panel="Models", help="Input size for both models (default: the teacher's)."),
+    batch_size: int = typer.Option(32, rich_help_panel="Measurement"),
+    steps: int = typer.Option(10, rich_help_panel="Measurement", help="Timed steps per mode and repeat."),
+    warmup: int = typer.Option(2, rich_help_panel="Measurement", help="Untimed steps before each measurement."),
+    repeats: int = typer.Option(3, rich_help_panel="Measurement", help="Interleaved repeats (median and spread are reported)."),
+    cache: Optional[str] = typer.Option(None, rich_help_panel="Measurement", help="Use this store for offline mode instead of building one."),
+    data: Optional[Path] = typer.Option(None, rich_help_panel="Measurement", help="Image folder (default: synthetic images)."),
+    student_arg: list[str] = typer.Option([], rich_help_panel="Models", help="timm option for the student, key=value (repeatable)."),
+    codec: Codec = typer.Option(Codec.fp16, rich_help_panel="Measurement", help="Codec of the store built for offline mode."),
+    loss_impl: LossImpl = typer.Option(LossImpl.auto, rich_help_panel="Performance", help="FD loss implementation."),
+    amp: Amp = typer.Option(Amp.auto, rich_help_panel="Performance", help="Autocast dtype."),
+    threads: int = typer.Option(4, rich_help_panel="Performance", help="DALI threads."),
+    loader_workers: int = typer.Option(0, rich_help_panel="Performance", help="DALI parallel external-source workers."),
+    modes: str = typer.Option(",".join(("ceiling", "offline", "online", "teacher", "extract")), rich_help_panel="Measurement",
                               help="Comma-separated subset of ceiling,offline,online,teacher,extract."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write every figure as JSON here."),
-    plot_out: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG bar chart here (needs matplotlib)."),
+    json_out: Optional[str] = typer.Option(None, "--json", metavar="FILE", rich_help_panel="Output", help=JSON_HELP),
+    plot_out: Optional[Path] = typer.Option(None, "--plot", rich_help_panel="Output", help="Write a PNG of the ratios here (needs matplotlib)."),
 ):
     """Throughput of offline vs online distillation vs the synthetic ceiling (interleaved)."""
     from fdcache.bench import MODES, BenchConfig, plot, run_bench
@@ -223,7 +290,7 @@ def bench(
     cfg = BenchConfig(student=student, teacher=teacher, pretrained=pretrained, random_init=random_init,
                       resolution=resolution, batch_size=batch_size, steps=steps, warmup=warmup,
                       repeats=repeats, cache=cache, data=str(data) if data else None,
-                      student_overrides=_overrides(student_arg), codec=codec, loss_impl=loss_impl, amp=amp,
+                      student_overrides=_overrides(student_arg), codec=_value(codec), loss_impl=_value(loss_impl), amp=_value(amp),
                       threads=threads, loader_workers=loader_workers, modes=chosen)
     r = run_bench(cfg, log=lambda m: err.print(m, highlight=False))
     out.print(bench_table(r, MODES))
@@ -232,7 +299,7 @@ def bench(
     for note in r["diagnosis"]:
         out.print(f"[yellow]held back:[/] {note}", highlight=False)
     if json_out:
-        json_out.write_text(json.dumps(r, indent=2))
+        _write_json(json_out, "bench", r)
     if plot_out:
         plot(r, str(plot_out))
 
@@ -240,15 +307,16 @@ def bench(
 @app.command("inspect")
 @handles_errors
 def inspect_(store: str = typer.Argument(..., help="Store path or URL."),
-             as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
+             as_json: Optional[str] = typer.Option(None, "--json", metavar="FILE", help=JSON_HELP)):
     """Teacher, shapes, codec, bytes per sample-view, compression ratio, completeness."""
     from fdcache.inspection import inspect_store
     from fdcache.tables import store_table
 
     r = inspect_store(store)
     if as_json:
-        print(json.dumps(r, indent=2))
-        return
+        _write_json(as_json, "inspect", r)
+        if as_json == "-":
+            return
     out.print(store_table(r))
 
 
@@ -256,7 +324,7 @@ def inspect_(store: str = typer.Argument(..., help="Store path or URL."),
 @handles_errors
 def verify(store: str = typer.Argument(..., help="Store path or URL."),
            data: Optional[Path] = typer.Option(None, help="Image folder, if moved or copied since extraction."),
-           no_files: bool = typer.Option(False, help="Skip the image-folder check."),
+           files: bool = typer.Option(True, "--files/--no-files", help="Check that the images still match (--no-files: skip)."),
            content: bool = typer.Option(False, help="Compare every image's crc32c with the manifest (reads every file)."),
            repair: bool = typer.Option(False, help="Un-mark damaged shards so the same extract command recomputes them.")):
     """Read and checksum every chunk, check completeness and that the images still match.
@@ -264,7 +332,7 @@ def verify(store: str = typer.Argument(..., help="Store path or URL."),
     Exit 0 when the store is whole, 1 naming each problem otherwise."""
     from fdcache.inspection import verify_store
 
-    r = verify_store(store, data=data, check_files=not no_files, content=content, repair=repair)
+    r = verify_store(store, data=data, check_files=files, content=content, repair=repair)
     for w in r["warnings"]:
         err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
     out.print(f"[green]ok[/]: {r['shards_checked']} shard(s) of {r['seeds']} seed(s) x "

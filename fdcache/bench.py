@@ -261,20 +261,7 @@ def diagnose(out: dict, ratios: dict, target: float = 0.9) -> list[str]:
 
 
 def plot(result: dict, path: str) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        from .errors import FdcacheError
-        raise FdcacheError("--plot needs matplotlib (pip install matplotlib)") from e
-    modes = [m for m in MODES if m in result]
-    vals = [result[m]["images_per_s"] for m in modes]
-    err = [[v - result[m]["min"] for m, v in zip(modes, vals)], [result[m]["max"] - v for m, v in zip(modes, vals)]]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar(modes, vals, yerr=err, color=["#888", "#2a7", "#c53", "#58c", "#a6c"][: len(modes)], capsize=4)
-    ax.set_ylabel("images / s")
-    env = result["environment"]
-    ax.set_title(f"{env['student']} <- {env['teacher']}\n{env['device']}", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    """The figures as ratios (:func:`fdcache.plots.bench_figure`)."""
+    from .plots import bench_figure
+
+    bench_figure(result, path)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import FdcacheError
-from .teachers import create_openclip, create_timm, parse_teacher_name
+from .teachers import create_openclip, create_timm, openclip_name, parse_teacher_name
 
 TEMPLATES = ("openai", "simple")
 NO_DROP_PATH = ("open_clip's CLIP towers have no drop path; use --drop-path 0, or the timm form of the "
@@ -117,7 +117,7 @@ class CLIPImageClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fc_norm is not None:
             tokens = self.visual.transformer(self.visual._embeds(x))
-            return self.head(self.fc_norm(tokens[:, 1:]).mean(1))
+            return self.head(self.fc_norm(tokens[:, 1:].mean(1)))  # FT-CLIP: pool, then norm
         return self.head(F.normalize(self.visual(x), dim=-1))
 
     def group_matcher(self, coarse: bool = False) -> dict:
@@ -128,6 +128,13 @@ class CLIPImageClassifier(nn.Module):
 
     def no_weight_decay(self) -> set:
         return {"visual.class_embedding", "visual.positional_embedding"}
+
+
+class SharedState(dict):
+    """Tensors a model carries but does not train: copies of the model (its EMA) share them."""
+
+    def __deepcopy__(self, memo):
+        return self
 
 
 class ZeroShotClassifier(nn.Module):
@@ -147,7 +154,8 @@ def _student_kwargs(kwargs: dict, name: str, drop_path: float) -> dict:
     """FD's fine-tuning form of an exported student: mean pooling + fc_norm, drop path, and
     (BEiT) one relative position bias per block instead of the shared one."""
     kw = dict(kwargs)
-    kw.pop("pretrained_cfg_overlay", None)
+    for k in ("pretrained_cfg_overlay", "num_classes"):
+        kw.pop(k, None)
     kw["drop_path_rate"] = drop_path
     if name.startswith("beit"):
         kw.update(use_shared_rel_pos_bias=False, use_rel_pos_bias=True, use_fc_norm=True, global_pool="avg")
@@ -169,16 +177,18 @@ def _student_state(state: dict, depth: int) -> dict:
 
 
 def read_student(path: str | Path) -> tuple[dict, dict]:
-    """(student.json, state dict) of an ``fdcache train`` export (run dir or file)."""
+    """(``{"timm_name", "kwargs"}``, state dict) of an ``fdcache train`` export: its run
+    directory (timm's layout: ``config.json`` + ``model.safetensors``) or that weights file."""
     from safetensors.torch import load_file
 
     path = Path(path)
-    weights = path / "student.safetensors" if path.is_dir() else path
-    meta_path = weights.with_suffix(".json")
-    if not weights.is_file() or not meta_path.is_file():
-        raise FdcacheError(f"--student {path}: expected student.safetensors and student.json from "
-                           "fdcache train (the run's --out directory)")
-    return json.loads(meta_path.read_text()), load_file(str(weights))
+    run = path if path.is_dir() else path.parent
+    cfg = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+    weights = run / "model.safetensors"
+    if cfg.get("fdcache", {}).get("export", {}).get("kind") != "student" or not weights.is_file():
+        raise FdcacheError(f"--student {path}: expected the --out directory of a finished fdcache train run "
+                           "(config.json + model.safetensors)")
+    return {"timm_name": cfg["architecture"], "kwargs": dict(cfg.get("model_args", {}))}, load_file(str(weights))
 
 
 def build(spec: ModelSpec, *, pretrained: str | None = None, student: str | None = None) -> nn.Module:
@@ -218,7 +228,7 @@ def init_model(*, model: str | None, pretrained: str | None, random_init: bool, 
     if (model is None) == (student is None):
         raise FdcacheError("give exactly one of --model NAME (a CLIP / timm model) or --student RUN "
                            "(an fdcache train export)")
-    if model is not None and (pretrained is None) == (not random_init):
+    if model is not None and not model.startswith("hf-hub:") and (pretrained is None) == (not random_init):
         raise FdcacheError(f"--model {model}: give --pretrained TAG|PATH (e.g. openai) or --random-init")
     size = {"img_size": resolution} if resolution else {}
     with torch.random.fork_rng(devices=[]):
@@ -234,6 +244,7 @@ def init_model(*, model: str | None, pretrained: str | None, random_init: bool, 
             net = build(spec, student=student)
             return net, _with_timm_cfg(spec, net)
         source, name = parse_teacher_name(model)
+        name = openclip_name(name, pretrained) if source == "openclip" else name
         if source == "timm":
             if kind != "classifier" or head != "fresh":
                 raise FdcacheError(f"timm:{name} has no text tower: zero-shot heads and FLYP need an "
@@ -267,6 +278,9 @@ def init_model(*, model: str | None, pretrained: str | None, random_init: bool, 
             with torch.no_grad():
                 classifier.head.weight.copy_(clip.logit_scale.exp() * w.T)
                 classifier.head.bias.zero_()
+            # The rest of the CLIP (text tower, logit scale): not trained, kept for the open_clip form.
+            classifier.clip_rest = SharedState(
+                {k: v.detach().cpu().clone() for k, v in clip.state_dict().items() if not k.startswith("visual.")})
         return classifier, spec
 
 
@@ -284,19 +298,76 @@ def _with_timm_cfg(spec: ModelSpec, model: nn.Module) -> ModelSpec:
 
 # -- export ---------------------------------------------------------------------------------
 def save_export(out: str | Path, spec: ModelSpec, model: nn.Module | dict, ema: nn.Module | None = None,
-                info: dict | None = None) -> Path:
+                info: dict | None = None, clip_rest: dict | None = None) -> Path:
     """``model.json`` (the spec and ``info``), ``model.safetensors`` (a module's weights or a
-    state dict) and, with an EMA, ``model_ema.safetensors``."""
+    state dict) and, with an EMA, ``model_ema.safetensors``; then the files timm or open_clip
+    read to load the same weights themselves (:mod:`fdcache.exports`). fdcache's own export is
+    complete before those are tried: a library form that cannot be written is a warning,
+    recorded in ``model.json``, not a lost run."""
+    import warnings
+
     from safetensors.torch import save_file
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(_cpu_state(model), str(out / "model.safetensors"))
-    if ema is not None:
-        save_file(_cpu_state(ema), str(out / "model_ema.safetensors"))
-    (out / "model.json").write_text(json.dumps({"spec": spec.to_dict(), "ema": ema is not None,
-                                                **(info or {})}, indent=2))
+    state = _cpu_state(model)
+    ema_state = _cpu_state(ema) if ema is not None else None
+    save_file(state, str(out / "model.safetensors"))
+    if ema_state is not None:
+        save_file(ema_state, str(out / "model_ema.safetensors"))
+    meta = {"spec": spec.to_dict(), "ema": ema is not None, **(info or {})}
+    (out / "model.json").write_text(json.dumps(meta, indent=2))
+    rest = clip_rest if clip_rest is not None else getattr(model, "clip_rest", None)
+    try:
+        meta["loads_with"] = library_forms(out, spec, model, state, ema_state, rest)
+    except FdcacheError as e:
+        meta["library_form_error"] = str(e)
+        warnings.warn(f"{out}: fdcache's export is written, but not its timm/open_clip form: {e}", stacklevel=2)
+    (out / "model.json").write_text(json.dumps(meta, indent=2))
     return out
+
+
+def library_forms(out: Path, spec: ModelSpec, model: nn.Module | dict, state: dict,
+                  ema_state: dict | None, clip_rest: dict | None = None) -> list[str]:
+    """Write the timm / open_clip form of an export; returns the calls that load it."""
+    from . import exports
+
+    if spec.kind == "clip":
+        exports.write_openclip_config(out, spec.name, spec.resolution, spec.mean, spec.std)
+        return [f"open_clip.create_model_and_transforms('local-dir:{out}')"]
+    if spec.source in ("timm", "student"):
+        net = model if isinstance(model, nn.Module) else _with_state(spec, state)
+        args = spec.timm_kwargs | {"num_classes": len(spec.classnames), "img_size": spec.resolution}
+        exports.write_timm_config(out, net, args, mean=spec.mean, std=spec.std, crop_pct=spec.crop_pct,
+                                  label_names=spec.classnames)
+        return [f"timm.create_model('local-dir:{out}', pretrained=True)"]
+    if spec.source == "openclip" and spec.head == "fresh":
+        # Checked against a CPU copy in fp32: the live model may sit on a GPU with TF32 convolutions.
+        if exports.write_timm_from_openclip(out / "timm", spec, state, ema_state,
+                                            check=_with_state(spec, state)) is not None:
+            return [f"timm.create_model('local-dir:{out / 'timm'}', pretrained=True)"]
+    if spec.source == "openclip" and spec.head == "zeroshot" and clip_rest is not None:
+        exports.write_openclip_with_head(out / "open_clip", spec, state, clip_rest)
+        return [f"open_clip.create_model_and_transforms('local-dir:{out / 'open_clip'}') + head.safetensors"]
+    return []
+
+
+def read_clip_rest(run: str | Path) -> dict | None:
+    """The untrained rest of a zero-shot-headed run's CLIP (text tower, logit scale), from its
+    open_clip form; None where the run has none."""
+    from safetensors.torch import load_file
+
+    path = Path(run) / "open_clip" / "open_clip_model.safetensors"
+    if not path.is_file():
+        return None
+    return {k: v for k, v in load_file(str(path)).items() if not k.startswith("visual.")}
+
+
+def _with_state(spec: ModelSpec, state: dict) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        model = build(spec)
+    model.load_state_dict(state)
+    return model
 
 
 def _cpu_state(model: nn.Module | dict) -> dict:
@@ -319,7 +390,4 @@ def read_export(path: str | Path, ema: bool = True) -> tuple[ModelSpec, dict, di
 def load_export(path: str | Path, ema: bool = True) -> tuple[nn.Module, ModelSpec, str]:
     """Rebuild an export (random init, then its weights; nothing downloaded)."""
     spec, _, state, file = read_export(path, ema)
-    with torch.random.fork_rng(devices=[]):
-        model = build(spec)
-    model.load_state_dict(state)
-    return model, spec, file
+    return _with_state(spec, state), spec, file

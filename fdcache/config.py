@@ -110,6 +110,7 @@ class FinetuneConfig(RunOptions, ScheduleOptions, OptimOptions):
     data: str  # training image folder (root/<class>/<image>)
     val: list = field(default_factory=list)  # eval sets: after each epoch and at the end
     mode: str = "finetune"  # finetune | flyp
+    preset: str | None = None  # the recipe the values started from (recorded, not read)
     model: str | None = None  # open_clip name or timm:<name>
     pretrained: str | None = None
     random_init: bool = False

@@ -327,6 +327,11 @@ class Engine:
                 clear_run(self.out, patterns)
         self.dist.barrier()
         self.out.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main:
+            from .runinfo import record_run
+
+            record_run(self.out, self.task.name, self.cfg.to_dict(), preset=getattr(self.cfg, "preset", None),
+                       resume=self.cfg.resume)
         return not self.cfg.resume
 
     # -- logging -------------------------------------------------------------------
@@ -360,7 +365,7 @@ class Engine:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
-            raise FdcacheError("--tensorboard needs the tensorboard package (pip install tensorboard)") from e
+            raise FdcacheError("--tensorboard needs the tensorboard package: pip install 'fdcache[tensorboard]'") from e
         return SummaryWriter(str(self.out / "tb"))
 
     # -- the loop ------------------------------------------------------------------

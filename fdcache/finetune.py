@@ -76,6 +76,7 @@ def make_config(preset: str | None, **given) -> FinetuneConfig:
     if given.get("epochs"):
         values.pop("steps", None)
     values.update(given)
+    values["preset"] = preset or None
     known = {f.name for f in fields(FinetuneConfig)}
     unknown = set(values) - known
     if unknown:
@@ -99,8 +100,8 @@ class Finetuner:
 
     error = FinetuneError
     nonfinite_hint = "Lower the lr or resume from checkpoints/last.pt"
-    outputs = ("model.json", "model.safetensors", "model_ema.safetensors",
-               "init/model.json", "init/model.safetensors", "init/model_ema.safetensors")
+    outputs = ("model.json", "model.safetensors", "model_ema.safetensors", "open_clip_config.json",
+               "timm/*", "open_clip/*", "init/*", "init/*/*")
 
     def __init__(self, cfg: FinetuneConfig):
         if cfg.mode not in ("finetune", "flyp"):

@@ -69,6 +69,11 @@ def build_student(name: str, teacher_dim: int, *, resolution: int | None = None,
     import timm
 
     model_name, kw = PRESETS.get(name, (name, {}))
+    if not timm.is_model(model_name):
+        from .teachers import suggest
+
+        raise FdcacheError(f"unknown student {name!r}{suggest(name, [*PRESETS, *timm.list_models()])}: "
+                           "give fd-tiny, fd-small or a timm model name (timm.list_models())")
     kw = dict(kw) | fd_options(model_name, drop_path, layer_scale) | dict(overrides or {})
     if resolution:
         kw["img_size"] = resolution

@@ -50,7 +50,7 @@ class Trainer:
     name = "train"
     error = TrainError
     nonfinite_hint = "Lower the lr, check the store (fdcache verify), or resume from checkpoints/last.pt"
-    outputs = ("student.safetensors", "student.json")
+    outputs = ("model.safetensors", "model_ema.safetensors")
 
     def __init__(self, cfg: TrainConfig, teacher=None):
         self.cfg = cfg
@@ -228,22 +228,26 @@ class Trainer:
         return self.engine.fit()
 
     def export(self) -> Path:
-        """``student.safetensors`` (the backbone, no FD head; EMA weights if kept) and
-        ``student.json`` (the timm name and options to build it)."""
+        """The backbone without the FD head (EMA weights if kept) in timm's own layout:
+        ``model.safetensors`` + ``config.json`` (architecture, the arguments that rebuild it,
+        ``num_classes=0``, the student's own mean/std), so that
+        ``timm.create_model("local-dir:OUT", pretrained=True)`` loads it without fdcache."""
         from safetensors.torch import save_file
 
+        from .exports import update_fdcache_block, write_timm_config
         from .students import PRESETS, fd_options
 
         ema = self.engine.ema
         model = ema.module if ema is not None else self.model
         name, kw = PRESETS.get(self.cfg.student, (self.cfg.student, {}))
-        kwargs = dict(kw) | fd_options(name, self.cfg.drop_path, self.cfg.layer_scale) | self.cfg.student_overrides
-        kwargs["img_size"] = self.sspec.resolution
-        path = self.out / "student.safetensors"
+        kwargs = (dict(kw) | fd_options(name, self.cfg.drop_path, self.cfg.layer_scale) | self.cfg.student_overrides
+                  | {"img_size": self.sspec.resolution, "num_classes": 0})
+        path = self.out / "model.safetensors"
         save_file(export_state_dict(model), str(path))
-        (self.out / "student.json").write_text(json.dumps(
-            {"timm_name": name, "kwargs": kwargs, "teacher": self.tspec.to_dict(), "steps": self.engine.step,
-             "ema": ema is not None}, indent=2))
+        write_timm_config(self.out, model.backbone, kwargs, mean=self.sspec.mean, std=self.sspec.std)
+        update_fdcache_block(self.out, export={"kind": "student", "student": self.cfg.student,
+                                               "teacher": self.tspec.to_dict(), "steps": self.engine.step,
+                                               "ema": ema is not None})
         return path
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .classifiers import read_export, save_export
+from .classifiers import read_clip_rest, read_export, save_export
 from .errors import FdcacheError
 
 
@@ -51,9 +51,10 @@ def wise(zeroshot: str | Path, finetuned: str | Path, alphas: list[float], out: 
     if bad:
         raise FdcacheError(f"--alpha values must lie in [0, 1], got {bad}")
     paths = []
+    rest = read_clip_rest(finetuned)  # a zero-shot head's text tower, for the open_clip form
     for alpha in alphas:
         state = interpolate(zs_state, ft_state, alpha)
-        paths.append(save_export(Path(out) / f"alpha-{alpha:.2f}", ft_spec, state,
+        paths.append(save_export(Path(out) / f"alpha-{alpha:.2f}", ft_spec, state, clip_rest=rest,
                                  info={"wise": {"alpha": alpha, "zeroshot": str(zeroshot),
                                                 "finetuned": str(finetuned), "finetuned_weights": ft_file}}))
     return paths

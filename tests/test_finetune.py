@@ -168,7 +168,7 @@ def test_a_few_finetuning_steps_reduce_the_loss(tmp_path):
 
 def test_a_distilled_student_starts_finetuning_from_its_weights(student, folder, tmp_path):
     ft = Finetuner(fcfg(tmp_path, folder, student_run=str(student), model=None, random_init=None, drop_path=0.1))
-    state = load_file(str(student / "student.safetensors"))
+    state = load_file(str(student / "model.safetensors"))
     m = ft.model
     assert torch.equal(m.patch_embed.proj.weight, state["patch_embed.proj.weight"])
     assert torch.equal(m.blocks[1].mlp.fc2.weight, state["blocks.1.mlp.fc2.weight"])

@@ -91,8 +91,8 @@ def test_export_loads_into_timm_without_the_fd_head(store, tmp_path):
     from safetensors.torch import load_file
 
     r = train(tcfg(tmp_path / "r", cache=str(store), steps=2))
-    meta = json.loads((tmp_path / "r" / "student.json").read_text())
-    model = timm.create_model(meta["timm_name"], pretrained=False, num_classes=0, **meta["kwargs"])
+    meta = json.loads((tmp_path / "r" / "config.json").read_text())
+    model = timm.create_model(meta["architecture"], pretrained=False, **meta["model_args"])
     state = load_file(r.export)
     assert "head.weight" not in state  # the FD projection is not part of the export
     model.load_state_dict(state, strict=True)

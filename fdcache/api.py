@@ -1,0 +1,91 @@
+"""The Python API behind ``from fdcache import ...``: one function per command, each taking
+its config object or the same options as keywords (the CLI's names, with ``_``), so a
+notebook and the CLI run the same library call."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+
+from .errors import FdcacheError
+
+
+def _config(cls, cfg, options: dict):
+    if cfg is not None:
+        if options:
+            raise FdcacheError(f"give a {cls.__name__} or keyword options, not both")
+        return cfg
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise FdcacheError(f"unknown {cls.__name__} option(s) {unknown}; known: {sorted(known)}")
+    return cls(**options)
+
+
+def extract(cfg=None, **options):
+    """Extract a teacher's feature maps into a store (:class:`fdcache.extract.ExtractConfig`;
+    ``codec`` / ``policy`` may be given by name: ``codec="int8"``, ``policy="full"``)."""
+    from .codecs import CodecSpec
+    from .extract import ExtractConfig, extract as run
+    from .views import ViewPolicy
+
+    if isinstance(options.get("codec"), str):
+        options["codec"] = CodecSpec(name=options["codec"])
+    if isinstance(options.get("policy"), str):
+        options["policy"] = ViewPolicy(kind=options["policy"])
+    return run(_config(ExtractConfig, cfg, options))
+
+
+def train(cfg=None, **options):
+    """Distill a student from a store or online (:class:`fdcache.train.TrainConfig`)."""
+    from .train import TrainConfig, train as run
+
+    return run(_config(TrainConfig, cfg, options))
+
+
+def _finetune(mode: str, cfg, preset: str | None, options: dict):
+    from .finetune import finetune as run, make_config
+
+    if cfg is None:
+        cfg = make_config(preset, mode=mode, **options)
+    elif options or preset:
+        raise FdcacheError("give a FinetuneConfig or preset/keyword options, not both")
+    if cfg.mode != mode:
+        raise FdcacheError(f"this FinetuneConfig has mode={cfg.mode!r}; call fdcache.{cfg.mode}")
+    return run(cfg)
+
+
+def finetune(cfg=None, *, preset: str | None = "ft-clip-vit-b16", **options):
+    """Supervised fine-tuning: the preset's values, then ``options`` (as ``fdcache finetune``)."""
+    return _finetune("finetune", cfg, preset, options)
+
+
+def flyp(cfg=None, *, preset: str | None = "flyp-imagenet", **options):
+    """FLYP contrastive fine-tuning: the preset's values, then ``options`` (as ``fdcache flyp``)."""
+    return _finetune("flyp", cfg, preset, options)
+
+
+def evaluate(run: str | Path, data: str | Path | list, *, ema: bool = True, classnames: str = "folder",
+             **options) -> dict:
+    """Top-1/top-5 of an export (finetune/flyp/wise ``--out``) on one or more image folders:
+    ``{set name: {"top1", "top5", "n", ...}}``."""
+    from .classifiers import load_export
+    from .evaluate import evaluate as run_eval
+
+    model, spec, _ = load_export(run, ema=ema)
+    sets = [str(d) for d in (data if isinstance(data, (list, tuple)) else [data])]
+    return run_eval(model, spec, sets, classnames=classnames, **options)
+
+
+def wise(zeroshot: str | Path, finetuned: str | Path, alphas, out: str | Path, *, ema: bool = True) -> list[Path]:
+    """WiSE-FT mixes ``out/alpha-<a>/`` between a run's ``init/`` and the run."""
+    from .wise import wise as run
+
+    return run(zeroshot, finetuned, [alphas] if isinstance(alphas, (int, float)) else list(alphas), out, ema=ema)
+
+
+def open_store(url: str):
+    """An existing store (:class:`fdcache.store.Store`): ``info``, ``manifest()``, the reader."""
+    from .store import Store
+
+    return Store.open(str(url))

@@ -52,7 +52,7 @@ def runs(student_run, folder, tmp_path_factory) -> dict:
     from fdcache.wise import wise
 
     return {"student": student_run, "zs": zs, "zs-wise": wise(zs / "init", zs, [0.5], root / "zs-wise")[0],
-            "timm": _finetune(root / "ft-student", folder, student=str(student_run), model=None, random_init=None),
+            "timm": _finetune(root / "ft-student", folder, student_run=str(student_run), model=None, random_init=None),
             "ftclip": _finetune(root / "ft-clip", folder, head="fresh"),
             "flyp": flyp, "wise": wise(flyp / "init", flyp, [0.5], root / "wise")[0]}
 

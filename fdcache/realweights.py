@@ -136,6 +136,8 @@ def onnx_backbone_tokens(images: np.ndarray, path: Path | None = None) -> np.nda
     except ModuleNotFoundError as e:
         raise RealWeightsError("onnxruntime is not installed: pip install 'fdcache[real]'") from e
     model = _load_onnx(path or onnx_path())
+    for dim in model.graph.input[0].type.tensor_type.shape.dim[2:]:
+        dim.dim_param = "size"  # the graph interpolates its position grid to any input size
     model.graph.output.append(onnx.helper.make_tensor_value_info(ONNX_BACKBONE_OUTPUT, onnx.TensorProto.FLOAT, None))
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()

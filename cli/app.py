@@ -283,6 +283,50 @@ def verify(store: str = typer.Argument(..., help="Store path or URL."),
               f"{r['samples']} samples checksummed; {r['files_checked']} image file(s) unchanged")
 
 
+@app.command()
+@handles_errors
+def diagnose(
+    models: list[str] = typer.Argument(..., help="Models: ViT-B-16, timm:<name> (as extract --teacher names them), or an fdcache run directory (train student or fine-tuned export)."),
+    data: Path = typer.Option(..., help="Folder of images (searched recursively; the first --images in name order)."),
+    pretrained: list[str] = typer.Option([], help="Weights of the named models: tag, local path, or random-init; once for all, or once per named model in order."),
+    random_init: bool = typer.Option(False, "--random-init", help="Seeded random weights for every named model."),
+    init_seed: int = typer.Option(0, help="Seed of random-init weights."),
+    resolution: Optional[int] = typer.Option(None, help="Input size of the named models (default: the model's)."),
+    label: list[str] = typer.Option([], help="Legend name per model (repeatable, in order)."),
+    images: int = typer.Option(32, help="Images to average over (0: all)."),
+    batch_size: int = typer.Option(16),
+    device: str = typer.Option("auto", help="auto | cuda | cpu."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write per-layer, per-head figures as JSON here."),
+    plot_out: Optional[Path] = typer.Option(None, "--plot", help="Write the per-layer head scatter as PNG (needs matplotlib)."),
+):
+    """FD's attention diagnostics: mean attention distance per layer and head (pixels, CLS
+    excluded) and head diversity, for several models side by side."""
+    from fdcache.diagnose import run
+
+    dev = ("cuda" if _cuda() else "cpu") if device == "auto" else device
+    results = run(models, data, pretrained=pretrained, random_init=random_init, resolution=resolution,
+                  init_seed=init_seed, labels=label, images=images or None, batch_size=batch_size, device=dev,
+                  progress=sys.stderr.isatty(), json_out=json_out, plot_out=plot_out)
+    table = Table(title=f"attention distance in pixels (mean over heads [min..max]) and head diversity, "
+                        f"{results[0].images} images")
+    table.add_column("layer", justify="right")
+    for r in results:
+        table.add_column(f"{r.model}\n{r.grid}x{r.grid} @ {r.resolution}px", justify="right")
+    for layer in range(max(len(r.distance_px) for r in results)):
+        cells = []
+        for r in results:
+            h = r.distance_px[layer] if layer < len(r.distance_px) else None
+            cells.append("" if h is None else f"{sum(h) / len(h):.1f} [{min(h):.0f}..{max(h):.0f}]  div {r.diversity[layer]:.2f}")
+        table.add_row(str(layer + 1), *cells)
+    out.print(table)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _tune_command(mode: str, default_preset: str, doc: str):
     """``finetune`` and ``flyp`` share their options; a preset fills what is not given."""
 

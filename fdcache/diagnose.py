@@ -318,16 +318,3 @@ def plot(results: list[Diagnosis], out: str | Path) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return Path(out)
-
-
-def table(results: list[Diagnosis]) -> list[dict]:
-    """Rows of (layer, per model: mean / min / max distance, diversity) for printing."""
-    rows = []
-    for layer in range(max(len(r.distance_px) for r in results)):
-        row = {"layer": layer + 1}
-        for r in results:
-            if layer < len(r.distance_px):
-                h = r.distance_px[layer]
-                row[r.model] = (sum(h) / len(h), min(h), max(h), r.diversity[layer])
-        rows.append(row)
-    return rows

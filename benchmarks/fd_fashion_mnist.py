@@ -10,8 +10,10 @@ each fine-tuned with the same recipe and step budget, then evaluated on held-out
 2. ``online``: ``fdcache train --online`` (teacher in the loop, same steps) -> ``finetune``
 3. ``random``: ``fdcache finetune`` from the same student at random init (``train --steps 0``)
 
-Prints and writes ``OUT/result.json``: top-1 of each and the wall-clock seconds each command
-took (the machine is shared, so seconds are indicative; the step counts are exact). Needs
+Prints and writes ``OUT/result.json``: top-1 of each, and the wall-clock and CPU seconds
+(user + system of the command's process) each command took; on a shared machine the CPU
+seconds are the steadier measure. Re-running the same command resumes: a step whose output
+exists is skipped. Needs
 the Debian package ``dataset-fashion-mnist`` (or ``--fmnist DIR`` with the four idx files).
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import resource
 import subprocess
 import sys
 import time
@@ -49,15 +52,22 @@ def write_folder(root: Path, images: np.ndarray, labels: np.ndarray, per_class: 
         Image.fromarray(img).convert("RGB").save(d / f"{i:05d}.png")
 
 
-def run(cmd: list[str], log: Path, times: dict, key: str) -> None:
+def run(cmd: list[str], log: Path, times: dict, key: str, done: Path) -> None:
+    """Run one fdcache command unless its output ``done`` exists (the script resumes)."""
+    if done.exists():
+        print(f"  {key}: already done ({done.name})", flush=True)
+        return
     print("$", " ".join(cmd), flush=True)
-    t0 = time.perf_counter()
+    t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log, "a") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
         subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=True)
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     times[key] = round(time.perf_counter() - t0, 1)
-    print(f"  {key}: {times[key]} s", flush=True)
+    times[key + ".cpu"] = round(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime, 1)
+    (log.parent / "times.json").write_text(json.dumps(times, indent=1))
+    print(f"  {key}: {times[key]} s wall, {times[key + '.cpu']} s CPU", flush=True)
 
 
 def export_random_init(w: Path, args, steps: int) -> None:
@@ -114,28 +124,30 @@ def main():
                 "--warmup-epochs", "1", "--layer-decay", "0.75", "--drop-path", "0.1", "--mixup", "0",
                 "--cutmix", "0", "--auto-augment", "none", "--reprob", "0", "--resolution", str(args.resolution),
                 "--workers", "0", "--save-every", "100000", "--device", "cpu"]
-    times: dict[str, float] = {}
+    times_file = w / "times.json"  # seconds per command, kept across resumed invocations
+    times: dict[str, float] = json.loads(times_file.read_text()) if times_file.exists() else {}
     arms = args.arms.split(",")
     if "cached" in arms:
         run(fd + ["extract", str(w / "train"), "--out", str(w / "teacher.zarr"), *teacher, "--seeds", str(args.seeds),
-                  "--batch-size", "64", "--threads", "2", "--device", "cpu"], log, times, "cached.extract")
+                  "--batch-size", "64", "--threads", "2", "--device", "cpu"], log, times, "cached.extract", w / "extract.done")
+        (w / "extract.done").touch()
         run(fd + ["train", "--cache", str(w / "teacher.zarr"), "--out", str(w / "cached"), *student,
-                  "--steps", str(steps)], log, times, "cached.distill")
+                  "--steps", str(steps)], log, times, "cached.distill", w / "cached" / "student.json")
     if "online" in arms:
         run(fd + ["train", "--online", *teacher, "--data", str(w / "train"), "--out", str(w / "online"), *student,
-                  "--steps", str(steps)], log, times, "online.distill")
-    if "random" in arms:  # the same student (same seed), exported before any step: its random init
-        export_random_init(w, args, steps)
+                  "--steps", str(steps)], log, times, "online.distill", w / "online" / "student.json")
+    if "random" in arms and not (w / "random" / "student.json").exists():
+        export_random_init(w, args, steps)  # the same student (same seed) before any step
     result = {"train_images": n_train, "test_images": 10 * args.test_per_class, "distill_steps": steps,
               "distill_batch": args.distill_batch, "ft_epochs": args.ft_epochs, "arms": {}}
     for arm in arms:
         run(fd + ["finetune", "--student", str(w / arm), "--out", str(w / f"{arm}-ft"), *finetune],
-            log, times, f"{arm}.finetune")
+            log, times, f"{arm}.finetune", w / f"{arm}-ft" / "model.json")
         run(fd + ["eval", "--run", str(w / f"{arm}-ft"), "--data", str(w / "test"), "--no-ema", "--workers", "0",
-                  "--device", "cpu", "--json", str(w / f"{arm}-eval.json")], log, times, f"{arm}.eval")
+                  "--device", "cpu", "--json", str(w / f"{arm}-eval.json")], log, times, f"{arm}.eval", w / f"{arm}-eval.json")
         r = json.loads((w / f"{arm}-eval.json").read_text())["results"]
         top1 = next(iter(r.values()))["top1"]
-        result["arms"][arm] = {"top1": top1, "seconds": {k.split(".")[1]: v for k, v in times.items()
+        result["arms"][arm] = {"top1": top1, "seconds": {k.split(".", 1)[1]: v for k, v in times.items()
                                                         if k.startswith(arm + ".")}}
         print(f"{arm}: top-1 {100 * top1:.2f}", flush=True)
     (w / "result.json").write_text(json.dumps(result, indent=2))

@@ -307,7 +307,7 @@ def diagnose(
     results = run(models, data, pretrained=pretrained, random_init=random_init, resolution=resolution,
                   init_seed=init_seed, labels=label, images=images or None, batch_size=batch_size, device=dev,
                   progress=sys.stderr.isatty(), json_out=json_out, plot_out=plot_out)
-    table = Table(title=f"attention distance in pixels (mean over heads [min..max]) and head diversity, "
+    table = Table(title=f"attention distance in pixels: mean over heads \\[min..max]; head diversity (div); "
                         f"{results[0].images} images")
     table.add_column("layer", justify="right")
     for r in results:

@@ -97,6 +97,7 @@ def main():
     ap.add_argument("--distill-lr", type=float, default=1.5e-3, help="per 512 images")
     ap.add_argument("--ft-epochs", type=int, default=10)
     ap.add_argument("--ft-batch", type=int, default=64)
+    ap.add_argument("--ft-warmup-steps", type=int, default=4)
     ap.add_argument("--ft-lr", type=float, default=2e-3, help="per 512 images")
     ap.add_argument("--student", default="fd-small")
     ap.add_argument("--arms", default="cached,online,random")
@@ -121,7 +122,7 @@ def main():
                str(max(1, steps // 10)), "--save-every", "100000", "--device", "cpu"]
     finetune = ["--preset", "fd-finetune-vit-b16", "--data", str(w / "train"), "--epochs", str(args.ft_epochs),
                 "--batch-size", str(args.ft_batch), "--lr", str(args.ft_lr), "--lr-batch", "512",
-                "--warmup-epochs", "1", "--layer-decay", "0.75", "--drop-path", "0.1", "--mixup", "0",
+                "--warmup-steps", str(args.ft_warmup_steps), "--layer-decay", "0.75", "--drop-path", "0.1", "--mixup", "0",
                 "--cutmix", "0", "--auto-augment", "none", "--reprob", "0", "--resolution", str(args.resolution),
                 "--workers", "0", "--save-every", "100000", "--device", "cpu"]
     times_file = w / "times.json"  # seconds per command, kept across resumed invocations

@@ -287,7 +287,7 @@ def verify(store: str = typer.Argument(..., help="Store path or URL."),
 @handles_errors
 def diagnose(
     models: list[str] = typer.Argument(..., help="Models: ViT-B-16, timm:<name> (as extract --teacher names them), or an fdcache run directory (train student or fine-tuned export)."),
-    data: Path = typer.Option(..., help="Folder of images (searched recursively; the first --images in name order)."),
+    data: Path = typer.Option(..., help="Folder of images (searched recursively; --images of them, evenly spaced in name order)."),
     pretrained: list[str] = typer.Option([], help="Weights of the named models: tag, local path, or random-init; once for all, or once per named model in order."),
     random_init: bool = typer.Option(False, "--random-init", help="Seeded random weights for every named model."),
     init_seed: int = typer.Option(0, help="Seed of random-init weights."),

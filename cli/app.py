@@ -340,6 +340,35 @@ def verify(store: str = typer.Argument(..., help="Store path or URL."),
               + ("byte-identical" if r["content_checked"] else "present with their recorded sizes"))
 
 
+@app.command()
+@handles_errors
+def diagnose(
+    models: list[str] = typer.Argument(..., help="Models: ViT-B-16, timm:<name> (as extract --teacher names them), or an fdcache run directory (train student or fine-tuned export)."),
+    data: Path = typer.Option(..., help="Folder of images (searched recursively; --images of them, evenly spaced in name order)."),
+    pretrained: list[str] = typer.Option([], help="Weights of the named models: tag, local path, or random-init; once for all, or once per named model in order."),
+    random_init: bool = typer.Option(False, "--random-init", help="Seeded random weights for every named model."),
+    init_seed: int = typer.Option(0, help="Seed of random-init weights."),
+    resolution: Optional[int] = typer.Option(None, help="Input size of the named models (default: the model's)."),
+    label: list[str] = typer.Option([], help="Legend name per model (repeatable, in order)."),
+    images: int = typer.Option(32, help="Images to average over (0: all)."),
+    batch_size: int = typer.Option(16),
+    device: Device = typer.Option(Device.auto, help="Where the models run."),
+    json_out: Optional[Path] = typer.Option(None, "--json", metavar="FILE", help="Write per-layer, per-head figures as JSON here."),
+    plot_out: Optional[Path] = typer.Option(None, "--plot", help="Write the per-layer head scatter as PNG (needs matplotlib)."),
+):
+    """FD's attention diagnostics: mean attention distance per layer and head (pixels, CLS
+    excluded) and head diversity, for several models side by side."""
+    from fdcache import distributed
+    from fdcache.diagnose import run
+    from fdcache.tables import diagnose_table
+
+    dev = str(distributed.device_for(distributed.Dist(), _value(device)))
+    results = run(models, data, pretrained=pretrained, random_init=random_init, resolution=resolution,
+                  init_seed=init_seed, labels=label, images=images or None, batch_size=batch_size, device=dev,
+                  progress=sys.stderr.isatty(), json_out=json_out, plot_out=plot_out)
+    out.print(diagnose_table(results))
+
+
 from fdcache.cli.tune import register  # noqa: E402 (the fine-tuning commands, in help order)
 
 register(app)

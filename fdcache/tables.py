@@ -53,3 +53,20 @@ def bench_table(r: dict, modes) -> Table:
                           "-" if v["data_wait_fraction"] is None else f"{100 * v['data_wait_fraction']:.0f}%",
                           "-" if v["peak_memory_MiB"] is None else f"{v['peak_memory_MiB']:,.0f}")
     return table
+
+
+def diagnose_table(results) -> Table:
+    """``fdcache diagnose``: per layer, each model's mean attention distance over heads
+    [min..max] and its head diversity."""
+    table = Table(title=f"attention distance in pixels: mean over heads \\[min..max]; head diversity (div); "
+                        f"{results[0].images} images")
+    table.add_column("layer", justify="right")
+    for r in results:
+        table.add_column(f"{r.model}\n{r.grid}x{r.grid} @ {r.resolution}px", justify="right")
+    for layer in range(max(len(r.distance_px) for r in results)):
+        cells = []
+        for r in results:
+            h = r.distance_px[layer] if layer < len(r.distance_px) else None
+            cells.append("" if h is None else f"{sum(h) / len(h):.1f} [{min(h):.0f}..{max(h):.0f}]  div {r.diversity[layer]:.2f}")
+        table.add_row(str(layer + 1), *cells)
+    return table

@@ -133,11 +133,11 @@ def main():
                   "--batch-size", "64", "--threads", "2", "--device", "cpu"], log, times, "cached.extract", w / "extract.done")
         (w / "extract.done").touch()
         run(fd + ["train", "--cache", str(w / "teacher.zarr"), "--out", str(w / "cached"), *student,
-                  "--steps", str(steps)], log, times, "cached.distill", w / "cached" / "student.json")
+                  "--steps", str(steps)], log, times, "cached.distill", w / "cached" / "model.safetensors")
     if "online" in arms:
         run(fd + ["train", "--online", *teacher, "--data", str(w / "train"), "--out", str(w / "online"), *student,
-                  "--steps", str(steps)], log, times, "online.distill", w / "online" / "student.json")
-    if "random" in arms and not (w / "random" / "student.json").exists():
+                  "--steps", str(steps)], log, times, "online.distill", w / "online" / "model.safetensors")
+    if "random" in arms and not (w / "random" / "model.safetensors").exists():
         export_random_init(w, args, steps)  # the same student (same seed) before any step
     result = {"train_images": n_train, "test_images": 10 * args.test_per_class, "distill_steps": steps,
               "distill_batch": args.distill_batch, "ft_epochs": args.ft_epochs, "arms": {}}

@@ -85,20 +85,17 @@ def load_subject(name: str, pretrained: str | None = None, *, resolution: int | 
 def load_run(path: Path, label: str | None = None) -> Subject:
     """An ``fdcache train`` student export or a ``finetune``/``flyp``/``wise`` export.
     The one place that knows the run-directory formats."""
-    from .classifiers import load_export, read_student
+    from .classifiers import load_export
+    from .exports import CONFIG, read_json
 
     label = label or path.name
-    if (path / "student.json").is_file():
+    if read_json(path / CONFIG).get("fdcache", {}).get("export", {}).get("kind") == "student":
         import timm
 
-        meta, state = read_student(path)
-        kwargs = {k: v for k, v in meta["kwargs"].items() if k != "pretrained_cfg_overlay"}
-        try:
-            model = timm.create_model(meta["timm_name"], pretrained=False, num_classes=0, **kwargs)
-            model.load_state_dict(state, strict=True)
-        except (RuntimeError, TypeError) as e:
-            raise TeacherError(f"{path}: student.safetensors does not fit {meta['timm_name']} with the "
-                               f"options in student.json: {e}") from None
+        try:  # the export is timm's own layout: timm loads it without fdcache's help
+            model = timm.create_model(f"local-dir:{path}", pretrained=True)
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise TeacherError(f"{path}: timm cannot load this student export: {e}") from None
         res = int(model.patch_embed.img_size[0])
         cfg = model.pretrained_cfg  # the student normalizes with its own mean/std (students.py)
         mean, std = cfg.get("mean", (0.5,) * 3), cfg.get("std", (0.5,) * 3)
@@ -107,7 +104,7 @@ def load_run(path: Path, label: str | None = None) -> Subject:
         model, spec, _ = load_export(path)
         tower = model.visual if spec.kind == "clip" else model
         return Subject(label, tower.eval(), tower, spec.resolution, spec.mean, spec.std)
-    raise TeacherError(f"{path} is neither an fdcache train run (student.json) nor a fine-tuned "
+    raise TeacherError(f"{path} is neither an fdcache train run (config.json + model.safetensors) nor a fine-tuned "
                        "export (model.json); pass a model name such as timm:<name> instead")
 
 

@@ -58,3 +58,20 @@ def one_and_two_processes(args: list[str], batch: int, out: Path) -> tuple[Path,
         r = subprocess.run([*cmd, "--out", str(out / name)], capture_output=True, text=True, env=env, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
     return out / "one", out / "two"
+
+
+def extract_tiny(data, out, **kw) -> Path:
+    """A store of the tiny random-init teacher (one seed, shards of 6): the fixture of the
+    recipe and write-protocol tests."""
+    from fdcache.extract import ExtractConfig, extract
+
+    base = dict(teacher=TINY_TEACHER, random_init=True, seeds=1, batch_size=6, shard_size=6,
+                progress=False, num_threads=2)
+    extract(ExtractConfig(data=str(data), out=str(out), **(base | kw)))
+    return Path(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_store(image_root, tmp_path_factory) -> Path:
+    """A finished one-seed store of ``image_root`` (read-only: copy it to damage it)."""
+    return extract_tiny(image_root, tmp_path_factory.mktemp("tiny") / "s.zarr")

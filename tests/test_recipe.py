@@ -68,6 +68,13 @@ def ftcfg(out, data, **kw):
     return make_config(None, out=str(out), data=str(data), **(base | kw))
 
 
+def _run_loop(kind, out, image_root, store, **kw):
+    """One short run of the distillation or the fine-tuning loop."""
+    if kind == "distill":
+        return train(tcfg(out, store, **({"steps": 1} | kw)))
+    return finetune(ftcfg(out, image_root, **kw))
+
+
 # -- views ---------------------------------------------------------------------------
 def test_crops_stay_within_the_policys_scale_range_as_torchvisions_do():
     W, H, n = 500, 375, 3000
@@ -84,7 +91,7 @@ def test_crops_stay_within_the_policys_scale_range_as_torchvisions_do():
     assert np.abs(np.quantile(a, qs) - np.quantile(b, qs)).max() < 0.02  # the whole range is used alike
 
 
-# -- distillation ----------------------------------------------------------------------
+# -- the training loops ----------------------------------------------------------------
 def _timm_cosine(t, total, warmup, peak, warmup_lr, min_lr):
     """timm's CosineLRScheduler (t_in_epochs=False, no warmup prefix), by hand."""
     if t < warmup:
@@ -92,10 +99,12 @@ def _timm_cosine(t, total, warmup, peak, warmup_lr, min_lr):
     return min_lr + 0.5 * (peak - min_lr) * (1 + math.cos(math.pi * t / total))
 
 
-def test_distillation_lr_is_base_lr_times_total_batch_over_lr_batch_on_timms_cosine(tiny_store, tmp_path):
+@pytest.mark.parametrize("kind", ["distill", "finetune"])
+def test_lr_is_base_lr_times_total_batch_over_lr_batch_on_timms_cosine(kind, image_root, tiny_store, tmp_path):
+    kw = dict(steps=5, batch_size=2, accum_steps=3, lr_batch=8, base_lr=4e-3, warmup_lr=4e-4, min_lr=4e-5,
+              warmup_steps=2)
     with optimizer_steps() as steps:
-        train(tcfg(tmp_path / "run", tiny_store, steps=5, batch_size=2, accum_steps=3, lr_batch=8,
-                   base_lr=4e-3, warmup_lr=4e-4, min_lr=4e-5, warmup_steps=2))
+        _run_loop(kind, tmp_path / "run", image_root, tiny_store, **kw)
     scale = 2 * 1 * 3 / 8  # batch x world x accum / lr_batch
     want = [_timm_cosine(t, 5, 2, 4e-3 * scale, 4e-4 * scale, 4e-5 * scale) for t in range(5)]
     assert len(steps) == 5
@@ -105,10 +114,11 @@ def test_distillation_lr_is_base_lr_times_total_batch_over_lr_batch_on_timms_cos
 
 def test_accumulated_micro_batches_give_the_gradient_of_one_big_batch(tiny_store, tmp_path):
     with optimizer_steps() as accumulated:
-        train(tcfg(tmp_path / "a", tiny_store, steps=1, batch_size=4, accum_steps=2, lr_batch=8, clip_grad=None))
+        a = train(tcfg(tmp_path / "a", tiny_store, steps=1, batch_size=4, accum_steps=2, lr_batch=8, clip_grad=None))
     with optimizer_steps() as big:
-        train(tcfg(tmp_path / "b", tiny_store, steps=1, batch_size=8, accum_steps=1, lr_batch=8, clip_grad=None))
+        b = train(tcfg(tmp_path / "b", tiny_store, steps=1, batch_size=8, accum_steps=1, lr_batch=8, clip_grad=None))
     assert accumulated[0]["lr"] == big[0]["lr"]
+    assert a.losses == pytest.approx(b.losses, rel=1e-5)  # the logged loss is the step's mean
     for a, b in zip(_grads(accumulated[0]), _grads(big[0]), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
@@ -144,12 +154,6 @@ def _clipped(grads: list[torch.Tensor], max_norm: float) -> list[torch.Tensor]:
         p.grad = g.clone()
     torch.nn.utils.clip_grad_norm_(params, max_norm)
     return [p.grad for p in params]
-
-
-def _run_loop(kind, out, image_root, store, **kw):
-    if kind == "distill":
-        return train(tcfg(out, store, steps=1, **kw))
-    return finetune(ftcfg(out, image_root, **kw))
 
 
 @pytest.mark.parametrize("kind", ["distill", "finetune"])

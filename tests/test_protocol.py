@@ -94,3 +94,24 @@ def test_a_relabelled_dataset_has_another_fingerprint_and_its_store_is_refused(i
     out = extract_tiny(image_root, tmp_path / "s.zarr", file_list=str(lists["a"]))
     with pytest.raises(StoreMismatchError, match="dataset"):
         extract_tiny(image_root, out, file_list=str(lists["b"]))
+
+
+def test_batches_stop_at_shard_ends_so_a_resumed_shard_is_computed_as_before(image_root, tmp_path, store_writes):
+    _, fail = store_writes
+    ref = extract_tiny(image_root, tmp_path / "ref.zarr", batch_size=4)  # shards of 6: batches of 4 and 2
+    out = tmp_path / "s.zarr"
+    fail["targets/c/0/1"] = True
+    with pytest.raises(StoreError):
+        extract_tiny(image_root, out, batch_size=4, writers=1)
+    extract_tiny(image_root, out, batch_size=4)
+    assert tree_bytes(out) == tree_bytes(ref)
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError, reason="views are drawn for a 0x0 header-unreadable file before "
+                   "it can be marked skipped: Store.create raises a bare ValueError")
+def test_skip_bad_records_a_file_whose_header_cannot_be_read(images, tmp_path):
+    (images / "class_001" / "zz_notes.jpg").write_text("not an image")
+    out = extract_tiny(images, tmp_path / "s.zarr", skip_bad=True)
+    store = Store.open(str(out))
+    i = store.manifest().paths.index("class_001/zz_notes.jpg")
+    assert store.skipped(0)[i] and store.skipped(0).sum() == 1

@@ -21,7 +21,7 @@ from fdcache.cli.app import app
 from fdcache.finetune import Finetuner, finetune, make_config
 from fdcache.imagefolder import train_loader
 from fdcache.teachers import TINY_TEACHER
-from fdcache.train import TrainConfig, train
+from fdcache.train import TrainConfig, Trainer, train
 from fdcache.views import ViewPolicy, sample_view
 from fdcache.wise import interpolate, wise
 
@@ -89,6 +89,26 @@ def test_crops_stay_within_the_policys_scale_range_as_torchvisions_do():
     qs = np.linspace(0.05, 0.95, 19)
     a, b = area / (W * H), theirs[:, 2] * theirs[:, 3] / (W * H)
     assert np.abs(np.quantile(a, qs) - np.quantile(b, qs)).max() < 0.02  # the whole range is used alike
+
+
+# -- data order ----------------------------------------------------------------------
+def test_each_epoch_visits_whole_batches_of_distinct_samples_in_its_own_order(tiny_store, tmp_path):
+    stream = Trainer(tcfg(tmp_path / "run", tiny_store)).stream()
+    epochs = {}
+    for _ in range(8):  # 18 samples in batches of 4: 4 batches an epoch
+        b = next(stream)
+        epochs.setdefault(b.epoch, []).extend(b.index.tolist())
+    assert sorted(epochs) == [0, 1]
+    for order in epochs.values():
+        assert len(order) == 16 and len(set(order)) == 16
+    assert epochs[0] != epochs[1]
+
+
+def test_a_run_resumed_mid_epoch_repeats_the_uninterrupted_losses_across_epoch_ends(tiny_store, tmp_path):
+    full = train(tcfg(tmp_path / "a", tiny_store, steps=10))
+    part = train(tcfg(tmp_path / "b", tiny_store, steps=10, run_steps=3))  # stops inside epoch 0
+    rest = train(tcfg(tmp_path / "b", tiny_store, steps=10, resume=True))  # runs through epochs 1 and 2
+    assert part.losses + rest.losses == full.losses
 
 
 # -- the training loops ----------------------------------------------------------------

@@ -4,7 +4,9 @@ Each entry is ``(id, file, old, new, tests)``: ``old`` must occur exactly once i
 (a repository path); ``tests`` are the pytest node ids that should catch the bug (fast
 ones only). When a merge changes the code, a mutant whose ``old`` no longer matches is
 reported as *stale*, not counted: rewrite it against the new code. Equivalent mutants
-(bugs no test could see, e.g. a per-token offset the loss's whitening removes) are left out.
+(bugs no test could see, e.g. a per-token offset the loss's whitening removes) and
+unreachable lines (``Store._write_views``' ``v[manifest.bad] = 0``: a 0x0 file fails earlier,
+see the xfail in tests/test_protocol.py) are left out.
 """
 
 R = "tests/test_recipe.py::"
@@ -69,16 +71,17 @@ MUTANTS = [
      '        self.group["done"][seed, k] = 1\n        self.group["skipped"][seed, a:b] = skipped.astype(np.uint8)',
      [P + "test_a_shard_is_written_data_then_skip_flags_then_its_done_marker",
       P + "test_a_failed_write_leaves_its_shard_unmarked_and_the_same_command_completes_it"]),
+    ("store-failed-data-write-ignored", "fdcache/store.py",
+     "        for name, value in arrays.items():\n            self.group[name][seed, a:b] = value\n",
+     "        for name, value in arrays.items():\n            try:\n                self.group[name][seed, a:b] = value\n"
+     "            except OSError:\n                pass\n",
+     [P + "test_a_failed_write_leaves_its_shard_unmarked_and_the_same_command_completes_it"]),
     ("store-binding-ignores-dataset", "fdcache/store.py",
      '("global_seed", "shard_size", "num_samples", "manifest_sha256")', '("global_seed", "shard_size", "num_samples")',
      [P + "test_a_relabelled_dataset_has_another_fingerprint_and_its_store_is_refused"]),
     ("store-partial-pattern-too-broad", "fdcache/store.py",
      r're.compile(r"\.[0-9a-f]{32}\.partial$")', r're.compile(r"\.partial$")',
      [E + "test_resume_removes_the_temporary_file_a_killed_zarr_write_leaves"]),
-    ("store-bad-image-views-kept", "fdcache/store.py",
-     "            v[manifest.bad] = 0\n", "",
-     [E + "test_undecodable_image_stops_naming_it_and_skip_bad_records_it",
-      E + "test_store_layout_views_and_attributes"]),
     # -- extract ----------------------------------------------------------------------
     ("extract-ranks-overlap", "fdcache/extract.py",
      "items[rank * n // world:(rank + 1) * n // world]", "items[rank * n // world:(rank + 1) * n // world + 1]",
@@ -89,7 +92,7 @@ MUTANTS = [
     ("extract-batches-cross-shards", "fdcache/extract.py",
      "(i, min(i + batch_size, b)) for i in range(a, b, batch_size)",
      "(i, i + batch_size) for i in range(a, b, batch_size)",
-     [E + "test_stored_fp16_targets_equal_the_teacher_recomputed_from_the_file"]),
+     [P + "test_batches_stop_at_shard_ends_so_a_resumed_shard_is_computed_as_before"]),
     ("extract-resume-redoes-done-shards", "fdcache/extract.py",
      "for k in range(store.num_shards) if not done[s, k]]", "for k in range(store.num_shards)]",
      [E + "test_raising_seeds_appends_and_equals_a_fresh_run"]),
@@ -99,11 +102,10 @@ MUTANTS = [
      [T + "test_parallel_loader_workers_yield_the_same_batches"]),
     ("sources-same-order-every-epoch", "fdcache/sources.py",
      "[int(run_seed), int(epoch), 0x5EED]", "[int(run_seed), 0x5EED]",
-     [T + "test_parallel_loader_workers_yield_the_same_batches",
-      T + "test_resume_reproduces_the_uninterrupted_loss_sequence_bit_exactly"]),
+     [R + "test_each_epoch_visits_whole_batches_of_distinct_samples_in_its_own_order"]),
     ("sources-resume-skip-every-epoch", "fdcache/sources.py",
      "(self.skip_samples if info.epoch_idx == 0 else 0)", "self.skip_samples",
-     [T + "test_resume_reproduces_the_uninterrupted_loss_sequence_bit_exactly"]),
+     [R + "test_a_run_resumed_mid_epoch_repeats_the_uninterrupted_losses_across_epoch_ends"]),
     # -- train ------------------------------------------------------------------------
     ("train-lr-ignores-accumulation", "fdcache/train.py",
      "cfg.batch_size * world * cfg.accum_steps / cfg.lr_batch", "cfg.batch_size * world / cfg.lr_batch",

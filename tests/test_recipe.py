@@ -228,6 +228,26 @@ def test_finetuning_loss_is_cross_entropy_with_the_configured_label_smoothing(im
     assert r.losses[0] == pytest.approx(smoothed, rel=1e-5)
 
 
+def test_mixup_targets_carry_the_configured_label_smoothing(image_root, tmp_path):
+    from timm.loss import SoftTargetCrossEntropy
+
+    targets = []
+
+    def spy(module, args):
+        if isinstance(module, SoftTargetCrossEntropy):
+            targets.append(args[1].detach().clone())
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(spy)
+    try:
+        finetune(ftcfg(tmp_path / "run", image_root, mixup=0.8, label_smoothing=0.3))
+    finally:
+        handle.remove()
+    (soft,) = targets
+    # 3 classes: a mix of two smoothed one-hots leaves at least one class at the off value 0.3 / 3.
+    torch.testing.assert_close(soft.sum(1), torch.ones(len(soft)))
+    torch.testing.assert_close(soft.min(1).values, torch.full((len(soft),), 0.1))
+
+
 def test_wise_weights_move_from_the_zeroshot_end_towards_the_finetuned_end(image_root, tmp_path):
     zs, ft = {"w": torch.full((3,), 2.0), "n": torch.tensor([1])}, {"w": torch.full((3,), 10.0), "n": torch.tensor([7])}
     for alpha, want in [(0.25, 4.0), (0.75, 8.0)]:

@@ -219,4 +219,7 @@ MUTANTS = [
     ("bench-wait-includes-warmup", "fdcache/bench.py",
      "            if mode in waits:\n                wsum[0] = 0.0\n", "",
      [B + "test_bench_rates_are_timed_images_over_the_clock"]),
+    ("bench-student-flops-per-batch", "fdcache/bench.py",
+     "    student = fc.get_total_flops() / 2\n", "    student = fc.get_total_flops()\n",
+     [B + "test_bench_student_flops_are_a_hand_count"]),
 ]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -51,8 +52,9 @@ def copied(work: Path, file: str) -> Path:
 
 
 def run_tests(work: Path, tests: list[str], timeout: float) -> tuple[str, float, str]:
+    """Run every listed test (no -x: the table shows how many of them catch the mutant)."""
     env = dict(os.environ, PYTHONPATH=str(work / "src"), PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]
     t0 = time.perf_counter()
     try:
         r = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
@@ -60,6 +62,13 @@ def run_tests(work: Path, tests: list[str], timeout: float) -> tuple[str, float,
         return "timeout", time.perf_counter() - t0, ""
     status = {0: "pass", 1: "fail"}.get(r.returncode, f"error (pytest exit {r.returncode})")
     return status, time.perf_counter() - t0, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+def caught_by(out: str) -> str:
+    """'failed/run' from pytest's summary line."""
+    counts = {k: int(n) for n, k in re.findall(r"(\d+) (failed|passed|error)", out)}
+    failed = counts.get("failed", 0) + counts.get("error", 0)
+    return f"{failed}/{failed + counts.get('passed', 0)}"
 
 
 def main(argv=None) -> int:
@@ -100,8 +109,9 @@ def main(argv=None) -> int:
             finally:
                 path.write_text(source)
             verdict = {"fail": "killed", "timeout": "killed (timeout)", "pass": "SURVIVED"}.get(status, status)
-            rows.append((mid, file, verdict, secs, ""))
-            print(f"{mid:40s} {verdict:16s} {secs:5.0f}s", flush=True)
+            note = f"{caught_by(out)} tests failed" if status in ("fail", "pass") else ""
+            rows.append((mid, file, verdict, secs, note))
+            print(f"{mid:40s} {verdict:16s} {note:18s} {secs:5.0f}s", flush=True)
     counted = [r for r in rows if r[2] != "stale"]
     killed = sum(r[2].startswith("killed") for r in counted)
     ratio = killed / max(len(counted), 1)
@@ -109,8 +119,8 @@ def main(argv=None) -> int:
                f"{len(rows) - len(counted)} stale; {sum(r[3] for r in rows):.0f}s of tests")
     print(summary)
     if args.markdown:
-        lines = ["| mutant | file | result | seconds |", "|---|---|---|---|"]
-        lines += [f"| `{m}` | `{f}` | {v}{' ' + n if n else ''} | {s:.0f} |" for m, f, v, s, n in rows]
+        lines = ["| mutant | file | result | tests that failed | seconds |", "|---|---|---|---|---|"]
+        lines += [f"| `{m}` | `{f}` | {v} | {n} | {s:.0f} |" for m, f, v, s, n in rows]
         args.markdown.write_text("\n".join(lines + ["", summary, ""]))
     return 0 if all(r[2] != "SURVIVED" for r in counted) else 1
 

@@ -140,7 +140,7 @@ def test_reduction_is_deterministic(monkeypatch):
         loss = fd_loss(p, target, impl="triton")
         loss.backward()
         runs.append((loss.detach(), p.grad))
-    assert all(torch.equal(l, runs[0][0]) and torch.equal(g, runs[0][1]) for l, g in runs[1:])
+    assert all(torch.equal(a, runs[0][0]) and torch.equal(g, runs[0][1]) for a, g in runs[1:])
 
 
 def test_reference_gradient_passes_finite_differences():

@@ -78,3 +78,20 @@ def interrupt_at(monkeypatch, step: int, signum=None, children: bool = False):
                 os.kill(p.pid, signum or signal.SIGINT)
             os.kill(os.getpid(), signum or signal.SIGINT)
     monkeypatch.setattr(Engine, "optimizer_step", step_then_signal)
+
+
+def extract_tiny(data, out, **kw) -> Path:
+    """A store of the tiny random-init teacher (one seed, shards of 6): the fixture of the
+    recipe and write-protocol tests."""
+    from fdcache.extract import ExtractConfig, extract
+
+    base = dict(teacher=TINY_TEACHER, random_init=True, seeds=1, batch_size=6, shard_size=6,
+                progress=False, num_threads=2)
+    extract(ExtractConfig(data=str(data), out=str(out), **(base | kw)))
+    return Path(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_store(image_root, tmp_path_factory) -> Path:
+    """A finished one-seed store of ``image_root`` (read-only: copy it to damage it)."""
+    return extract_tiny(image_root, tmp_path_factory.mktemp("tiny") / "s.zarr")

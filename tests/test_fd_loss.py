@@ -167,11 +167,20 @@ def test_non_contiguous_inputs_are_handled():
     _check(p2, wide_t)
 
 
-def test_reduction_is_deterministic():
-    pred, target = _inputs((3, 197, 100), torch.float32)
-    a = fd_loss(pred, target, impl="triton")
-    b = fd_loss(pred, target, impl="triton")
-    assert torch.equal(a, b)
+@pytest.mark.gpu
+def test_reduction_is_deterministic(monkeypatch):
+    """Bit-identical loss and gradient run after run on a GPU, where a float-atomic reduction
+    would not be (the interpreter runs programs one by one: it cannot show this)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    pred, target = _inputs((64, 197, 768), torch.float32)
+    pred, target = pred.detach().cuda(), target.cuda()
+    runs = []
+    for _ in range(5):
+        p = pred.clone().requires_grad_()
+        loss = fd_loss(p, target, impl="triton")
+        loss.backward()
+        runs.append((loss.detach(), p.grad))
+    assert all(torch.equal(a, runs[0][0]) and torch.equal(g, runs[0][1]) for a, g in runs[1:])
 
 
 def test_reference_gradient_passes_finite_differences():

@@ -8,6 +8,7 @@ import torch
 from fdcache.codecs import CodecSpec
 from fdcache.errors import FdcacheError, StoreError, StoreMismatchError
 from fdcache.extract import ExtractConfig, extract
+from fdcache.kernels import fd_loss_reference
 from fdcache.store import Store
 from fdcache.students import build_student, resize_token_grid
 from fdcache.teachers import TINY_TEACHER
@@ -37,15 +38,6 @@ def tcfg(out, **kw) -> TrainConfig:
 
 def _log(out):
     return [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
-
-
-def test_loss_falls_on_a_tiny_set(store, tmp_path):
-    r = train(tcfg(tmp_path / "run", cache=str(store), steps=40))
-    first, last = np.mean(r.losses[:3]), np.mean(r.losses[-5:])
-    assert last < 0.85 * first, r.losses
-    rec = _log(tmp_path / "run")
-    assert len(rec) == 40 and {"step", "loss", "lr", "images_per_s", "data_wait"} <= set(rec[0])
-    assert rec[0]["lr"] < rec[2]["lr"]  # warmup
 
 
 def test_offline_and_online_give_the_same_step0_loss_and_gradients(image_root, store, tmp_path):
@@ -134,9 +126,24 @@ def test_changed_data_folder_is_refused_naming_the_file(images, tmp_path):
 def test_token_grid_mismatch_is_refused_or_resampled(store, tmp_path):
     with pytest.raises(FdcacheError, match="--resize-targets"):
         Trainer(tcfg(tmp_path / "r", cache=str(store), resolution=96))
-    t = Trainer(tcfg(tmp_path / "r", cache=str(store), resolution=96, resize_targets=True))
+    t = Trainer(tcfg(tmp_path / "r", cache=str(store), resolution=96, resize_targets=True, drop_path=0.0))
     b = next(t.stream())
-    assert b.images.shape[-1] == 96 and torch.isfinite(t.engine.forward_backward(b))
+    assert b.images.shape[-1] == 96 and b.targets.shape[1] == 17
+    # The teacher's 4x4 patch grid resampled to the student's 6x6 by hand: bilinear with
+    # half-pixel centres (align_corners=False), the CLS token kept as it is.
+    w = np.zeros((6, 4))
+    for o in range(6):
+        src = max((o + 0.5) * 4 / 6 - 0.5, 0.0)
+        i0 = int(src)
+        w[o, i0] += 1 - (src - i0)
+        w[o, min(i0 + 1, 3)] += src - i0
+    grid = b.targets[:, 1:].double().numpy().reshape(-1, 4, 4, b.targets.shape[-1])
+    patches = np.einsum("yi,bijd,xj->byxd", w, grid, w).reshape(grid.shape[0], 36, -1)
+    want = torch.cat([b.targets[:, :1].double(), torch.from_numpy(patches)], dim=1)
+    loss = t.engine.forward_backward(b)
+    with torch.no_grad():
+        pred = t.model(b.images)
+    torch.testing.assert_close(loss, fd_loss_reference(pred, want.float()), rtol=2e-5, atol=0)
 
 
 def test_resize_token_grid_keeps_cls_and_interpolates_patches():

@@ -329,6 +329,10 @@ class Store:
         """Write one whole shard's data, then its skip flags, then its done marker. Empty
         (all-zero) chunks are written too, so a done shard always has all its files."""
         a, b = self.shard_range(k)
+        for name, value in {**arrays, "skipped": skipped}.items():
+            if len(value) != b - a:  # zarr would truncate or broadcast without a word
+                raise StoreError(f"shard {k} of seed {seed} holds samples {a}..{b - 1} ({b - a} rows); "
+                                 f"{name} has {len(value)}: a bug in the caller, nothing was written")
         for name, value in arrays.items():
             self.group[name].with_config(_KEEP_EMPTY)[seed, a:b] = value
         self.group["skipped"].with_config(_KEEP_EMPTY)[seed, a:b] = skipped.astype(np.uint8)

@@ -202,8 +202,8 @@ def test_train_cli_ema_decay_is_the_decay_of_the_exported_weights(tiny_store, tm
     r = CliRunner().invoke(app, args + ["--resume"])
     assert r.exit_code == 0, r.output
     m3 = torch.load(out / "checkpoints" / "last.pt", weights_only=False)["model"]
-    exported = load_file(str(out / "student.safetensors"))
-    assert json.loads((out / "student.json").read_text())["ema"] is True
+    exported = load_file(str(out / "model.safetensors"))
+    assert json.loads((out / "config.json").read_text())["fdcache"]["export"]["ema"] is True
     moved = 0
     for k, e in exported.items():
         if e.is_floating_point():

@@ -1,9 +1,9 @@
 """Training batches: recorded views through the shared pixel path, with their targets.
 
-One DALI pipeline per run: ``fn.external_source`` (per-sample :class:`TrainSource`,
+One DALI pipeline per run: ``fn.external_source`` (batch callback :class:`TrainSource`,
 optionally in parallel worker processes with prefetch) yields encoded bytes, the recorded
-window, the flip and the stored target; images go through :func:`pixels.pixel_graph`
-(``mixed`` decode on GPU), targets ride along (copied to the GPU by DALI). Batches come
+windows, the flips and the codec's stored arrays (one batch read from the store's reader);
+images go through :func:`pixels.pixel_graph` (``mixed`` decode on GPU), targets ride along (copied to the GPU by DALI). Batches come
 out as torch tensors on the device, images and targets in matching order.
 """
 
@@ -13,8 +13,10 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import torch
 
+from .codecs import CodecSpec
 from .pixels import pixel_graph
 from .sources import TrainSource
 
@@ -22,12 +24,13 @@ from .sources import TrainSource
 @dataclass
 class Batch:
     images: torch.Tensor  # [B, 3, R, R] float32, student-normalized
-    targets: torch.Tensor | None  # [B, L, D] fp16 | int8 (offline)
-    qparams: torch.Tensor | None  # [B, L, 2] float32 (int8 codec)
+    targets: torch.Tensor | None  # offline: the codec's loss input (fp16 map, or int8 q)
+    qparams: torch.Tensor | None  # its per-token (scale, offset) when the codec has them
     index: torch.Tensor  # [B] sample indices
     epoch: int
     step_in_epoch: int
     wait_s: float  # time spent waiting for this batch
+    stored: dict[str, torch.Tensor] | None = None  # offline: the codec's stored arrays (for decode)
 
 
 def build_pipeline(source: TrainSource, *, resolution: int, mean, std, device: str = "cpu",
@@ -35,16 +38,10 @@ def build_pipeline(source: TrainSource, *, resolution: int, mean, std, device: s
                    device_id: int | None = None):
     from nvidia.dali import fn, pipeline_def, types
 
-    offline = source.store_url is not None
     dtypes = [types.UINT8, types.INT32, types.INT32]
     ndims = [1, 1, 0]
-    if offline:
-        import zarr
-        tdtype = zarr.open_array(source.store_url, path="targets", mode="r").dtype
-        dtypes.append(types.INT8 if tdtype.kind == "i" else types.FLOAT16)
-        ndims.append(2)
-        if source.with_qparams:
-            dtypes.append(types.FLOAT); ndims.append(2)
+    for lay in source.reader.layouts if source.offline else ():
+        dtypes.append(types.to_dali_type(np.dtype(lay.dtype).name)); ndims.append(len(lay.shape))
     dtypes.append(types.INT64); ndims.append(0)
     if device == "gpu" and device_id is None:
         device_id = torch.cuda.current_device()
@@ -53,7 +50,7 @@ def build_pipeline(source: TrainSource, *, resolution: int, mean, std, device: s
                   device_id=device_id if device == "gpu" else None, prefetch_queue_depth=prefetch,
                   exec_dynamic=True, py_num_workers=py_workers, py_start_method="spawn")
     def pipe():
-        outs = fn.external_source(source=source, num_outputs=len(dtypes), batch=False,
+        outs = fn.external_source(source=source, num_outputs=len(dtypes), batch=True, batch_info=True,
                                   parallel=parallel, dtype=dtypes, ndim=ndims)
         images = pixel_graph(outs[0], outs[1], outs[2], resolution=resolution, mean=mean, std=std,
                              device=device)
@@ -65,11 +62,12 @@ def build_pipeline(source: TrainSource, *, resolution: int, mean, std, device: s
     return p
 
 
-def batches(source: TrainSource, **pipeline_kw) -> Iterator[Batch]:
+def batches(source: TrainSource, codec: CodecSpec | None = None, **pipeline_kw) -> Iterator[Batch]:
     """Endless stream of batches from ``source.start_epoch`` (skipping
-    ``source.skip_samples``), epoch after epoch."""
+    ``source.skip_samples``), epoch after epoch. Offline sources need the store's ``codec``."""
     pipe = build_pipeline(source, **pipeline_kw)
-    offline = source.store_url is not None
+    offline = source.offline
+    names = source.reader.names if offline else []
     epoch, step = source.start_epoch, source.skip_samples // source.batch_size
     while True:
         t0 = time.perf_counter()
@@ -81,8 +79,8 @@ def batches(source: TrainSource, **pipeline_kw) -> Iterator[Batch]:
             continue
         tensors = [torch.from_dlpack(o.as_tensor()).clone() for o in outs]
         wait = time.perf_counter() - t0
-        targets = tensors[1] if offline else None
-        qparams = tensors[2] if offline and source.with_qparams else None
+        stored = dict(zip(names, tensors[1:-1])) if offline else None
+        targets, qparams = codec.loss_inputs(stored) if offline else (None, None)
         yield Batch(images=tensors[0], targets=targets, qparams=qparams, index=tensors[-1],
-                    epoch=epoch, step_in_epoch=step, wait_s=wait)
+                    epoch=epoch, step_in_epoch=step, wait_s=wait, stored=stored)
         step += 1

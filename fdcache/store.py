@@ -2,15 +2,18 @@
 
 Layout (``S`` seeds, ``N`` samples, ``L`` tokens, ``D`` dims, ``K`` = samples per shard)::
 
-    targets  [S, N, L, D]  fp16|int8, inner chunk (1, 1, L, D), shard (1, K, L, D)
-    qparams  [S, N, L, 2]  float32 (int8 codec only): per-token (scale, offset)
+    <codec arrays> [S, N, *shape]  as the codec declares them (fp16: ``targets [S, N, L, D]``;
+                   int8: ``targets`` int8 + ``qparams [S, N, L, 2]`` float32), inner chunk =
+                   one sample-view, shard = K samples
     views    [S, N, 5]     int32 (y, x, h, w, flip) in EXIF-oriented source pixels
     skipped  [S, N]        uint8, 1 = unreadable image, its target is zeros (chunk = shard)
     done     [S, N/K]      uint8, 1 = shard complete; one chunk per marker, written last
-    manifest/{paths, labels, widths, heights, sizes, mtimes}, attrs: classes, root
+    manifest/{paths_utf8, path_offsets, labels, widths, heights, sizes, mtimes}, attrs: classes, root
+      (paths as UTF-8 bytes + offsets: every Zarr v3 reader, tensorstore included, reads them)
 
 Every chunk carries a crc32c checksum (and each shard index its own), so a flipped byte
-fails on read. A shard is the unit of writing: one writer per shard, its ``done`` marker
+fails on read. Reading goes through :meth:`Store.reader` (``reader.TargetReader``). A shard is
+the unit of writing: one writer per shard, its ``done`` marker
 after its data, so a crash leaves at worst unmarked shards that a resume recomputes.
 """
 
@@ -32,7 +35,10 @@ from .manifest import Manifest
 from .teachers import TeacherSpec
 from .views import ViewPolicy, sample_views
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Why each older format is refused (an upgrade in place would rewrite data fdcache must not guess).
+_OLD_FORMATS = {1: "format 1 keeps manifest paths as a variable-length string array that "
+                   "tensorstore and other Zarr v3 readers cannot read"}
 _GroupNotFound = getattr(zarr.errors, "GroupNotFoundError", FileNotFoundError)
 _MANIFEST_FIELDS = ("labels", "widths", "heights", "sizes", "mtimes")
 
@@ -101,7 +107,11 @@ class Store:
     # -- shapes --------------------------------------------------------------------
     @property
     def num_seeds(self) -> int:
-        return self.group["targets"].shape[0]
+        return self.group["done"].shape[0]
+
+    def array_specs(self):
+        """The codec's stored arrays (name, dtype, per-sample shape) for this store."""
+        return self.info.codec.arrays(self.info.teacher.tokens, self.info.teacher.dim)
 
     @property
     def num_shards(self) -> int:
@@ -118,14 +128,10 @@ class Store:
         group = zarr.open_group(_store_arg(url), mode="w" if overwrite else "w-")
         t, n, k = info.teacher, info.num_samples, info.shard_size
         comp = _compressors(info.codec)
-        group.create_array("targets", shape=(seeds, n, t.tokens, t.dim), dtype=info.codec.target_dtype,
-                           chunks=(1, 1, t.tokens, t.dim), shards=(1, k, t.tokens, t.dim),
-                           compressors=comp, fill_value=0, dimension_names=["seed", "sample", "token", "dim"])
-        if info.codec.has_qparams:
-            group.create_array("qparams", shape=(seeds, n, t.tokens, 2), dtype="float32",
-                               chunks=(1, 1, t.tokens, 2), shards=(1, k, t.tokens, 2),
-                               compressors=comp, fill_value=0,
-                               dimension_names=["seed", "sample", "token", "scale_offset"])
+        for a in info.codec.arrays(t.tokens, t.dim):
+            group.create_array(a.name, shape=(seeds, n, *a.shape), dtype=a.dtype, chunks=(1, 1, *a.shape),
+                               shards=(1, k, *a.shape), compressors=comp, fill_value=0,
+                               dimension_names=["seed", "sample", *a.dims])
         group.create_array("views", shape=(seeds, n, 5), dtype="int32", chunks=(1, min(n, 1 << 16), 5),
                            compressors=_compressors(CodecSpec()), fill_value=-1,
                            dimension_names=["seed", "sample", "yxhwf"])
@@ -134,8 +140,10 @@ class Store:
         group.create_array("done", shape=(seeds, math.ceil(n / k)), dtype="uint8", chunks=(1, 1),
                            compressors=[Crc32cCodec()], fill_value=0, dimension_names=["seed", "shard"])
         m = group.create_group("manifest")
-        paths = m.create_array("paths", shape=(n,), dtype=str, chunks=(min(n, 1 << 16),))
-        paths[:] = np.asarray(manifest.paths, dtype=object).astype(str)
+        blob, offsets = _encode_paths(manifest.paths)
+        for name, a in (("paths_utf8", blob), ("path_offsets", offsets)):
+            m.create_array(name, shape=a.shape, dtype=a.dtype, chunks=(max(1, min(len(a), 1 << 22)),),
+                           compressors=_compressors(CodecSpec()))[:] = a
         for name in _MANIFEST_FIELDS:
             a = np.asarray(getattr(manifest, name))
             arr = m.create_array(name, shape=(n,), dtype=a.dtype, chunks=(min(n, 1 << 16),),
@@ -159,9 +167,14 @@ class Store:
             raise StoreError(f"{url} is a Zarr group but not a finished fdcache store (no 'fdcache' "
                              "attribute; creation was interrupted?). Re-run extract with --overwrite.")
         d = attrs["fdcache"]
-        if d.get("format_version") != FORMAT_VERSION:
-            raise StoreError(f"{url} has store format {d.get('format_version')}, this fdcache "
-                             f"reads format {FORMAT_VERSION}")
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            why = _OLD_FORMATS.get(version, "it was written by a newer fdcache" if isinstance(version, int)
+                                   and version > FORMAT_VERSION else "the version is unknown")
+            raise StoreError(f"{url} has store format {version}, this fdcache reads format {FORMAT_VERSION}: "
+                             f"{why}. Re-extract it with this fdcache (same extract command, a new --out), "
+                             "or read it with the fdcache version that wrote it "
+                             f"({d.get('fdcache_version', '?')}).")
         return cls(group, StoreInfo.from_dict(d), url)
 
     def check_binding(self, requested: StoreInfo) -> None:
@@ -176,10 +189,9 @@ class Store:
         old = self.num_seeds
         if seeds <= old:
             return
-        for name in ("targets", "qparams", "views", "skipped", "done"):
-            if name in self.group:
-                a = self.group[name]
-                a.resize((seeds,) + a.shape[1:])
+        for name in [a.name for a in self.array_specs()] + ["views", "skipped", "done"]:
+            a = self.group[name]
+            a.resize((seeds,) + a.shape[1:])
         self._write_views(manifest, range(old, seeds))
 
     def _write_views(self, manifest: Manifest, seeds) -> None:
@@ -193,8 +205,11 @@ class Store:
     def manifest(self, root: str | Path | None = None) -> Manifest:
         m = self.group["manifest"]
         arrays = {name: m[name][:] for name in _MANIFEST_FIELDS}
-        return Manifest(root=Path(root or m.attrs["root"]), paths=[str(p) for p in m["paths"][:]],
+        return Manifest(root=Path(root or m.attrs["root"]), paths=_decode_paths(m["paths_utf8"][:], m["path_offsets"][:]),
                         classes=list(m.attrs.get("classes", [])), **arrays)
+
+    def classes(self) -> list[str]:
+        return list(self.group["manifest"].attrs.get("classes", []))
 
     # -- data ----------------------------------------------------------------------
     def done(self) -> np.ndarray:
@@ -211,11 +226,29 @@ class Store:
         self.group["skipped"][seed, a:b] = skipped.astype(np.uint8)
         self.group["done"][seed, k] = 1
 
+    def reader(self, threads: int | None = None):
+        """The one reader of stored arrays (see :class:`fdcache.reader.TargetReader`): batch reads
+        of ``(seed, indices)``, checksums checked, lost data an error. ``threads``: decode
+        threads (default: 1 for uncompressed local stores, else up to 4)."""
+        from .reader import Layout, TargetReader
+
+        arrays = [self.group[a.name] for a in self.array_specs()]
+        layouts = [Layout.from_metadata(a.basename, a.metadata.to_dict(), a.dtype) for a in arrays]
+        return TargetReader(self.url, _store_arg(self.url), layouts, self.info.shard_size,
+                            self.info.num_samples, self.done(), self.skipped(), threads=threads)
+
     def read(self, seed: int, start: int, stop: int):
         """Decoded float32 targets ``[n, L, D]`` of samples ``start:stop`` of ``seed``."""
-        t = self.group["targets"][seed, start:stop]
-        qp = self.group["qparams"][seed, start:stop] if self.info.codec.has_qparams else None
-        return self.info.codec.decode(t, qp)
+        return self.info.codec.decode(self.reader().read_range(seed, start, stop))
+
+    def eligible(self, seed: int) -> np.ndarray:
+        """Samples of ``seed`` that have a target: in a done shard and not skipped."""
+        mask = np.repeat(self.done()[seed], self.info.shard_size)[: self.info.num_samples]
+        return np.flatnonzero(mask & ~self.skipped(seed)).astype(np.int64)
+
+    def stored_bytes(self) -> int:
+        """Bytes the codec's arrays take in the store (compressed, with checksums and indexes)."""
+        return sum(int(self.group[a.name].nbytes_stored()) for a in self.array_specs())
 
     def skipped(self, seed: int | None = None) -> np.ndarray:
         a = self.group["skipped"]
@@ -239,6 +272,19 @@ def remove_interrupted_writes(url: str) -> list[str]:
             p.unlink()
             gone.append(p.relative_to(root).as_posix())
     return gone
+
+
+def _encode_paths(paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """UTF-8 bytes of all paths back to back, and ``offsets [N+1]`` (path i = bytes[o[i]:o[i+1]])."""
+    encoded = [p.encode() for p in paths]
+    offsets = np.zeros(len(encoded) + 1, np.int64)
+    np.cumsum([len(b) for b in encoded], out=offsets[1:])
+    return np.frombuffer(b"".join(encoded), np.uint8).copy(), offsets
+
+
+def _decode_paths(blob: np.ndarray, offsets: np.ndarray) -> list[str]:
+    data = blob.tobytes()
+    return [data[a:b].decode() for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
 
 
 def _store_arg(url: str):

@@ -95,10 +95,8 @@ class TargetReader:
         self.shard_size, self.num_samples = shard_size, num_samples
         self.done, self.skipped = np.asarray(done, bool), np.asarray(skipped, bool)
         self.remote = "://" in root
-        compressed = any(lay.zstd for lay in self.layouts)
-        # Page-cached uncompressed reads are bound by one memcpy: threads only add GIL traffic
-        # (measured). Decoding and remote reads gain from them.
-        self.threads = threads or (min(4, os.cpu_count() or 1) if compressed or self.remote else 1)
+        # Slices of a batch run on a few threads: preadv, crc32c and zstd all release the GIL.
+        self.threads = threads or min(4, os.cpu_count() or 1)
         self._reset()
 
     def _reset(self):
@@ -169,6 +167,22 @@ class TargetReader:
     def read_range(self, seed: int, start: int, stop: int) -> dict[str, np.ndarray]:
         return self.read(seed, np.arange(start, stop))
 
+    def shard_files(self, seed: int) -> list[str]:
+        """Local paths of ``seed``'s shard files, every stored array (benchmarks read them raw)."""
+        return [os.path.join(self.root, *lay.key(seed, k).split("/")) for lay in self.layouts
+                for k in range(self.done.shape[1])]
+
+    def chunk_payloads(self, seed: int, k: int) -> list[tuple[Layout, bytes]]:
+        """Each sample's stored bytes in shard ``k`` (compressed, without the crc32c), local
+        stores only: what a decoder alone would be given (benchmarks)."""
+        out = []
+        for lay in self.layouts:
+            fd, index = self._open(lay, seed, k)
+            for off, n in index.tolist():
+                if off != int(_EMPTY):
+                    out.append((lay, os.pread(fd, n - 4, off)))
+        return out
+
     # -- checks --------------------------------------------------------------------
     def _check(self, seed: int, idx: np.ndarray) -> None:
         if not 0 <= seed < self.done.shape[0]:
@@ -197,25 +211,38 @@ class TargetReader:
             raise self._lost(lay, seed, k, "its shard index fails its crc32c checksum (file truncated or damaged)")
         return np.frombuffer(raw, "<u8", count=lay.shard * 2).reshape(lay.shard, 2)
 
-    def _entry(self, lay, seed, k, index, i) -> tuple[int, int]:
-        off, n = index[i % lay.shard]
-        if off == _EMPTY and n == _EMPTY:
-            raise self._lost(lay, seed, k, f"sample {i} has no data in its shard")
-        if not lay.zstd and n != lay.nbytes + 4:
-            raise self._lost(lay, seed, k, f"sample {i} has {n} bytes, expected {lay.nbytes + 4}")
-        return int(off), int(n)
+    def _plan(self, lay: Layout, seed: int, idx: np.ndarray, indexes: dict) -> tuple[list, list, list]:
+        """Per requested sample: its shard, chunk offset and stored size (vectorized; raises
+        for a sample the shard index marks absent)."""
+        ks = idx // lay.shard
+        entries = np.empty((len(idx), 2), np.uint64)
+        for k in np.unique(ks).tolist():
+            m = ks == k
+            entries[m] = indexes[k][idx[m] % lay.shard]
+        offs, ns = entries[:, 0], entries[:, 1]
+        absent = np.flatnonzero((offs == _EMPTY) & (ns == _EMPTY))
+        if absent.size:
+            i = int(idx[absent[0]])
+            raise self._lost(lay, seed, i // lay.shard, f"sample {i} has no data in its shard")
+        wrong = np.flatnonzero(ns != lay.nbytes + 4) if not lay.zstd else absent
+        if wrong.size:
+            i = int(idx[wrong[0]])
+            raise self._lost(lay, seed, i // lay.shard, f"sample {i} has {int(ns[wrong[0]])} bytes, "
+                             f"expected {lay.nbytes + 4}")
+        return ks.tolist(), offs.tolist(), ns.tolist()
 
-    def _finish(self, lay, seed, k, i, chunk: np.ndarray, crc: bytes, row: np.ndarray) -> None:
-        """Check ``chunk``'s crc32c, then decode it into ``row`` (already there if uncompressed)."""
-        if google_crc32c.value(chunk) != int.from_bytes(crc, "little"):
-            raise self._lost(lay, seed, k, f"sample {i} fails its crc32c checksum")
-        if lay.zstd:
-            try:
-                got = _zstd().decode(chunk, out=row)
-            except Exception as e:
-                raise self._lost(lay, seed, k, f"sample {i} does not decode ({e})") from e
-            if np.asarray(got).nbytes != row.nbytes:
-                raise self._lost(lay, seed, k, f"sample {i} decodes to the wrong size")
+    def _verify(self, lay, seed, i, chunk, crc: bytes, n_read: int, n: int) -> None:
+        if n_read != n:
+            raise self._lost(lay, seed, i // lay.shard, f"sample {i} is cut short")
+        if _crc(chunk) != int.from_bytes(crc, "little"):
+            raise self._lost(lay, seed, i // lay.shard, f"sample {i} fails its crc32c checksum")
+
+    def _decode(self, lay, seed, i, chunk, row) -> None:
+        """zstd-decode ``chunk`` into ``row`` (the crc32c already passed)."""
+        try:
+            _zstd().decode(chunk, out=row)
+        except Exception as e:
+            raise self._lost(lay, seed, i // lay.shard, f"sample {i} does not decode ({e})") from e
 
     # -- local files ---------------------------------------------------------------
     def _open(self, lay: Layout, seed: int, k: int):
@@ -240,25 +267,26 @@ class TargetReader:
         return hit
 
     def _read_local(self, lay: Layout, seed: int, idx: np.ndarray, rows: np.ndarray) -> None:
-        files = {int(k): self._open(lay, seed, int(k)) for k in np.unique(idx // lay.shard)}
+        files = {k: self._open(lay, seed, k) for k in np.unique(idx // lay.shard).tolist()}
+        ks, offs, ns = self._plan(lay, seed, idx, {k: f[1] for k, f in files.items()})
+        fds = [files[k][0] for k in ks]
+        idxl = idx.tolist()
 
         def run(lo: int, hi: int) -> None:
             crc = bytearray(4)
+            pread, preadv, value, verify = os.pread, os.preadv, _crc, self._verify
             for j in range(lo, hi):
-                i = int(idx[j])
-                k = i // lay.shard
-                fd, index = files[k]
-                off, n = self._entry(lay, seed, k, index, i)
+                row, n = rows[j], ns[j]
                 if lay.zstd:
-                    raw = os.pread(fd, n, off)
-                    if len(raw) != n:
-                        raise self._lost(lay, seed, k, f"sample {i} is cut short")
-                    chunk = np.frombuffer(raw, np.uint8, count=n - 4)
-                    self._finish(lay, seed, k, i, chunk, raw[n - 4:], rows[j])
+                    raw = pread(fds[j], n, offs[j])
+                    chunk = np.frombuffer(raw, np.uint8, count=min(len(raw), n - 4))
+                    if len(raw) != n or value(chunk) != int.from_bytes(raw[n - 4:], "little"):
+                        verify(lay, seed, idxl[j], chunk, raw[n - 4:], len(raw), n)
+                    self._decode(lay, seed, idxl[j], chunk, row)
                 else:
-                    if os.preadv(fd, [rows[j], crc], off) != n:
-                        raise self._lost(lay, seed, k, f"sample {i} is cut short")
-                    self._finish(lay, seed, k, i, rows[j], crc, rows[j])
+                    got = preadv(fds[j], [row, crc], offs[j])
+                    if got != n or value(row) != int.from_bytes(crc, "little"):
+                        verify(lay, seed, idxl[j], row, crc, got, n)
 
         self._map(run, len(idx))
         while len(self._files) > max(_MAX_OPEN, len(files)):
@@ -303,23 +331,19 @@ class TargetReader:
             if raw is None:
                 raise self._lost(lay, seed, k, "its shard object is missing")
             self._files[(lay.name, seed, k)] = (None, self._index(lay, seed, k, raw))
-        entries = []
-        for i in idx.tolist():
-            k = i // lay.shard
-            off, n = self._entry(lay, seed, k, self._files[(lay.name, seed, k)][1], i)
-            entries.append((k, i, off, n))
-        raws = sync(gather([(lay.key(seed, k), RangeByteRequest(off, off + n)) for k, _, off, n in entries]))
+        ks, offs, ns = self._plan(lay, seed, idx, {k: self._files[(lay.name, seed, k)][1] for k in shards})
+        raws = sync(gather([(lay.key(seed, k), RangeByteRequest(o, o + n)) for k, o, n in zip(ks, offs, ns)]))
+        idxl = idx.tolist()
 
         def run(lo: int, hi: int) -> None:
             for j in range(lo, hi):
-                k, i, _, n = entries[j]
-                raw = raws[j]
-                if raw is None or len(raw) != n:
-                    raise self._lost(lay, seed, k, f"sample {i} is missing or cut short")
-                chunk = np.frombuffer(raw, np.uint8, count=n - 4)
-                if not lay.zstd:
+                raw, n = raws[j] or b"", ns[j]
+                chunk = np.frombuffer(raw, np.uint8, count=max(0, min(len(raw), n - 4)))
+                self._verify(lay, seed, idxl[j], chunk, raw[n - 4:], len(raw), n)
+                if lay.zstd:
+                    self._decode(lay, seed, idxl[j], chunk, rows[j])
+                else:
                     rows[j] = chunk
-                self._finish(lay, seed, k, i, chunk, raw[n - 4:], rows[j])
 
         self._map(run, len(idx))
         while len(self._files) > max(_MAX_OPEN * 64, len(shards)):  # indexes only: no descriptors
@@ -334,6 +358,7 @@ class TargetReader:
 
 
 _ZSTD = None
+_crc = google_crc32c.value
 
 
 def _zstd():

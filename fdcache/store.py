@@ -228,8 +228,8 @@ class Store:
 
     def reader(self, threads: int | None = None):
         """The one reader of stored arrays (see :class:`fdcache.reader.TargetReader`): batch reads
-        of ``(seed, indices)``, checksums checked, lost data an error. ``threads``: decode
-        threads (default: 1 for uncompressed local stores, else up to 4)."""
+        of ``(seed, indices)``, checksums checked, lost data an error. ``threads``: read and
+        decode threads per batch (default: up to 4)."""
         from .reader import Layout, TargetReader
 
         arrays = [self.group[a.name] for a in self.array_specs()]

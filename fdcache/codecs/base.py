@@ -79,7 +79,9 @@ class CodecSpec:
     """What a store records: the codec's name and the lossless compressor under it."""
 
     name: str = "fp16"
-    compressor: str = "zstd"  # zstd | none
+    # zstd saves 6-8% on trained token maps (fp16 and int8) but reads 3-6x slower (one core
+    # decodes ~1 GB/s): off unless disk, not the loader, is the limit (docs/benchmarks.md).
+    compressor: str = "none"  # none | zstd
     level: int = 1
 
     def __post_init__(self):

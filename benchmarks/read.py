@@ -8,7 +8,7 @@ Builds, through the project's own API (``Store.create`` + ``write_shard``), a 19
 per codec (fp16 and int8, with and without zstd; feature-like random maps, or the maps in
 ``--features``, a torch file holding a float tensor ``[n, 197, 768]``, tiled) and a tiny one
 (17x64, the default codec; with zstd too, printed only). For each: samples/s of the reader's batch path (random batches
-of ``--batch`` from a permutation, as training draws them), samples/s of plain
+of ``--batch`` from a permutation into one reused buffer, as the trainer's source reads), samples/s of plain
 ``open().read()`` of the same shard files (the floor), their ratio, and for zstd stores
 numcodecs' Zstd decode rate on the same chunks (one core) and the reader's ratio to it.
 Each rate is the best of ``--rounds`` rounds of about ``--seconds`` (the machine is shared:
@@ -16,7 +16,7 @@ the best round is the least disturbed). Page cache warm. ``--tensorstore`` also 
 tensorstore's ``zarr3`` driver on the same stores (all reads of a batch in flight).
 
 ``--loader``: images+targets/s of ``Trainer.stream()`` (DALI CPU pixels + targets) on a
-store of 197x768 fp16+zstd targets over a folder of JPEGs; uses only APIs older versions
+store of 197x768 fp16 targets (``--compressor``) over a folder of JPEGs (``--image-px``, default 256-400); uses only APIs older versions
 have too, so the same file measures before and after a change.
 """
 
@@ -90,9 +90,11 @@ def measure(store: Store, batch: int, rounds: int, seconds: float, tensorstore: 
     batches = [order[i:i + batch] for i in range(0, n - batch + 1, batch)]
     files = reader.shard_files(0)
 
+    out = reader.empty(batch)  # as the trainer's source: one buffer, each batch copied away
+
     def read_all():
         for b in batches:
-            reader.read(0, b)
+            reader.read(0, b, out=out)
 
     def floor():
         for f in files:
@@ -182,9 +184,10 @@ def run_loader(args) -> dict:
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as work:
         data = make_image_folder(Path(work, "images"), classes=4, per_class=args.samples // 4,
-                                 min_size=256, max_size=400, variety=False)
+                                 min_size=args.image_px[0], max_size=args.image_px[1], variety=False)
         m = index(data)
-        store = build(f"{work}/s.zarr", CodecSpec(), feature_like(len(m), 197, 768), args.shard, manifest=m)
+        codec = CodecSpec("fp16", args.compressor)
+        store = build(f"{work}/s.zarr", codec, feature_like(len(m), 197, 768), args.shard, manifest=m)
         t = Trainer(TrainConfig(out=f"{work}/run", cache=store.url, student="fd-tiny", resolution=224, steps=1000,
                                 batch_size=args.batch_loader, progress=False, num_threads=args.threads,
                                 loader_workers=args.loader_workers))
@@ -200,7 +203,7 @@ def run_loader(args) -> dict:
                 n += b.images.shape[0]
             best = max(best, n / (time.perf_counter() - t0))
     r = {"images_targets_per_s": best, "batch": args.batch_loader, "threads": args.threads,
-         "loader_workers": args.loader_workers, "image_px": "256-400 JPEG", "targets": "197x768 fp16+zstd"}
+         "loader_workers": args.loader_workers, "image_px": "{}-{} JPEG".format(*args.image_px), "targets": f"197x768 fp16+{args.compressor}"}
     print(json.dumps(r))
     return r
 
@@ -221,6 +224,8 @@ def main():
     ap.add_argument("--batch-loader", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--loader-workers", type=int, default=0)
+    ap.add_argument("--image-px", type=int, nargs=2, default=(256, 400), help="--loader: JPEG size range")
+    ap.add_argument("--compressor", default="zstd", help="--loader: the store's compressor (zstd or none)")
     args = ap.parse_args()
     r = run_loader(args) if args.loader else run_reads(args)
     if args.json:

@@ -96,5 +96,9 @@ class TrainSource:
         encoded = [np.fromfile(self.files[i], dtype=np.uint8) for i in idx]
         windows = np.ascontiguousarray(views[:, [1, 0, 3, 2]], dtype=np.int32)  # (x, y, w, h)
         flips = np.ascontiguousarray(views[:, 4], dtype=np.int32)
-        stored = list(self.reader.read(c["seed"], idx).values()) if self.offline else []
+        stored = []
+        if self.offline:  # DALI copies each batch out, so one buffer serves every call
+            if c.get("out") is None:
+                c["out"] = self.reader.empty(self.batch_size)
+            stored = list(self.reader.read(c["seed"], idx, out=c["out"]).values())
         return (encoded, windows, flips, *stored, np.ascontiguousarray(idx, dtype=np.int64))

@@ -258,6 +258,7 @@ def inspect_(store: str = typer.Argument(..., help="Store path or URL."),
     table.add_row("shape [S, N, L, D]", str(list(r["shape"].values())))
     table.add_row("view policy", json.dumps(r["view_policy"]))
     table.add_row("codec", json.dumps(r["codec"]))
+    table.add_row("arrays", ", ".join(f"{k} {v['dtype']} {v['per_sample_shape']}" for k, v in r["arrays"].items()))
     table.add_row("bytes / sample-view", f"{r['bytes_per_sample_view']:,.0f} (raw fp16 "
                   f"{r['raw_fp16_bytes_per_sample_view']:,}; ratio "
                   f"{r['compression_ratio'] or 0:.2f}x)")

@@ -60,7 +60,7 @@ def one_and_two_processes(args: list[str], batch: int, out: Path) -> tuple[Path,
     return out / "one", out / "two"
 
 
-def synthetic_store(url, codec=None, *, samples=10, shard_size=4, seeds=2, tokens=5, dim=8, done=True,
+def synthetic_store(url, codec=None, *, samples=10, shard_size=4, seeds=2, tokens=5, dim=32, done=True,
                     skipped=()):
     """A store made through the project's API with random feature-like targets and no teacher
     run (fast): returns (Store, {seed: float32 targets [N, L, D] that went in})."""
@@ -93,7 +93,7 @@ def synthetic_store(url, codec=None, *, samples=10, shard_size=4, seeds=2, token
         if done:
             for k in range(store.num_shards):
                 a, b = store.shard_range(k)
-                enc = {name: v.numpy() for name, v in codec.encode(x[a:b]).items()}
+                enc = {name: v.numpy() for name, v in codec.encode(x[a:b], seed=s, samples=torch.arange(a, b)).items()}
                 for v in enc.values():
                     v[skip[a:b]] = 0  # as extract records unreadable images
                 store.write_shard(s, k, enc, skip[a:b])

@@ -12,7 +12,8 @@ Lossless compression and checksums sit below the codec, in the Zarr codec chain 
 from .base import (ArraySpec, Codec, CodecSpec, get_codec, list_codecs, register,
                    whitened_error)
 from .fp16 import Fp16
+from .int4 import Int4, dequantize_int4, quantize_int4
 from .int8 import Int8, dequantize_int8, quantize_int8
 
-__all__ = ["ArraySpec", "Codec", "CodecSpec", "Fp16", "Int8", "dequantize_int8", "get_codec",
-           "list_codecs", "quantize_int8", "register", "whitened_error"]
+__all__ = ["ArraySpec", "Codec", "CodecSpec", "Fp16", "Int4", "Int8", "dequantize_int4", "dequantize_int8",
+           "get_codec", "list_codecs", "quantize_int4", "quantize_int8", "register", "whitened_error"]

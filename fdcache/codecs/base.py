@@ -38,8 +38,10 @@ class Codec:
         """The arrays this codec stores for a ``[tokens, dim]`` map, in a fixed order."""
         raise NotImplementedError
 
-    def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Stored arrays of ``x [..., L, D]``, computed on ``x``'s device."""
+    def encode(self, x: torch.Tensor, seed: int | None = None,
+               samples: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Stored arrays of ``x [b, L, D]``, computed on ``x``'s device. ``seed`` and
+        ``samples [b]`` name the rows, for codecs whose rounding is keyed by them (dither)."""
         raise NotImplementedError
 
     def decode(self, stored: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -96,8 +98,9 @@ class CodecSpec:
     def arrays(self, tokens: int, dim: int) -> tuple[ArraySpec, ...]:
         return self.codec.arrays(tokens, dim)
 
-    def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.codec.encode(x)
+    def encode(self, x: torch.Tensor, seed: int | None = None,
+               samples: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        return self.codec.encode(x, seed=seed, samples=samples)
 
     def decode(self, stored: Mapping) -> torch.Tensor:
         """Accepts torch tensors or numpy arrays (moved to torch without a copy)."""

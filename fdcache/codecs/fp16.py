@@ -16,7 +16,7 @@ class Fp16(Codec):
     def arrays(self, tokens, dim):
         return (ArraySpec("targets", np.dtype(np.float16), (tokens, dim)),)
 
-    def encode(self, x):
+    def encode(self, x, seed=None, samples=None):
         return {"targets": x.detach().to(torch.float16)}
 
     def decode(self, stored):

@@ -41,7 +41,7 @@ class Int8(Codec):
         return (ArraySpec("targets", np.dtype(np.int8), (tokens, dim)),
                 ArraySpec("qparams", np.dtype(np.float32), (tokens, 2), ("token", "scale_offset")))
 
-    def encode(self, x):
+    def encode(self, x, seed=None, samples=None):
         q, qp = quantize_int8(x)
         return {"targets": q, "qparams": qp}
 

@@ -267,11 +267,12 @@ class Trainer(Loop):
             scale, shift = self._renorm
             targets, qparams = self.teacher(images * scale + shift), None
         else:
-            stored = {k: v.to(self.device, non_blocking=True) for k, v in batch.stored.items()}
             if self.tspec.tokens != self.sspec.tokens:  # resample the decoded map
+                stored = {k: v.to(self.device, non_blocking=True) for k, v in batch.stored.items()}
                 targets, qparams = self.store.info.codec.decode(stored), None
-            else:
-                targets, qparams = self.store.info.codec.loss_inputs(stored)
+            else:  # the codec's loss inputs (the fused kernel reads int8 as stored)
+                targets = batch.targets.to(self.device, non_blocking=True)
+                qparams = batch.qparams.to(self.device, non_blocking=True) if batch.qparams is not None else None
         if targets.shape[1] != self.sspec.tokens:
             targets = resize_token_grid(targets, self.tspec.prefix_tokens, self.sspec.tokens)
         return targets, qparams

@@ -60,8 +60,22 @@ def build(url: str, codec: CodecSpec, x: torch.Tensor, shard: int, manifest: Man
     store = Store.create(url, info, manifest, 1, overwrite=True)
     for k in range(store.num_shards):
         a, b = store.shard_range(k)
-        store.write_shard(0, k, {name: v.numpy() for name, v in codec.encode(x[a:b]).items()}, np.zeros(b - a, bool))
+        store.write_shard(0, k, {name: v.numpy() for name, v in _encode(codec, x[a:b], a).items()},
+                          np.zeros(b - a, bool))
     return Store.open(url)
+
+
+def _encode(codec: CodecSpec, x: torch.Tensor, first: int) -> dict:
+    try:
+        return codec.encode(x, seed=0, samples=torch.arange(first, first + len(x)))
+    except TypeError:  # fdcache before codecs took row keys (the --loader "before" run)
+        return codec.encode(x)
+
+
+def whitened_rel_l2(codec: CodecSpec, x: torch.Tensor) -> float:
+    from fdcache.codecs import whitened_error
+
+    return whitened_error(x, codec.decode(_encode(codec, x, 0)))["rel_l2"]
 
 
 def best_rates(fns: dict, samples: dict, rounds: int, seconds: float) -> dict[str, float]:
@@ -153,7 +167,13 @@ def run_reads(args) -> dict:
         for key, codec in CODECS.items():
             store = build(f"{work}/{key}.zarr", codec, x, args.shard)
             out[key], extras[key] = measure(store, args.batch, args.rounds, args.seconds, args.tensorstore)
+            extras[key]["rel_l2"] = whitened_rel_l2(codec, x[:64])
             print(f"{key}: {out[key]} {extras[key]}", file=sys.stderr, flush=True)
+        for key in args.extra:  # printed only: codecs beyond the four
+            store = build(f"{work}/{key}.zarr", CodecSpec(key), x, args.shard)
+            extras[key] = dict(zip(("rates", "x"), measure(store, args.batch, args.rounds, args.seconds, False)))
+            extras[key]["rel_l2"] = whitened_rel_l2(CodecSpec(key), x[:64])
+            print(f"{key}: {extras[key]}", file=sys.stderr, flush=True)
         small = feature_like(args.tiny_samples, 17, 64)
         tiny = build(f"{work}/tiny.zarr", CodecSpec(), small, args.shard)
         r, extras["tiny"] = measure(tiny, args.batch, args.rounds, args.seconds, args.tensorstore)
@@ -163,16 +183,22 @@ def run_reads(args) -> dict:
         print(f"tiny: {r} {extras['tiny']}; with zstd: {extras['tiny+zstd']}", file=sys.stderr)
     raw = x.shape[1] * x.shape[2] * 2
     print("\n| store | reader samples/s | floor samples/s | reader/floor | zstd decode samples/s | "
-          "reader/zstd | bytes/sample (of fp16) |" + (" tensorstore samples/s |" if args.tensorstore else "")
-          + "\n|---|---|---|---|---|---|---|" + ("---|" if args.tensorstore else ""))
+          "reader/zstd | bytes/sample (of fp16) | rel. L2 after whitening |"
+          + (" tensorstore samples/s |" if args.tensorstore else "")
+          + "\n|---|---|---|---|---|---|---|---|" + ("---|" if args.tensorstore else ""))
     for key in CODECS:
         r, e = out[key], extras[key]
         z = (f"{r['zstd_decode']:,.0f} | {r['zstd_ratio']:.2f}" if "zstd_decode" in r else "– | –")
         print(f"| {key} | {r['reader']:,.0f} | {r['floor']:,.0f} | {r['ratio']:.2f} | {z} | "
-              f"{e['bytes_per_sample'] / raw:.3f} |" + (f" {e['tensorstore']:,.0f} |" if args.tensorstore else ""))
+              f"{e['bytes_per_sample'] / raw:.3f} | {100 * e['rel_l2']:.2f}% |"
+              + (f" {e['tensorstore']:,.0f} |" if args.tensorstore else ""))
+    for key in args.extra:
+        r, e = extras[key]["rates"], extras[key]
+        print(f"| {key} | {r['reader']:,.0f} | {r['floor']:,.0f} | {r['ratio']:.2f} | – | – | "
+              f"{e['x']['bytes_per_sample'] / raw:.3f} | {100 * e['rel_l2']:.2f}% |")
     tz = extras["tiny+zstd"]
-    print(f"| tiny 17x64 {CodecSpec().name}+{CodecSpec().compressor} (default) | {out['tiny']['reader']:,.0f} | | | | | |")
-    print(f"| tiny 17x64 fp16+zstd | {tz['reader']:,.0f} | | | {tz['zstd_decode']:,.0f} | {tz['zstd_ratio']:.2f} | |")
+    print(f"| tiny 17x64 {CodecSpec().name}+{CodecSpec().compressor} (default) | {out['tiny']['reader']:,.0f} | | | | | | |")
+    print(f"| tiny 17x64 fp16+zstd | {tz['reader']:,.0f} | | | {tz['zstd_decode']:,.0f} | {tz['zstd_ratio']:.2f} | | |")
     return out
 
 
@@ -218,6 +244,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=1.0)
     ap.add_argument("--features", help="torch file with real teacher maps [n, 197, 768]")
+    ap.add_argument("--extra", nargs="*", default=["int4", "int4-dither"],
+                    help="more codecs to time (printed, not in --json)")
     ap.add_argument("--tensorstore", action="store_true", help="also time tensorstore's zarr3 driver")
     ap.add_argument("--workdir", default=os.environ.get("TMPDIR"), help="where the stores go (local disk)")
     ap.add_argument("--loader", action="store_true", help="measure the trainer's DALI CPU loader instead")

@@ -54,7 +54,7 @@ def extract(
     init_seed: int = typer.Option(0, help="Seed of --random-init weights (recorded in the store)."),
     seeds: int = typer.Option(1, help="Augmentation seeds (views per image); raise later to append."),
     resolution: Optional[int] = typer.Option(None, help="Teacher input size (default: the model's)."),
-    codec: str = typer.Option("fp16", help="Target codec: fp16 (lossless vs the teacher) or int8 (per-token scale/offset)."),
+    codec: str = typer.Option("fp16", help="Target codec: fp16 (lossless vs the teacher), int8 (per-token scale/offset), int4, int4-dither."),
     compressor: str = typer.Option("none", help="Lossless compressor under the codec: none or zstd (saves 6-8%, reads 3-6x slower)."),
     batch_size: int = typer.Option(64, help="Teacher batch size."),
     shard_size: int = typer.Option(128, help="Samples per shard (the unit of writing and resuming)."),

@@ -89,13 +89,14 @@ def main():
             rates = [full(CodecSpec(name)) for _ in range(args.repeats)]
             rate, out = statistics.median(r for r, _ in rates), rates[-1][1]
             store = Store.open(str(out), mode="r+")
-            stored = store.group["targets"].nbytes_stored() + (store.group["qparams"].nbytes_stored() if name == "int8" else 0)
+            stored = store.stored_bytes()
             # Codec + compression + checksum + write rate alone, on the targets just made.
             targets = torch.randn(n, spec.tokens, spec.dim) * 2
             enc = {k: v.numpy() for k, v in CodecSpec(name).encode(targets).items()}
             t0 = time.perf_counter()
-            for k, v in enc.items():
-                store.group[k][0, :] = v
+            for k in range(store.num_shards):
+                a, b = store.shard_range(k)
+                store.write_shard(0, k, {name: v[a:b] for name, v in enc.items()}, np.zeros(b - a, bool))
             write_s = time.perf_counter() - t0
             codecs[name] = {"extract_images_per_s": rate,
                             "ratio_vs_teacher": rate / rows["teacher_images_per_s"],

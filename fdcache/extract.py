@@ -183,7 +183,8 @@ def _run(cfg: ExtractConfig, store: Store, manifest: Manifest, teacher: Teacher,
             try:
                 for bi, images in stream:
                     out = teacher(images.to(teacher_device(teacher), non_blocking=True))
-                    parts.append(cfg.codec.encode(out))
+                    parts.append(cfg.codec.encode(out, seed=work_shards[owners[bi]][0],
+                                                  samples=torch.from_numpy(batches[bi]).to(out.device)))
                     samples += len(images)
                     partial += len(images)
                     bar.update(advance=len(images))

@@ -11,10 +11,6 @@ from .manifest import compare_files
 from .store import Store
 
 
-def _stored_bytes(store: Store, name: str) -> int:
-    return int(store.group[name].nbytes_stored()) if name in store.group else 0
-
-
 def inspect_store(url: str) -> dict:
     """Everything ``fdcache inspect`` prints, as a JSON-ready dict."""
     store = Store.open(url)
@@ -23,7 +19,7 @@ def inspect_store(url: str) -> dict:
     done = store.done()
     shard_sizes = np.array([b - a for a, b in (store.shard_range(k) for k in range(store.num_shards))])
     complete_views = int((done * shard_sizes[None, :]).sum())
-    stored = _stored_bytes(store, "targets") + _stored_bytes(store, "qparams")
+    stored = store.stored_bytes()
     raw_fp16 = t.tokens * t.dim * 2
     per_view = stored / complete_views if complete_views else 0.0
     skipped = store.skipped()
@@ -34,10 +30,11 @@ def inspect_store(url: str) -> dict:
         "teacher": t.to_dict() | {"label": t.label},
         "view_policy": info.policy.to_dict(),
         "codec": info.codec.to_dict(),
+        "arrays": {a.name: {"dtype": str(a.dtype), "per_sample_shape": list(a.shape)} for a in store.array_specs()},
         "global_seed": info.global_seed,
         "shape": {"seeds": store.num_seeds, "samples": info.num_samples, "tokens": t.tokens, "dim": t.dim},
         "shard_size": info.shard_size,
-        "classes": len(store.group["manifest"].attrs.get("classes", [])),
+        "classes": len(store.classes()),
         "manifest_sha256": info.manifest_sha256,
         "bytes_stored": stored,
         "bytes_per_sample_view": per_view,

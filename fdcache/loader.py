@@ -1,11 +1,11 @@
 """Training batches: recorded views through the shared pixel path, with their targets.
 
-One DALI pipeline per run: ``fn.external_source`` (per-sample :class:`TrainSource`,
+One DALI pipeline per run: ``fn.external_source`` (batch callback :class:`TrainSource`,
 optionally in parallel worker processes with prefetch) yields encoded bytes, the recorded
-window, the flip and the stored target; images go through :func:`pixels.pixel_pipeline`,
-the builder extraction uses (``mixed`` decode on GPU), targets ride along (copied to the
-GPU by DALI). Batches come out as torch tensors on the device, images and targets in
-matching order.
+windows, the flips and the codec's stored arrays (one batch read from the store's reader);
+images go through :func:`pixels.pixel_pipeline`, the builder extraction uses (``mixed``
+decode on GPU), targets ride along (copied to the GPU by DALI). Batches come out as torch
+tensors on the device, images and targets in matching order.
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import torch
 
+from .codecs import CodecSpec
 from .errors import FdcacheError
 from .pixels import explain_decode_failure, pixel_pipeline
 from .sources import TrainSource
@@ -25,12 +27,13 @@ from .sources import TrainSource
 @dataclass
 class Batch:
     images: torch.Tensor  # [B, 3, R, R] float32, student-normalized
-    targets: torch.Tensor | None  # [B, L, D] fp16 | int8 (offline)
-    qparams: torch.Tensor | None  # [B, L, 2] float32 (int8 codec)
+    targets: torch.Tensor | None  # offline: the codec's loss input (fp16 map, or int8 q)
+    qparams: torch.Tensor | None  # its per-token (scale, offset) when the codec has them
     index: torch.Tensor  # [B] sample indices
     epoch: int
     step_in_epoch: int
     wait_s: float  # time spent waiting for this batch
+    stored: dict[str, torch.Tensor] | None = None  # offline: the codec's stored arrays (for decode)
 
 
 def resolve_workers(workers: int | str, device: torch.device) -> int:
@@ -55,28 +58,24 @@ def resolve_workers(workers: int | str, device: torch.device) -> int:
 def build_pipeline(source: TrainSource, *, resolution: int, mean, std, device: str = "cpu",
                    num_threads: int = 4, parallel: bool = False, py_workers: int = 2, prefetch: int = 2,
                    device_id: int | None = None):
-    """:func:`pixels.pixel_pipeline` fed per sample by ``source``; the stored target (and
-    qparams) and the sample index ride beside the images."""
+    """:func:`pixels.pixel_pipeline` fed one batch at a time by ``source``; the codec's stored
+    arrays (one reader call per batch) and the sample indices ride beside the images."""
     from nvidia.dali import types
 
-    extra = []
-    if source.store_url is not None:
-        import zarr
-        tdtype = zarr.open_array(source.store_url, path="targets", mode="r").dtype
-        extra.append((types.INT8 if tdtype.kind == "i" else types.FLOAT16, 2))
-        if source.with_qparams:
-            extra.append((types.FLOAT, 2))
+    extra = [(types.to_dali_type(np.dtype(lay.dtype).name), len(lay.shape))
+             for lay in (source.reader.layouts if source.offline else ())]
     extra.append((types.INT64, 0))
     return pixel_pipeline(source, batch_size=source.batch_size, resolution=resolution, mean=mean, std=std,
                           device=device, num_threads=num_threads, device_id=device_id, prefetch=prefetch,
-                          parallel=parallel, py_workers=py_workers, batch=False, extra=extra)
+                          parallel=parallel, py_workers=py_workers, batch=True, batch_info=True, extra=extra)
 
 
-def batches(source: TrainSource, **pipeline_kw) -> Iterator[Batch]:
+def batches(source: TrainSource, codec: CodecSpec | None = None, **pipeline_kw) -> Iterator[Batch]:
     """Endless stream of batches from ``source.start_epoch`` (skipping
-    ``source.skip_samples``), epoch after epoch."""
+    ``source.skip_samples``), epoch after epoch. Offline sources need the store's ``codec``."""
     pipe = build_pipeline(source, **pipeline_kw)
-    offline = source.store_url is not None
+    offline = source.offline
+    names = source.reader.names if offline else []
     epoch, step = source.start_epoch, source.skip_samples // source.batch_size
     while True:
         t0 = time.perf_counter()
@@ -93,10 +92,10 @@ def batches(source: TrainSource, **pipeline_kw) -> Iterator[Batch]:
         # (nvidia.dali.tensors.TensorGPU.__dlpack__ docs).
         tensors = [torch.from_dlpack(o.as_tensor()) for o in outs]
         wait = time.perf_counter() - t0
-        targets = tensors[1] if offline else None
-        qparams = tensors[2] if offline and source.with_qparams else None
+        stored = dict(zip(names, tensors[1:-1])) if offline else None
+        targets, qparams = codec.loss_inputs(stored) if offline else (None, None)
         yield Batch(images=tensors[0], targets=targets, qparams=qparams, index=tensors[-1],
-                    epoch=epoch, step_in_epoch=step, wait_s=wait)
+                    epoch=epoch, step_in_epoch=step, wait_s=wait, stored=stored)
         step += 1
 
 

@@ -81,11 +81,14 @@ def dali_device(device: torch.device | str) -> dict:
 def pixel_pipeline(source: Callable, *, batch_size: int, resolution: int,
                    mean: Sequence[float], std: Sequence[float], device: str = "cpu",
                    num_threads: int = 4, device_id: int | None = None, prefetch: int = 2,
-                   parallel: bool = False, py_workers: int = 2, batch: bool = True, extra=()):
+                   parallel: bool = False, py_workers: int = 2, batch: bool = True, batch_info: bool = False,
+                   extra=()):
     """The one DALI pipeline builder (extraction and training). ``source`` yields (encoded,
     windows, flips, *extra): per batch (``source(iteration)``, see :class:`ViewBatches`) or,
     with ``batch=False``, per sample (training's ``sample_info`` callbacks). ``extra`` lists
     (DALI dtype, ndim) of outputs passed through beside the images (to the GPU on "gpu").
+    ``batch_info``: a per-batch source is called with DALI's ``BatchInfo`` (epoch and
+    iteration), as training's batch source needs.
     mean/std are in [0, 1] units."""
     from nvidia.dali import fn, pipeline_def, types
 
@@ -101,6 +104,7 @@ def pixel_pipeline(source: Callable, *, batch_size: int, resolution: int,
     def pipe():
         outs = fn.external_source(
             source=source, num_outputs=3 + len(extra), batch=batch, parallel=parallel,
+            **({"batch_info": True} if batch and batch_info else {}),
             dtype=[types.UINT8, types.INT32, types.INT32, *(d for d, _ in extra)],
             ndim=[1, 1, 0, *(n for _, n in extra)])
         images = pixel_graph(outs[0], outs[1], outs[2], resolution=resolution, mean=mean, std=std,

@@ -1,5 +1,6 @@
-"""Per-sample callbacks for DALI's ``external_source`` in training (numpy + zarr only, so
-DALI's spawned workers import them without torch).
+"""Batch callbacks for DALI's ``external_source`` in training (numpy + zarr only, so DALI's
+spawned workers import them without torch). Offline targets come from the store's reader,
+one batch read per call (many chunk reads in flight), never a zarr call per sample.
 
 Epoch ``e`` of an offline run replays seed ``e mod S`` of the store; an online run draws
 seed ``e`` (fresh views every epoch, as online FD). Sample order is a permutation keyed by
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .reader import TargetReader
 from .views import ViewPolicy, sample_view
 
 
@@ -29,7 +31,7 @@ def rank_slice(order: np.ndarray, rank: int, world: int, batch_size: int) -> np.
 
 @dataclass
 class TrainSource:
-    """``__call__(sample_info)`` -> (encoded, window, flip, [target, [qparams]], index)."""
+    """``__call__(batch_info)`` -> (encoded[B], window [B, 4], flip [B], *stored arrays, index [B])."""
 
     files: list[str]
     eligible: dict[int, np.ndarray]  # seed -> sample indices usable for that seed
@@ -38,10 +40,8 @@ class TrainSource:
     world: int = 1
     run_seed: int = 0
     start_epoch: int = 0
-    skip_samples: int = 0  # resume inside start_epoch
-    store_url: str | None = None  # offline: views and targets from the store
-    num_seeds: int = 1
-    with_qparams: bool = False
+    skip_samples: int = 0  # resume inside start_epoch (a whole number of batches)
+    reader: TargetReader | None = None  # offline: views and targets from the store
     # online: views drawn here
     widths: np.ndarray | None = None
     heights: np.ndarray | None = None
@@ -54,11 +54,19 @@ class TrainSource:
         state["_cache"] = {}
         return state
 
+    @property
+    def offline(self) -> bool:
+        return self.reader is not None
+
+    @property
+    def num_seeds(self) -> int:
+        return self.reader.num_seeds if self.offline else 1
+
     def seed_of(self, epoch: int) -> int:
-        return epoch % self.num_seeds if self.store_url else epoch
+        return epoch % self.num_seeds if self.offline else epoch
 
     def samples_per_epoch(self, epoch: int) -> int:
-        n = len(self.eligible[self.seed_of(epoch) if self.store_url else 0])
+        n = len(self.eligible[self.seed_of(epoch) if self.offline else 0])
         return n // self.world // self.batch_size * self.batch_size
 
     def order(self, epoch: int) -> np.ndarray:
@@ -69,36 +77,32 @@ class TrainSource:
         c = self._cache
         if c.get("epoch") != epoch:
             seed = self.seed_of(epoch)
-            eligible = self.eligible[seed if self.store_url else 0]
+            eligible = self.eligible[seed if self.offline else 0]
             c["epoch"], c["seed"] = epoch, seed
             c["order"] = rank_slice(epoch_order(self.run_seed, epoch, eligible), self.rank, self.world,
                                     self.batch_size)
-            if self.store_url:
-                import zarr
-                g = c.get("group") or zarr.open_group(self.store_url, mode="r")
-                c["group"] = g
-                c["views"] = g["views"][seed]
+            if self.offline:
+                c["views"] = self.reader.views(seed)
         return c
 
     def __call__(self, info):
         epoch = self.start_epoch + info.epoch_idx
         c = self._epoch(epoch)
-        j = info.idx_in_epoch + (self.skip_samples if info.epoch_idx == 0 else 0)
-        if j >= len(c["order"]):
+        j = info.iteration * self.batch_size + (self.skip_samples if info.epoch_idx == 0 else 0)
+        if j + self.batch_size > len(c["order"]):
             raise StopIteration
-        i = int(c["order"][j])
-        if self.store_url:
-            view = c["views"][i]
+        idx = c["order"][j:j + self.batch_size]
+        if self.offline:
+            views = c["views"][idx]
         else:
-            view = sample_view(self.global_seed, c["seed"], i, int(self.widths[i]), int(self.heights[i]),
-                               self.policy)
-        y, x, h, w, flip = (int(v) for v in view)
-        out = [np.fromfile(self.files[i], dtype=np.uint8), np.array([x, y, w, h], np.int32),
-               np.array(flip, np.int32)]
-        if self.store_url:
-            g, s = c["group"], c["seed"]
-            out.append(g["targets"][s, i])
-            if self.with_qparams:
-                out.append(g["qparams"][s, i])
-        out.append(np.array(i, np.int64))
-        return tuple(out)
+            views = np.array([sample_view(self.global_seed, c["seed"], int(i), int(self.widths[i]),
+                                          int(self.heights[i]), self.policy) for i in idx], np.int32)
+        encoded = [np.fromfile(self.files[i], dtype=np.uint8) for i in idx]
+        windows = np.ascontiguousarray(views[:, [1, 0, 3, 2]], dtype=np.int32)  # (x, y, w, h)
+        flips = np.ascontiguousarray(views[:, 4], dtype=np.int32)
+        stored = []
+        if self.offline:  # DALI copies each batch out, so one buffer serves every call
+            if c.get("out") is None:
+                c["out"] = self.reader.empty(self.batch_size)
+            stored = list(self.reader.read(c["seed"], idx, out=c["out"]).values())
+        return (encoded, windows, flips, *stored, np.ascontiguousarray(idx, dtype=np.int64))

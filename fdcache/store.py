@@ -2,23 +2,26 @@
 
 Layout (``S`` seeds, ``N`` samples, ``L`` tokens, ``D`` dims, ``K`` = samples per shard)::
 
-    targets  [S, N, L, D]  fp16|int8, inner chunk (1, 1, L, D), shard (1, K, L, D)
-    qparams  [S, N, L, 2]  float32 (int8 codec only): per-token (scale, offset)
+    <codec arrays> [S, N, *shape]  as the codec declares them (fp16: ``targets [S, N, L, D]``;
+                   int8: ``targets`` int8 + ``qparams [S, N, L, 2]`` float32), inner chunk =
+                   one sample-view, shard = K samples
     views    [S, N, 5]     int32 (y, x, h, w, flip) in EXIF-oriented source pixels
     skipped  [S, N]        uint8, 1 = unreadable image, its target is zeros (chunk = shard)
     done     [S, N/K]      uint8, 1 = shard complete; one chunk per marker, written last
-    manifest/{paths, labels, widths, heights, sizes, mtimes, crc32c}, attrs: classes, root
+    manifest/{paths_utf8, path_offsets, labels, widths, heights, sizes, mtimes, crc32c}, attrs: classes, root
+      (paths as UTF-8 bytes + offsets: every Zarr v3 reader, tensorstore included, reads them)
 
 Every chunk carries a crc32c checksum (and each shard index its own), so a flipped byte
-fails on read. A shard is the unit of writing: one writer per shard, its ``done`` marker
-after its data, so a crash leaves at worst unmarked shards that a resume recomputes. Shard
-data is written with empty chunks kept, so every done shard has its files and a missing
-file is damage, never "all zeros".
+fails on read. Reading goes through :meth:`Store.reader` (``reader.TargetReader``). A shard is
+the unit of writing: one writer per shard, its ``done`` marker after its data, so a crash
+leaves at worst unmarked shards that a resume recomputes. Shard data is written with empty
+chunks kept, so every done shard has its files and a missing file is damage, never "all zeros".
 
 Creation and seed growth are crash-safe too (docs/design.md, "Crash safety"): the group's
 ``zarr.json`` first carries a creation marker, replaced by the ``fdcache`` binding only when
-everything else is written; ``done`` is resized last when seeds grow. Only this module knows
-array names and chunk keys; ``verify`` calls :meth:`Store.audit` and :meth:`Store.repair`.
+everything else is written; ``done`` is resized last when seeds grow. Only this module (with
+``reader`` and the codecs) knows array names and chunk keys; ``verify`` calls
+:meth:`Store.audit` and :meth:`Store.repair`.
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ from .teachers import TeacherSpec
 from .views import ViewPolicy, sample_views
 
 FORMAT_VERSION = 2
+# Why each older format is refused (an upgrade in place would rewrite data fdcache must not guess).
+_OLD_FORMATS = {1: "format 1 keeps manifest paths as a variable-length string array that "
+                   "tensorstore and other Zarr v3 readers cannot read"}
 _GroupNotFound = getattr(zarr.errors, "GroupNotFoundError", FileNotFoundError)
 _MANIFEST_FIELDS = ("labels", "widths", "heights", "sizes", "mtimes", "crc32c")
 _CREATING = "fdcache_creating"  # group attribute while a store is being created
@@ -135,6 +141,10 @@ class Store:
         seeds' views exist, so a growth cut short is invisible here."""
         return self.group["done"].shape[0]
 
+    def array_specs(self):
+        """The codec's stored arrays (name, dtype, per-sample shape) for this store."""
+        return self.info.codec.arrays(self.info.teacher.tokens, self.info.teacher.dim)
+
     @property
     def num_shards(self) -> int:
         return math.ceil(self.info.num_samples / self.info.shard_size)
@@ -144,7 +154,7 @@ class Store:
         return a, min(a + self.info.shard_size, self.info.num_samples)
 
     def _data_arrays(self) -> list[str]:
-        return ["targets"] + (["qparams"] if self.info.codec.has_qparams else [])
+        return [a.name for a in self.array_specs()]
 
     # -- create / open -------------------------------------------------------------
     @staticmethod
@@ -214,14 +224,10 @@ class Store:
         group, info = self.group, self.info
         t, n, k = info.teacher, info.num_samples, info.shard_size
         comp = _compressors(info.codec)
-        group.create_array("targets", shape=(seeds, n, t.tokens, t.dim), dtype=info.codec.target_dtype,
-                           chunks=(1, 1, t.tokens, t.dim), shards=(1, k, t.tokens, t.dim),
-                           compressors=comp, fill_value=0, dimension_names=["seed", "sample", "token", "dim"])
-        if info.codec.has_qparams:
-            group.create_array("qparams", shape=(seeds, n, t.tokens, 2), dtype="float32",
-                               chunks=(1, 1, t.tokens, 2), shards=(1, k, t.tokens, 2),
-                               compressors=comp, fill_value=0,
-                               dimension_names=["seed", "sample", "token", "scale_offset"])
+        for a in info.codec.arrays(t.tokens, t.dim):
+            group.create_array(a.name, shape=(seeds, n, *a.shape), dtype=a.dtype, chunks=(1, 1, *a.shape),
+                               shards=(1, k, *a.shape), compressors=comp, fill_value=0,
+                               dimension_names=["seed", "sample", *a.dims])
         group.create_array("views", shape=(seeds, n, 5), dtype="int32", chunks=(1, min(n, 1 << 16), 5),
                            compressors=_compressors(CodecSpec()), fill_value=-1,
                            dimension_names=["seed", "sample", "yxhwf"])
@@ -230,8 +236,10 @@ class Store:
         group.create_array("done", shape=(seeds, math.ceil(n / k)), dtype="uint8", chunks=(1, 1),
                            compressors=[Crc32cCodec()], fill_value=0, dimension_names=["seed", "shard"])
         m = group.create_group("manifest")
-        paths = m.create_array("paths", shape=(n,), dtype=str, chunks=(min(n, 1 << 16),))
-        paths.with_config(_KEEP_EMPTY)[:] = np.asarray(manifest.paths, dtype=object).astype(str)
+        blob, offsets = _encode_paths(manifest.paths)
+        for name, a in (("paths_utf8", blob), ("path_offsets", offsets)):
+            m.create_array(name, shape=a.shape, dtype=a.dtype, chunks=(max(1, min(len(a), 1 << 22)),),
+                           compressors=_compressors(CodecSpec())).with_config(_KEEP_EMPTY)[:] = a
         for name in _MANIFEST_FIELDS:  # every chunk written, so a missing one is damage
             a = np.asarray(getattr(manifest, name))
             arr = m.create_array(name, shape=(n,), dtype=a.dtype, chunks=(min(n, 1 << 16),),
@@ -257,8 +265,12 @@ class Store:
         d = attrs["fdcache"]
         if not isinstance(d, dict) or d.get("format_version") != FORMAT_VERSION:
             version = d.get("format_version") if isinstance(d, dict) else None
-            raise StoreError(f"{url} has store format {version}, this fdcache "
-                             f"reads format {FORMAT_VERSION}; re-extract it with this version.")
+            why = _OLD_FORMATS.get(version, "it was written by a newer fdcache" if isinstance(version, int)
+                                   and version > FORMAT_VERSION else "the version is unknown")
+            written = d.get("fdcache_version", "?") if isinstance(d, dict) else "?"
+            raise StoreError(f"{url} has store format {version}, this fdcache reads format {FORMAT_VERSION}: "
+                             f"{why}. Re-extract it with this fdcache (same extract command, a new --out), "
+                             f"or read it with the fdcache version that wrote it ({written}).")
         try:
             info = StoreInfo.from_dict(d)
         except Exception as e:
@@ -307,12 +319,15 @@ class Store:
         try:
             m = self.group["manifest"]
             arrays = {name: m[name][:] for name in _MANIFEST_FIELDS}
-            paths = [str(p) for p in m["paths"][:]]
+            paths = _decode_paths(m["paths_utf8"][:], m["path_offsets"][:])
             classes, stored_root = list(m.attrs.get("classes", [])), m.attrs["root"]
         except Exception as e:
             raise StoreError(f"store {self.url}: its manifest is unreadable ({type(e).__name__}: {e}). It "
                              "cannot be repaired in place: re-extract into a new --out.") from e
         return Manifest(root=Path(root or stored_root), paths=paths, classes=classes, **arrays)
+
+    def classes(self) -> list[str]:
+        return list(self.group["manifest"].attrs.get("classes", []))
 
     # -- data ----------------------------------------------------------------------
     def done(self) -> np.ndarray:
@@ -343,11 +358,29 @@ class Store:
         as before the shard was first written), so the same extract recomputes the shard."""
         self.group["done"][seed, k] = 0
 
+    def reader(self, threads: int | None = None):
+        """The one reader of stored arrays (see :class:`fdcache.reader.TargetReader`): batch reads
+        of ``(seed, indices)``, checksums checked, lost data an error. ``threads``: read and
+        decode threads per batch (default: up to 4)."""
+        from .reader import Layout, TargetReader
+
+        arrays = [self.group[a.name] for a in self.array_specs()]
+        layouts = [Layout.from_metadata(a.basename, a.metadata.to_dict(), a.dtype) for a in arrays]
+        return TargetReader(self.url, _store_arg(self.url), layouts, self.info.shard_size,
+                            self.info.num_samples, self.done(), self.skipped(), threads=threads)
+
     def read(self, seed: int, start: int, stop: int):
         """Decoded float32 targets ``[n, L, D]`` of samples ``start:stop`` of ``seed``."""
-        t = self.group["targets"][seed, start:stop]
-        qp = self.group["qparams"][seed, start:stop] if self.info.codec.has_qparams else None
-        return self.info.codec.decode(t, qp)
+        return self.info.codec.decode(self.reader().read_range(seed, start, stop))
+
+    def eligible(self, seed: int) -> np.ndarray:
+        """Samples of ``seed`` that have a target: in a done shard and not skipped."""
+        mask = np.repeat(self.done()[seed], self.info.shard_size)[: self.info.num_samples]
+        return np.flatnonzero(mask & ~self.skipped(seed)).astype(np.int64)
+
+    def stored_bytes(self) -> int:
+        """Bytes the codec's arrays take in the store (compressed, with checksums and indexes)."""
+        return sum(int(self.group[a.name].nbytes_stored()) for a in self.array_specs())
 
     def skipped(self, seed: int | None = None) -> np.ndarray:
         a = self.group["skipped"]
@@ -392,10 +425,9 @@ class Store:
         array (data and skip flags of done shards, done markers, views, manifest), and the
         manifest's fingerprint. Never raises for damage: each finding is a :class:`Problem`."""
         info, n, k_size = self.info, self.info.num_samples, self.info.shard_size
-        t, shards = info.teacher, self.num_shards_safe()
-        expect = {"targets": ((n, t.tokens, t.dim), (1, k_size, t.tokens, t.dim)),
-                  "qparams": ((n, t.tokens, 2), (1, k_size, t.tokens, 2)),
-                  "skipped": ((n,), (1, k_size)), "views": ((n, 5), None), "done": ((shards,), (1, 1))}
+        shards = self.num_shards_safe()
+        expect = {a.name: ((n, *a.shape), (1, k_size, *a.shape)) for a in self.array_specs()}
+        expect |= {"skipped": ((n,), (1, k_size)), "views": ((n, 5), None), "done": ((shards,), (1, 1))}
         names = self._data_arrays() + ["skipped", "views", "done"]
         problems, arrays = [], {}
         for name in names:
@@ -446,7 +478,7 @@ class Store:
                     progress(1)
         self._audit_views(arrays["views"], seeds, problems)
         try:
-            for name in ("paths",) + _MANIFEST_FIELDS:
+            for name in ("paths_utf8", "path_offsets") + _MANIFEST_FIELDS:
                 arr = self.group["manifest"][name]
                 have = set(sync(_collect(self.group.store.list_prefix(f"{arr.path}/c"))))
                 gone = [j for j in range(arr.cdata_shape[0])
@@ -624,6 +656,19 @@ def _remove(zs, name: str) -> None:
     else:
         sync(zs.delete_dir(name))
         sync(zs.delete(name))
+
+
+def _encode_paths(paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """UTF-8 bytes of all paths back to back, and ``offsets [N+1]`` (path i = bytes[o[i]:o[i+1]])."""
+    encoded = [p.encode() for p in paths]
+    offsets = np.zeros(len(encoded) + 1, np.int64)
+    np.cumsum([len(b) for b in encoded], out=offsets[1:])
+    return np.frombuffer(b"".join(encoded), np.uint8).copy(), offsets
+
+
+def _decode_paths(blob: np.ndarray, offsets: np.ndarray) -> list[str]:
+    data = blob.tobytes()
+    return [data[a:b].decode() for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
 
 
 def _store_arg(url: str):

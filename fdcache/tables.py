@@ -30,6 +30,8 @@ def store_table(r: dict) -> Table:
     table.add_row("shape [S, N, L, D]", str(list(r["shape"].values())))
     table.add_row("view policy", json.dumps(r["view_policy"]))
     table.add_row("codec", json.dumps(r["codec"]))
+    if "arrays" in r:
+        table.add_row("arrays", ", ".join(f"{k} {v['dtype']} {v['per_sample_shape']}" for k, v in r["arrays"].items()))
     table.add_row("bytes / sample-view", f"{r['bytes_per_sample_view']:,.0f} (raw fp16 "
                   f"{r['raw_fp16_bytes_per_sample_view']:,}; ratio {r['compression_ratio'] or 0:.2f}x)")
     table.add_row("stored", f"{r['bytes_stored'] / 1e6:,.2f} MB")

@@ -98,17 +98,8 @@ class Trainer:
         epochs_needed = cfg.epochs
         needed = sorted({e % seeds for e in range(epochs_needed)}) if epochs_needed else list(range(seeds))
         done = store.done()
-        skipped = store.skipped()
-        self.eligible = {}
-        missing = []
-        for s in range(seeds):
-            mask = np.zeros(info.num_samples, bool)
-            for k in np.flatnonzero(done[s]):
-                a, b = store.shard_range(int(k))
-                mask[a:b] = True
-            if s in needed and not done[s].all():
-                missing.append(f"seed {s}: {int(done[s].sum())}/{done.shape[1]} shards")
-            self.eligible[s] = np.flatnonzero(mask & ~skipped[s]).astype(np.int64)
+        self.eligible = {s: store.eligible(s) for s in range(seeds)}
+        missing = [f"seed {s}: {int(done[s].sum())}/{done.shape[1]} shards" for s in needed if not done[s].all()]
         if missing and not cfg.allow_partial:
             raise StoreError(f"store {cfg.cache} is incomplete for the seeds this run needs ("
                              + "; ".join(missing) + "). Finish extraction (re-run fdcache extract) "
@@ -116,8 +107,7 @@ class Trainer:
         self.source = TrainSource(
             files=[self.manifest.abspath(i) for i in range(len(self.manifest))],
             eligible=self.eligible, batch_size=cfg.batch_size, rank=self.dist.rank, world=self.dist.world,
-            run_seed=cfg.seed, store_url=str(cfg.cache), num_seeds=seeds,
-            with_qparams=info.codec.has_qparams)
+            run_seed=cfg.seed, reader=store.reader())
 
     def _setup_online(self):
         cfg = self.cfg
@@ -197,12 +187,13 @@ class Trainer:
             scale, shift = self._renorm
             targets, qparams = self.teacher(images * scale + shift), None
         else:
-            targets = batch.targets.to(self.device, non_blocking=True)
-            qparams = batch.qparams.to(self.device, non_blocking=True) if batch.qparams is not None else None
+            if self.tspec.tokens != self.sspec.tokens:  # resample the decoded map
+                stored = {k: v.to(self.device, non_blocking=True) for k, v in batch.stored.items()}
+                targets, qparams = self.store.info.codec.decode(stored), None
+            else:  # the codec's loss inputs (the fused kernel reads int8 as stored)
+                targets = batch.targets.to(self.device, non_blocking=True)
+                qparams = batch.qparams.to(self.device, non_blocking=True) if batch.qparams is not None else None
         if targets.shape[1] != self.sspec.tokens:
-            if qparams is not None:  # resample the dequantized map
-                targets = targets.float() * qparams[..., :1] + qparams[..., 1:]
-                qparams = None
             targets = resize_token_grid(targets, self.tspec.prefix_tokens, self.sspec.tokens)
         return targets, qparams
 
@@ -220,7 +211,8 @@ class Trainer:
         self.source.start_epoch, self.source.skip_samples = epoch, skip
         self.source.batch_size = self.cfg.batch_size
         workers = resolve_workers(self.cfg.loader_workers, self.device)
-        return batches(self.source, resolution=self.sspec.resolution, mean=self.sspec.mean,
+        codec = self.store.info.codec if self.store else None
+        return batches(self.source, codec=codec, resolution=self.sspec.resolution, mean=self.sspec.mean,
                        std=self.sspec.std, num_threads=self.cfg.num_threads, parallel=workers > 0,
                        py_workers=max(1, workers), **dali_device(self.device))
 

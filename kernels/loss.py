@@ -22,6 +22,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from fdcache.codecs.int8 import dequantize_int8
+
 try:
     import triton
     import triton.language as tl
@@ -52,8 +54,7 @@ def fd_loss_reference(pred: torch.Tensor, target: torch.Tensor, *, qparams: torc
     _check(pred, target, qparams, reduction)
     dtype = torch.float64 if pred.dtype == torch.float64 else torch.float32
     if target.dtype == torch.int8:
-        qp = qparams.to(dtype)
-        t = target.to(dtype) * qp[..., 0:1] + qp[..., 1:2]
+        t = dequantize_int8(target, qparams, dtype)
     else:
         t = target.to(dtype)
     t = F.layer_norm(t, t.shape[-1:], eps=eps)

@@ -95,3 +95,43 @@ def extract_tiny(data, out, **kw) -> Path:
 def tiny_store(image_root, tmp_path_factory) -> Path:
     """A finished one-seed store of ``image_root`` (read-only: copy it to damage it)."""
     return extract_tiny(image_root, tmp_path_factory.mktemp("tiny") / "s.zarr")
+
+
+def synthetic_store(url, codec=None, *, samples=10, shard_size=4, seeds=2, tokens=5, dim=32, done=True,
+                    skipped=()):
+    """A store made through the project's API with random feature-like targets and no teacher
+    run (fast): returns (Store, {seed: float32 targets [N, L, D] that went in})."""
+    import numpy as np
+
+    from fdcache.codecs import CodecSpec
+    from fdcache.manifest import Manifest
+    from fdcache.store import Store, StoreInfo
+    from fdcache.teachers import TeacherSpec
+    from fdcache.views import ViewPolicy
+
+    codec = codec or CodecSpec()
+    n = samples
+    t = TeacherSpec("timm", "synthetic", None, 0, 32, 16, tokens, 1, dim, (0.5,) * 3, (0.25,) * 3, "0" * 64)
+    m = Manifest(root=Path(str(url)).parent, paths=[f"c{i % 3}/img_{i:04d}.jpg" for i in range(n)],
+                 labels=np.arange(n, dtype=np.int32) % 3, widths=np.full(n, 64, np.int32),
+                 heights=np.full(n, 48, np.int32), sizes=np.arange(n, dtype=np.int64) + 100,
+                 mtimes=np.ones(n, np.int64), classes=["c0", "c1", "c2"])
+    info = StoreInfo(t, ViewPolicy(), codec, 0, shard_size, n, m.fingerprint())
+    store = Store.create(str(url), info, m, seeds)
+    g = torch.Generator().manual_seed(0)
+    truth = {}
+    for s in range(seeds):
+        x = torch.randn(n, tokens, dim, generator=g) * (torch.rand(n, tokens, 1, generator=g) + 0.5) \
+            + torch.randn(n, tokens, 1, generator=g)
+        skip = np.zeros(n, bool)
+        skip[list(skipped)] = True
+        x[torch.from_numpy(skip)] = 0
+        truth[s] = x
+        if done:
+            for k in range(store.num_shards):
+                a, b = store.shard_range(k)
+                enc = {name: v.numpy() for name, v in codec.encode(x[a:b], seed=s, samples=torch.arange(a, b)).items()}
+                for v in enc.values():
+                    v[skip[a:b]] = 0  # as extract records unreadable images
+                store.write_shard(s, k, enc, skip[a:b])
+    return Store.open(str(url)), truth

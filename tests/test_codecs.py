@@ -1,25 +1,104 @@
+"""Every registered codec passes the same suite; codec-specific limits follow."""
+
 import numpy as np
 import pytest
 import torch
 
-from fdcache.codecs import CodecSpec, dequantize_int8, quantize_int8, whitened_error
+from fdcache.codecs import (Codec, CodecSpec, dequantize_int4, dequantize_int8, get_codec, list_codecs,
+                            quantize_int4, quantize_int8, register, whitened_error)
+from fdcache.codecs.int4 import Int4, dither
+from fdcache.kernels.loss import fd_loss_reference
+
+L, D = 17, 64
+
+
+def feature_like(*shape, seed=0) -> torch.Tensor:
+    """Per-token offsets and scales vary (whitening removes them), like a ViT's token maps."""
+    g = torch.Generator().manual_seed(seed)
+    lead = shape[:-1] + (1,)
+    return torch.randn(*shape, generator=g) * (torch.rand(*lead, generator=g) * 3 + 0.1) \
+        + torch.randn(*lead, generator=g) * 5
+
+
+@pytest.fixture(params=list_codecs())
+def codec(request) -> Codec:
+    return get_codec(request.param)
+
+
+def encode(codec: Codec, x: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
+    """As extract calls it: the rows' seed and sample indices (keys of dithered rounding)."""
+    return codec.encode(x, seed=seed, samples=torch.arange(len(x)))
+
+
+def test_encode_gives_exactly_the_declared_arrays(codec):
+    enc = encode(codec, feature_like(3, L, D))
+    specs = codec.arrays(L, D)
+    assert list(enc) == [a.name for a in specs]
+    for a in specs:
+        assert enc[a.name].shape == (3, *a.shape), a.name
+        assert enc[a.name].dtype == torch.from_numpy(np.zeros(0, a.dtype)).dtype, a.name
+
+
+def test_round_trip_error_after_whitening_is_within_the_codecs_bound(codec):
+    x = feature_like(4, 197, 768)
+    y = codec.decode(encode(codec, x))
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    err = whitened_error(x, y)
+    assert err["rel_l2"] <= codec.error_bound, err
+
+
+def test_decode_of_numpy_arrays_read_from_a_store_equals_decode_of_tensors(codec):
+    enc = encode(codec, feature_like(2, L, D))
+    from_numpy = CodecSpec(codec.name).decode({k: v.numpy() for k, v in enc.items()})
+    assert torch.equal(from_numpy, codec.decode(enc))
+
+
+def test_bytes_per_sample_view_is_the_sum_of_the_declared_arrays(codec):
+    enc = encode(codec, feature_like(1, L, D))
+    assert codec.bytes_per_sample(L, D) == sum(v.numel() * v.element_size() for v in enc.values())
+
+
+def test_loss_on_the_fused_form_equals_loss_on_the_decoded_map(codec):
+    x, pred = feature_like(2, L, D), torch.randn(2, L, D)
+    enc = encode(codec, x)
+    target, qparams = codec.loss_inputs(enc)
+    torch.testing.assert_close(fd_loss_reference(pred, target, qparams=qparams),
+                               fd_loss_reference(pred, codec.decode(enc)), rtol=1e-6, atol=1e-7)
+
+
+def test_registering_a_codec_makes_it_usable_by_name():
+    class Bf16(Codec):
+        name, error_bound = "bf16-test", 0.01
+
+        def arrays(self, tokens, dim):
+            from fdcache.codecs import ArraySpec
+            return (ArraySpec("targets", np.dtype(np.float16), (tokens, dim)),)
+
+        def encode(self, x, seed=None, samples=None):
+            return {"targets": x.to(torch.bfloat16).to(torch.float16)}
+
+        def decode(self, stored):
+            return stored["targets"].float()
+
+    register(Bf16())
+    try:
+        assert "bf16-test" in list_codecs() and CodecSpec("bf16-test").arrays(L, D)[0].shape == (L, D)
+        with pytest.raises(ValueError, match="already registered"):
+            register(Bf16())
+    finally:
+        from fdcache.codecs import base
+        base._REGISTRY.pop("bf16-test")
+
+
+def test_unknown_codec_is_rejected():
+    with pytest.raises(ValueError, match="unknown codec"):
+        CodecSpec("fp8")
 
 
 def test_fp16_codec_is_the_teachers_fp16_output():
-    x = torch.randn(3, 17, 64)
+    x = torch.randn(3, L, D)
     enc = CodecSpec("fp16").encode(x)
-    assert set(enc) == {"targets"} and enc["targets"].dtype == torch.float16
-    assert torch.equal(CodecSpec("fp16").decode(enc["targets"].numpy()), x.half().float())
-
-
-def test_int8_error_after_whitening_is_under_one_percent():
-    torch.manual_seed(0)
-    # Per-token offsets and scales vary (whitening removes them; int8 keeps them exactly).
-    x = torch.randn(4, 197, 768) * torch.rand(4, 197, 1) * 3 + torch.randn(4, 197, 1) * 5
-    enc = CodecSpec("int8").encode(x)
-    assert enc["targets"].dtype == torch.int8 and enc["qparams"].shape == (4, 197, 2)
-    err = whitened_error(x, CodecSpec("int8").decode(enc["targets"], enc["qparams"]))
-    assert err["rel_l2"] < 0.01 and err["cosine"] > 0.9999
+    assert torch.equal(CodecSpec("fp16").decode({"targets": enc["targets"].numpy()}), x.half().float())
 
 
 def test_int8_round_trip_error_is_at_most_half_a_step():
@@ -36,15 +115,61 @@ def test_int8_constant_token_decodes_exactly():
     assert torch.equal(dequantize_int8(q, qp), x)
 
 
-def test_unknown_codec_is_rejected():
-    with pytest.raises(ValueError, match="unknown codec"):
-        CodecSpec("fp8")
-
-
 def test_int8_loses_precision_on_a_dominant_outlier_channel():
     # Documented limit: per-token min/max spends the 256 levels on one huge channel.
     torch.manual_seed(0)
     x = torch.randn(2, 197, 768)
     x[..., 7] *= 40
-    q = CodecSpec("int8").encode(x)
-    assert whitened_error(x, CodecSpec("int8").decode(q["targets"], q["qparams"]))["rel_l2"] > 0.01
+    codec = get_codec("int8")
+    assert whitened_error(x, codec.decode(codec.encode(x)))["rel_l2"] > 0.01
+
+
+def test_int4_packs_two_values_per_byte_low_nibble_first():
+    x = torch.tensor([[0.0, 15.0, 1.0, 14.0] + [0.0] * 28])  # group of 32, range 0..15: scale 1
+    packed, qp = quantize_int4(x)
+    assert packed.dtype == torch.uint8 and packed.shape == (1, 16) and qp.shape == (1, 1, 2)
+    assert packed[0, :2].tolist() == [0 | 15 << 4, 1 | 14 << 4]
+    assert torch.equal(dequantize_int4(packed, qp), x)
+
+
+def test_int4_is_a_third_of_fp16_bytes_at_group_32():
+    assert get_codec("int4").bytes_per_sample(197, 768) / (197 * 768 * 2) == pytest.approx(0.3125)
+
+
+def test_int4_nearest_error_is_at_most_half_a_step_per_group():
+    x = feature_like(3, L, D)
+    packed, qp = quantize_int4(x, group=32)
+    err = (dequantize_int4(packed, qp, 32) - x).reshape(3, L, D // 32, 32).abs()
+    assert torch.all(err <= qp[..., :1].float() * 0.5 + 1e-3)
+
+
+def test_int4_dither_is_reproducible_keyed_by_seed_sample_and_token():
+    u = dither(3, torch.tensor([5, 9]), L, D)
+    assert torch.equal(u, dither(3, torch.tensor([5, 9]), L, D)) and 0 <= u.min() and u.max() < 1
+    assert torch.equal(u[1], dither(3, torch.tensor([9]), L, D)[0])  # a row's dither ignores its batch
+    assert not torch.equal(u, dither(4, torch.tensor([5, 9]), L, D))
+    assert not torch.equal(u[0, 0], u[0, 1])  # tokens differ
+    assert abs(u.mean().item() - 0.5) < 0.02
+    codec = get_codec("int4-dither")
+    x = feature_like(2, L, D)
+    a = codec.encode(x, seed=1, samples=torch.tensor([5, 9]))
+    assert all(torch.equal(a[k], codec.encode(x, seed=1, samples=torch.tensor([5, 9]))[k]) for k in a)
+    with pytest.raises(ValueError, match="seed, samples"):
+        codec.encode(x)
+
+
+def test_int4_dithered_rounding_is_unbiased_where_nearest_is_not():
+    x = feature_like(1, L, D)
+    codec = get_codec("int4-dither")
+    mean = torch.stack([codec.decode(codec.encode(x, seed=s, samples=torch.tensor([0]))) for s in range(200)]).mean(0)
+    nearest = get_codec("int4").decode(get_codec("int4").encode(x))
+    assert (mean - x).abs().mean() < 0.3 * (nearest - x).abs().mean()
+
+
+def test_int4_group_size_is_a_parameter():
+    c = Int4(group=64)
+    assert c.name == "int4-g64" and c.arrays(L, D)[1].shape == (L, 1, 2)
+    x = feature_like(2, L, D)
+    assert whitened_error(x, c.decode(c.encode(x)))["rel_l2"] < c.error_bound
+    with pytest.raises(ValueError, match="multiple"):
+        Int4(group=48).encode(feature_like(1, L, D))

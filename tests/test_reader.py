@@ -1,0 +1,181 @@
+"""The store's reader: exact against zarr-python, lost data an error, any Zarr v3 client reads
+every array, a plain DataLoader over the store."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from conftest import synthetic_store
+from fdcache.codecs import CodecSpec
+from fdcache.errors import StoreDataError, StoreError
+from fdcache.store import Store
+
+CODECS = [CodecSpec(name, comp) for name in ("fp16", "int8") for comp in ("zstd", "none")] + [CodecSpec("int4-dither")]
+
+
+@pytest.fixture(scope="module", params=CODECS, ids=lambda c: f"{c.name}+{c.compressor}")
+def made(request, tmp_path_factory):
+    """10 samples in shards of 4 (the last one short), 2 seeds, sample 5 of each seed skipped."""
+    return synthetic_store(tmp_path_factory.mktemp("r") / "s.zarr", request.param, skipped=(5,))
+
+
+def _zarr_rows(store: Store, seed: int, idx) -> dict[str, np.ndarray]:
+    g = zarr.open_group(store.url, mode="r")
+    return {a.name: np.stack([g[a.name][seed, int(i)] for i in idx]) for a in store.array_specs()}
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_batch_reads_equal_zarr_python_in_any_order_with_repeats(made, threads):
+    store, _ = made
+    idx = [9, 0, 3, 3, 8, 1, 4, 7, 6, 2, 9]  # every shard, the short last one, a repeat
+    got = store.reader(threads=threads).read(1, idx)
+    want = _zarr_rows(store, 1, idx)
+    assert list(got) == list(want)
+    for name in want:
+        assert got[name].dtype == want[name].dtype and np.array_equal(got[name], want[name]), name
+
+
+def test_decoded_reads_match_what_went_in_within_the_codecs_bound(made):
+    store, truth = made
+    got = store.read(0, 0, 10)
+    keep = np.ones(10, bool)
+    keep[5] = False
+    from fdcache.codecs import whitened_error
+    assert whitened_error(truth[0][keep], got[keep])["rel_l2"] <= store.info.codec.codec.error_bound
+    assert not got[5].any()  # a skipped sample reads as the zeros extract recorded
+
+
+def _shard_file(store: Store, name: str, seed: int, k: int) -> Path:
+    return Path(store.url, name, "c", str(seed), str(k), "0", "0")
+
+
+@pytest.fixture
+def fp16_copy(tmp_path):
+    return synthetic_store(tmp_path / "s.zarr", CodecSpec("fp16", "none"))[0]
+
+
+def test_a_missing_shard_of_a_done_shard_is_an_error_naming_seed_shard_samples_and_fix(fp16_copy):
+    _shard_file(fp16_copy, "targets", 1, 2).unlink()
+    reader = fp16_copy.reader()
+    assert reader.read(1, [0, 7])["targets"].shape == (2, 5, 32)  # other shards still read
+    with pytest.raises(StoreDataError, match=r"seed 1, shard 2 \(samples 8\.\.9\).*missing.*"
+                                             r"fdcache verify .* --repair.*fdcache extract") as e:
+        reader.read(1, [0, 9])
+    assert (e.value.seed, e.value.shard, e.value.samples) == (1, 2, (8, 10))
+
+
+def test_a_flipped_byte_in_a_sample_fails_its_checksum(fp16_copy):
+    f = _shard_file(fp16_copy, "targets", 0, 1)
+    data = bytearray(f.read_bytes())
+    data[3 * (5 * 32 * 2 + 4) + 10] ^= 0x40  # inside sample 7 (4th chunk of shard 1)
+    f.write_bytes(bytes(data))
+    reader = fp16_copy.reader()
+    reader.read(0, [4, 5, 6])
+    with pytest.raises(StoreDataError, match=r"sample 7 fails its crc32c checksum.*--repair"):
+        reader.read(0, [7])
+
+
+def test_a_damaged_shard_index_is_an_error(fp16_copy):
+    f = _shard_file(fp16_copy, "targets", 0, 0)
+    data = bytearray(f.read_bytes())
+    data[-10] ^= 1
+    f.write_bytes(bytes(data))
+    with pytest.raises(StoreDataError, match="shard index fails its crc32c"):
+        fp16_copy.reader().read(0, [1])
+
+
+def test_a_sample_without_data_in_a_done_shard_is_an_error_not_a_fill_value(fp16_copy):
+    # zarr drops an all-fill-value chunk from its shard: the index then marks it absent.
+    zarr.open_group(fp16_copy.url, mode="r+")["targets"][0, 6] = 0
+    with pytest.raises(StoreDataError, match="sample 6 has no data"):
+        fp16_copy.reader().read(0, [6])
+
+
+def test_reading_a_shard_not_yet_extracted_says_so(tmp_path):
+    store, _ = synthetic_store(tmp_path / "s.zarr", done=False)
+    with pytest.raises(StoreError, match="seed 0 shard 0 .*not extracted yet"):
+        store.reader().read(0, [1])
+
+
+def test_a_store_of_the_old_format_is_refused_with_the_reason(fp16_copy):
+    g = zarr.open_group(fp16_copy.url, mode="r+")
+    g.attrs["fdcache"] = g.attrs["fdcache"] | {"format_version": 1}
+    with pytest.raises(StoreError, match="format 1.*variable-length string.*tensorstore.*Re-extract"):
+        Store.open(fp16_copy.url)
+
+
+def test_plain_zarr_and_tensorstore_read_every_array_identically(made):
+    """Any Zarr v3 client reads the store without fdcache: the README's snippets, run."""
+    ts = pytest.importorskip("tensorstore")
+    store, _ = made
+    root = Path(store.url)
+    arrays = sorted(p.parent.relative_to(root).as_posix() for p in root.rglob("zarr.json")
+                    if json.loads(p.read_text())["node_type"] == "array")
+    assert "manifest/paths_utf8" in arrays and "targets" in arrays
+    g = zarr.open_group(str(root), mode="r")
+    for name in arrays:
+        t = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(root / name)}}).result()
+        assert np.array_equal(t.read().result(), g[name][...]), name
+    # README: paths from the portable manifest, with either library.
+    blob, off = g["manifest/paths_utf8"][:].tobytes(), g["manifest/path_offsets"][:]
+    assert [blob[a:b].decode() for a, b in zip(off[:-1], off[1:])] == store.manifest().paths
+
+
+def test_readme_snippets_run(made):
+    """The 'Reading a store' snippets in the README, executed against a store."""
+    pytest.importorskip("tensorstore")
+    store, _ = made
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Reading a store", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in section.split("```python\n")[1:]]
+    assert len(blocks) >= 3
+    for code in blocks:
+        ns = {"STORE": store.url}
+        exec(compile(code.replace('"teacher.zarr"', "STORE"), "README.md", "exec"), ns)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_plain_dataloader_over_the_store_gives_each_samples_target(made, workers):
+    from fdcache.dataset import StoreDataset
+
+    store, _ = made
+    ds = StoreDataset(store.url, seed=1)
+    assert len(ds) == 9 and 5 not in ds.indices.tolist()  # the skipped sample is left out
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, shuffle=True, num_workers=workers,
+                                         generator=torch.Generator().manual_seed(0))
+    seen = []
+    for b in loader:
+        want = store.info.codec.decode(_zarr_rows(store, 1, b["index"]))
+        assert torch.equal(b["target"], want)
+        assert torch.equal(b["label"], torch.as_tensor(store.manifest().labels[b["index"].numpy()]).long())
+        assert torch.equal(b["view"], torch.from_numpy(store.views(1)[b["index"].numpy()]))
+        seen += b["index"].tolist()
+    assert sorted(seen) == ds.indices.tolist()
+
+
+def test_a_dithered_int4_store_is_reproducible_and_trains(image_root, tmp_path):
+    """The dither is keyed by (seed, sample, token): two extractions give the same bytes."""
+    from conftest import tree_bytes
+    from fdcache.extract import ExtractConfig, extract
+    from fdcache.teachers import TINY_TEACHER
+    from fdcache.train import TrainConfig, Trainer
+
+    def run(out, batch):
+        extract(ExtractConfig(data=str(image_root), out=str(out), teacher=TINY_TEACHER, random_init=True, seeds=1,
+                              batch_size=batch, shard_size=4, progress=False, num_threads=1,
+                              codec=CodecSpec("int4-dither")))
+
+    run(tmp_path / "a.zarr", 4)
+    run(tmp_path / "b.zarr", 2)  # other batches: each row's dither must not depend on them
+    a, b = tree_bytes(tmp_path / "a.zarr"), tree_bytes(tmp_path / "b.zarr")
+    assert {k: v for k, v in a.items() if "/c/" in k} == {k: v for k, v in b.items() if "/c/" in k}
+    t = Trainer(TrainConfig(out=str(tmp_path / "run"), cache=str(tmp_path / "a.zarr"), student="fd-tiny", steps=1,
+                            batch_size=4, warmup_steps=0, progress=False, num_threads=1, loss_impl="torch"))
+    batch = next(t.stream())
+    assert batch.targets.dtype == torch.float32 and batch.qparams is None  # decoded for the loss
+    assert torch.isfinite(t.forward_backward(batch))

@@ -1,0 +1,62 @@
+"""A store in an S3-compatible bucket (moto's server on 127.0.0.1): extract writes it, the
+reader and the trainer read it, with the same URL users give (``s3://bucket/key``)."""
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("s3fs")
+moto_server = pytest.importorskip("moto.server")
+
+from fdcache.codecs import CodecSpec  # noqa: E402
+from fdcache.errors import StoreDataError  # noqa: E402
+from fdcache.extract import ExtractConfig, extract  # noqa: E402
+from fdcache.store import Store  # noqa: E402
+from fdcache.teachers import TINY_TEACHER  # noqa: E402
+from fdcache.train import TrainConfig, Trainer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def bucket():
+    """A local S3 endpoint; credentials and endpoint by the standard AWS variables."""
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    mp = pytest.MonkeyPatch()
+    for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
+        mp.setenv(k, v)
+    import boto3
+    boto3.client("s3").create_bucket(Bucket="fdcache-test")
+    yield "s3://fdcache-test"
+    mp.undo()
+    server.stop()
+
+
+def _extract(data, out, **kw):
+    return extract(ExtractConfig(data=str(data), out=str(out), teacher=TINY_TEACHER, random_init=True, seeds=1,
+                                 batch_size=4, shard_size=4, progress=False, num_threads=1, **kw))
+
+
+def test_reader_and_trainer_work_on_a_store_in_a_bucket(bucket, image_root, tmp_path):
+    url, local = f"{bucket}/int8.zarr", tmp_path / "int8.zarr"
+    _extract(image_root, url, codec=CodecSpec("int8"))
+    _extract(image_root, local, codec=CodecSpec("int8"))
+    idx = [17, 0, 5, 9, 9]
+    remote = Store.open(url).reader().read(0, idx)
+    want = Store.open(str(local)).reader().read(0, idx)
+    for name in want:
+        assert np.array_equal(remote[name], want[name]), name
+    t = Trainer(TrainConfig(out=str(tmp_path / "run"), cache=url, student="fd-tiny", steps=1, batch_size=4,
+                            warmup_steps=0, progress=False, num_threads=1, loss_impl="torch"))
+    assert torch.isfinite(t.forward_backward(next(t.stream())))
+
+
+def test_a_lost_object_in_a_bucket_is_an_error_naming_the_shard(bucket, image_root):
+    import s3fs
+
+    url = f"{bucket}/lost.zarr"
+    _extract(image_root, url)
+    s3fs.S3FileSystem().rm(f"{url[5:]}/targets/c/0/1/0/0")
+    with pytest.raises(StoreDataError, match=r"seed 0, shard 1 \(samples 4\.\.7\).*missing"):
+        Store.open(url).reader().read(0, [2, 6])

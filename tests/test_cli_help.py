@@ -32,7 +32,7 @@ def test_train_options_come_in_named_panels():
 
 
 def test_choices_are_listed_and_checked():
-    assert "<fp16|int8>" in _help("extract") and "<auto|bf16|fp16|none>" in _help("train")
+    assert "<fp16|int8|int4|int4-dither>" in _help("extract") and "<auto|bf16|fp16|none>" in _help("train")
     r = CliRunner().invoke(app, ["extract", "x", "--out", "y", "--teacher", "t", "--codec", "fp8"])
     assert r.exit_code == 2 and "fp8" in r.output
 

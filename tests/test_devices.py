@@ -1,6 +1,7 @@
 """GPU placement and overlap, checked on CPU: which device DALI and the Triton launch use,
 that DALI outputs are not copied again, and that loader workers overlap the step."""
 
+import importlib
 import contextlib
 import dataclasses
 import os
@@ -43,7 +44,7 @@ def test_dali_device_and_id_follow_the_torch_device(gpu_host):
 
 
 def test_extract_with_device_cpu_on_a_gpu_host_decodes_on_the_cpu(gpu_host, monkeypatch, image_root, tmp_path):
-    import fdcache.extract as ex
+    ex = importlib.import_module("fdcache.extract")  # the module (fdcache.extract is the API function)
 
     seen = {}
 
@@ -59,7 +60,7 @@ def test_extract_with_device_cpu_on_a_gpu_host_decodes_on_the_cpu(gpu_host, monk
 
 
 def test_training_with_device_cpu_on_a_gpu_host_loads_on_the_cpu(gpu_host, monkeypatch, image_root, tmp_path):
-    import fdcache.train as tr
+    tr = importlib.import_module("fdcache.train")  # the module (fdcache.train is the API function)
 
     seen = {}
     monkeypatch.setattr(tr, "batches", lambda source, **kw: seen.update(kw))
@@ -142,14 +143,14 @@ def test_loader_workers_default_on_with_cuda_only():
 
 @dataclasses.dataclass
 class SlowSource(TrainSource):
-    """A TrainSource whose reads take 0.1 s and leave a timestamp file per sample."""
+    """A TrainSource whose batch reads take 0.1 s and leave a timestamp file per batch."""
 
     stamps: str = ""
 
     def __call__(self, info):
         out = super().__call__(info)
         time.sleep(0.1)
-        Path(self.stamps, f"{info.epoch_idx}-{info.idx_in_epoch}").write_text(repr(time.time()))
+        Path(self.stamps, f"{info.epoch_idx}-{info.iteration}").write_text(repr(time.time()))
         return out
 
 
@@ -197,7 +198,7 @@ def test_extraction_copies_to_pinned_memory_on_a_side_stream(monkeypatch):
     """The CUDA branch of the shard copy, driven with fake streams on CPU: the side stream
     waits for the teacher's, the copies are non-blocking into pinned buffers under it, the
     source tensors are kept from reuse until it ends, and the writer waits on its event."""
-    import fdcache.extract as ex
+    ex = importlib.import_module("fdcache.extract")  # the module (fdcache.extract is the API function)
 
     log, current = [], ["teacher"]
     side = _FakeStream(log)
@@ -232,7 +233,7 @@ def test_extraction_copies_to_pinned_memory_on_a_side_stream(monkeypatch):
 
 
 def test_extraction_copy_on_cpu_runs_the_same_calls():
-    import fdcache.extract as ex
+    ex = importlib.import_module("fdcache.extract")  # the module (fdcache.extract is the API function)
 
     t = torch.randn(2, 3)
     assert ex.HostCopy({"x": t}).wait()["x"] is t

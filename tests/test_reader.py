@@ -178,4 +178,4 @@ def test_a_dithered_int4_store_is_reproducible_and_trains(image_root, tmp_path):
                             batch_size=4, warmup_steps=0, progress=False, num_threads=1, loss_impl="torch"))
     batch = next(t.stream())
     assert batch.targets.dtype == torch.float32 and batch.qparams is None  # decoded for the loss
-    assert torch.isfinite(t.forward_backward(batch))
+    assert torch.isfinite(t.engine.forward_backward(batch))

@@ -49,7 +49,7 @@ def test_reader_and_trainer_work_on_a_store_in_a_bucket(bucket, image_root, tmp_
         assert np.array_equal(remote[name], want[name]), name
     t = Trainer(TrainConfig(out=str(tmp_path / "run"), cache=url, student="fd-tiny", steps=1, batch_size=4,
                             warmup_steps=0, progress=False, num_threads=1, loss_impl="torch"))
-    assert torch.isfinite(t.forward_backward(next(t.stream())))
+    assert torch.isfinite(t.engine.forward_backward(next(t.stream())))
 
 
 def test_a_lost_object_in_a_bucket_is_an_error_naming_the_shard(bucket, image_root):

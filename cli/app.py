@@ -6,65 +6,18 @@ from __future__ import annotations
 import functools
 import json
 import sys
-from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
+from fdcache.cli.common import (JSON_HELP, Amp, Codec, Device, LossImpl, _is_main, _value, _write_json, err,
+                                handles_errors, out)
 from fdcache.config import TrainConfig, option_default
-from fdcache.errors import FdcacheError, Interrupted
-
-class Codec(str, Enum):
-    """Target codecs (fdcache.codecs); listed here so --help needs no torch import."""
-    fp16 = "fp16"
-    int8 = "int8"
-    int4 = "int4"
-    int4_dither = "int4-dither"
-
-
-class Amp(str, Enum):
-    auto = "auto"
-    bf16 = "bf16"
-    fp16 = "fp16"
-    none = "none"
-
-
-class Device(str, Enum):
-    auto = "auto"
-    cuda = "cuda"
-    cpu = "cpu"
-
-
-class LossImpl(str, Enum):
-    auto = "auto"
-    triton = "triton"
-    torch = "torch"
-
-
-def _value(choice):
-    return choice.value if isinstance(choice, Enum) else choice
-
-
-if hasattr(typer.core.TyperOption, "display_type_rich"):  # typer >= 0.20 prints <bool> after every flag
-    _display_type = typer.core.TyperOption.display_type_rich
-    typer.core.TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag else _display_type(self, ctx)
 
 app = typer.Typer(
     name="fdcache", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="Cache a CLIP teacher's feature maps once; train feature-distillation students fast.")
-# Not a terminal (a log, a pipe): long lines stay whole, so printed commands copy as they are.
-out = Console(soft_wrap=not sys.stdout.isatty())
-err = Console(stderr=True)
-
-
-def _fail(e: FdcacheError) -> None:
-    label = "[bold yellow]stopped:[/]" if isinstance(e, Interrupted) else "[bold red]error:[/]"
-    err.print(f"{label} {e}", highlight=False, soft_wrap=True)
-    for p in getattr(e, "problems", []):
-        err.print(f"  - {p}", highlight=False, soft_wrap=True)
-    raise typer.Exit(e.exit_code)
 
 
 def _version(value: bool) -> None:
@@ -79,38 +32,6 @@ def _version(value: bool) -> None:
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                         help="Print the version and exit.")) -> None:
     """Cache a CLIP teacher's feature maps once; train feature-distillation students fast."""
-
-
-JSON_HELP = "Also write the results as JSON to FILE (- for stdout): {command, fdcache_version, ...}."
-
-
-def _write_json(dest: str, command: str, payload: dict) -> None:
-    """Every --json: a FILE (or - for stdout) holding one object that names its command and
-    version, then the command's fields."""
-    from fdcache import __version__
-
-    text = json.dumps({"command": command, "fdcache_version": __version__, **payload}, indent=2)
-    if dest == "-":
-        print(text)
-    else:
-        Path(dest).write_text(text + "\n")
-
-
-def handles_errors(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except FdcacheError as e:
-            _fail(e)
-    return wrapper
-
-
-def _is_main() -> bool:
-    """Rank 0 prints (the process group is already joined by the command's library call)."""
-    from fdcache import distributed
-
-    return distributed.init().is_main
 
 
 @app.command()
@@ -358,8 +279,9 @@ def diagnose(
     json_out: Optional[Path] = typer.Option(None, "--json", metavar="FILE", help="Write per-layer, per-head figures as JSON here."),
     plot_out: Optional[Path] = typer.Option(None, "--plot", help="Write the per-layer head scatter as PNG (needs matplotlib)."),
 ):
-    """FD's attention diagnostics: mean attention distance per layer and head (pixels, CLS
-    excluded) and head diversity, for several models side by side."""
+    """FD's attention diagnostics: attention distance and head diversity per layer and head.
+
+    Mean attention distance in pixels (CLS excluded), for several models side by side."""
     from fdcache import distributed
     from fdcache.diagnose import run
     from fdcache.tables import diagnose_table

@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from fdcache.cli.app import JSON_HELP, Amp, Device, _is_main, _value, _write_json, handles_errors, out
+from fdcache.cli.common import JSON_HELP, Amp, Device, _is_main, _value, _write_json, handles_errors, out
 
 
 def _preset_values(name: str) -> dict:

@@ -225,8 +225,9 @@ def reference_pixels(path: str, view: Sequence[int], resolution: int,
     """``[3, R, R]`` float32 pixels of ``view`` = (y, x, h, w, flip) of the image at ``path``."""
     y, x, h, w, flip = (int(v) for v in view)
     img = load_oriented_rgb(path)[y:y + h, x:x + w].astype(np.float64)
+    # optimize: two matrix products instead of one three-way loop (minutes on a 512 px crop)
     out = np.einsum("ih,hwc,jw->cij", _resize_weights(h, resolution), img,
-                    _resize_weights(w, resolution))
+                    _resize_weights(w, resolution), optimize=True)
     if flip:
         out = out[:, :, ::-1]
     m = np.asarray(mean, np.float64)[:, None, None] * 255.0

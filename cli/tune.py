@@ -39,9 +39,9 @@ def _tune_command(mode: str, default_preset: str, doc: str):
         out_: Optional[Path] = typer.Option(None, "--out", "-o", rich_help_panel="Run", help="Run directory: log.jsonl, checkpoints/, config.json, model.safetensors (+ model_ema), init/. Required."),
         data: Optional[Path] = typer.Option(None, rich_help_panel="Run", help="Training image folder (root/<class>/<image>). Required."),
         val: list[Path] = typer.Option([], rich_help_panel="Run", help="Eval image folder, after each epoch and at the end (repeatable: a val set and its shifts)."),
-        preset: str = typer.Option(default_preset, rich_help_panel="Run", help="Recipe: ft-clip-vit-b16, ft-clip-vit-l14, fd-finetune-vit-b16, flyp-imagenet (fdcache/presets/*.json); flags override it."),
+        preset: str = typer.Option(default_preset, rich_help_panel="Run", help=("Recipe: ft-clip-vit-b16, ft-clip-vit-l14, fd-finetune-vit-b16" if mode == "finetune" else "Recipe: flyp-imagenet") + " (fdcache/presets/*.json); flags override it."),
         print_config: bool = typer.Option(False, "--print-config", rich_help_panel="Run", help="Print the resolved configuration (the preset, then the flags given) as JSON and exit."),
-        model: Optional[str] = typer.Option(None, **pd("model"), rich_help_panel="Model", help="open_clip name (ViT-B-16) or timm:<name> (finetune only)."),
+        model: Optional[str] = typer.Option(None, **pd("model"), rich_help_panel="Model", help="open_clip name (ViT-B-16)" + (" or timm:<name>." if mode == "finetune" else ".")),
         pretrained: Optional[str] = typer.Option(None, **pd("pretrained"), rich_help_panel="Model", help="Weight tag (openai) or local checkpoint path."),
         random_init: Optional[bool] = typer.Option(None, "--random-init", rich_help_panel="Model", help="Seeded random weights (tests, smoke runs)."),
         init_seed: Optional[int] = typer.Option(None, rich_help_panel="Model", help="Seed of --random-init weights."),
@@ -175,13 +175,14 @@ def wise(
     batch_size: int = typer.Option(128),
     workers: int = typer.Option(4),
     device: Device = typer.Option(Device.auto, help="Where to evaluate."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace alpha-<a>/ exports already in --out."),
     json_out: Optional[str] = typer.Option(None, "--json", metavar="FILE", help=JSON_HELP),
 ):
     """WiSE-FT: (1 - alpha) * zero-shot + alpha * fine-tuned weights, for one alpha or a sweep."""
     from fdcache.tables import evals_table
     from fdcache.wise import sweep
 
-    rows = sweep(zeroshot, finetuned, alpha, out_, ema=ema, data=[str(x) for x in data], classnames=classnames,
+    rows = sweep(zeroshot, finetuned, alpha, out_, ema=ema, overwrite=overwrite, data=[str(x) for x in data], classnames=classnames,
                  batch_size=batch_size, workers=workers, device=_value(device), progress=True)
     for a, p, _ in rows:
         out.print(f"alpha {a:.2f} -> {p}")

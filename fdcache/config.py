@@ -95,6 +95,10 @@ class TrainConfig(RunOptions, ScheduleOptions, OptimOptions):
         require(self, positive=("batch_size", "accum_steps", "lr_batch", "save_every", "num_threads"),
                 optional_positive=("epochs", "steps", "run_steps", "resolution", "log_every"),
                 non_negative=("warmup_steps", "seed", "global_seed", "init_seed"))
+        if self.epochs is not None and self.steps is not None:
+            from .errors import ConfigError
+
+            raise ConfigError(f"give --epochs or --steps, not both (got {self.epochs} and {self.steps})")
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -309,9 +309,13 @@ class Engine:
         fdcache's files of that run). True when this is a fresh start."""
         patterns = RUN_FILES + tuple(self.task.outputs)
         last = self.out / "checkpoints" / "last.pt"
+        if self.out.exists() and not self.out.is_dir():
+            raise FdcacheError(f"--out {self.out} is a file, not a run directory: choose another --out")
         if self.cfg.resume:
             if not last.exists():
-                raise FdcacheError(f"--resume: no checkpoint at {last}")
+                raise FdcacheError(f"--resume: no checkpoint at {last} (that run stopped before its first "
+                                   "save): start it again without --resume, adding --overwrite to replace "
+                                   "what it left")
             self.load(last)
             if self.dist.is_main:
                 truncate_log(self.out / "log.jsonl", self.step)

@@ -14,7 +14,8 @@ def require(cfg, *, positive: tuple[str, ...] = (), non_negative: tuple[str, ...
     its command-line option."""
     def bad(name: str, want: str):
         value = getattr(cfg, name)
-        raise ConfigError(f"--{name.replace('_', '-')} must be {want}, got {value!r}")
+        flag = _FLAGS.get(name, name).replace("_", "-")
+        raise ConfigError(f"--{flag} must be {want}, got {value!r}")
 
     for name in positive:
         if not _int_at_least(getattr(cfg, name), 1):
@@ -25,6 +26,9 @@ def require(cfg, *, positive: tuple[str, ...] = (), non_negative: tuple[str, ...
     for name in non_negative:
         if getattr(cfg, name) is not None and not _int_at_least(getattr(cfg, name), 0):
             bad(name, "an integer of at least 0")
+
+
+_FLAGS = {"num_threads": "threads", "base_lr": "lr"}  # fields whose option has another name
 
 
 def _int_at_least(value, low: int) -> bool:

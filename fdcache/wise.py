@@ -33,8 +33,17 @@ def interpolate(zeroshot: dict, finetuned: dict, alpha: float) -> dict:
 
 
 def wise(zeroshot: str | Path, finetuned: str | Path, alphas: list[float], out: str | Path,
-         ema: bool = True) -> list[Path]:
-    """Write ``out/alpha-<a>/`` (a loadable export) per alpha; returns their paths."""
+         ema: bool = True, overwrite: bool = False) -> list[Path]:
+    """Write ``out/alpha-<a>/`` (a loadable export) per alpha; returns their paths. An
+    ``alpha-<a>`` folder that already exists is refused unless ``overwrite`` (which replaces
+    only the export's own files there)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FdcacheError(f"--out {out} is a file, not a directory: choose another --out")
+    taken = [out / f"alpha-{a:.2f}" for a in alphas if (out / f"alpha-{a:.2f}").exists()]
+    if taken and not overwrite:
+        raise FdcacheError(f"{', '.join(map(str, taken[:3]))} already exist(s): pass --overwrite to replace "
+                           "those exports (only their files), or choose another --out")
     run = Path(zeroshot).parent
     if not Path(zeroshot).exists() and (run / "model.json").is_file():
         raise FdcacheError(f"{zeroshot} does not exist: the run in {run} started from a fresh head, so it has "
@@ -62,6 +71,7 @@ def wise(zeroshot: str | Path, finetuned: str | Path, alphas: list[float], out: 
 
 
 def sweep(zeroshot: str | Path, finetuned: str | Path, alphas: list[float], out: str | Path, *,
+          overwrite: bool = False,
           ema: bool = True, data: list[str] = (), classnames: str = "folder", batch_size: int = 128,
           workers: int = 4, device: str = "auto", progress: bool = False) -> list[tuple[float, Path, dict | None]]:
     """``fdcache wise``: write each alpha's export and, with ``data``, evaluate it there.
@@ -72,7 +82,7 @@ def sweep(zeroshot: str | Path, finetuned: str | Path, alphas: list[float], out:
 
     dev = device_for(Dist(), device)
     rows = []
-    for a, p in zip(alphas, wise(zeroshot, finetuned, alphas, out, ema=ema)):
+    for a, p in zip(alphas, wise(zeroshot, finetuned, alphas, out, ema=ema, overwrite=overwrite)):
         results = None
         if data:
             m, spec, _ = load_export(p)

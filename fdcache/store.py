@@ -678,7 +678,3 @@ def _store_arg(url: str):
         return url[len("file://"):]
     return url if "://" in url else str(Path(url))
 
-
-def exists(url: str) -> bool:
-    """Whether anything is at ``url`` (an empty directory counts as nothing)."""
-    return Store.target_state(url)[0] not in ("absent", "empty")

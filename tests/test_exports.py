@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from fdcache.classifiers import load_export
-from fdcache.extract import ExtractConfig, extract
+from conftest import extract_tiny
 from fdcache.finetune import finetune, make_config
 from fdcache.samples import make_image_folder
 from fdcache.students import build_student
@@ -28,8 +28,7 @@ def folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def student_run(folder, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("student")
-    extract(ExtractConfig(data=str(folder), out=str(root / "s.zarr"), teacher=TINY_TEACHER, random_init=True,
-                          batch_size=9, shard_size=9, progress=False, num_threads=2))
+    extract_tiny(folder, root / "s.zarr", batch_size=9, shard_size=9)
     train(TrainConfig(out=str(root / "run"), cache=str(root / "s.zarr"), student="fd-tiny", steps=2,
                       batch_size=3, warmup_steps=1, base_lr=0.5, loss_impl="torch", progress=False,
                       num_threads=2, ema_decay=0.5))

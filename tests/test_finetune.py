@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 from fdcache.classifiers import init_model, load_export, templates_of, zeroshot_weights
 from fdcache.errors import DataError, FdcacheError
 from fdcache.evaluate import evaluate
-from fdcache.extract import ExtractConfig, extract
 from fdcache.finetune import Finetuner, finetune, load_preset, make_config, preset_names
 from fdcache.imagefolder import LabeledImages, eval_transform, train_loader
 from fdcache.samples import make_image_folder
@@ -22,7 +21,7 @@ from fdcache.teachers import TINY_TEACHER, create_openclip
 from fdcache.train import TrainConfig, train
 from fdcache.wise import wise
 
-from conftest import interrupt_at, one_and_two_processes
+from conftest import extract_tiny, interrupt_at, one_and_two_processes
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +35,7 @@ def student(folder, tmp_path_factory) -> Path:
     """An fdcache train export (fd-tiny BEiT distilled for 2 steps from the tiny teacher)."""
     root = tmp_path_factory.mktemp("student")
     store = str(root / "s.zarr")
-    extract(ExtractConfig(data=str(folder), out=store, teacher=TINY_TEACHER, random_init=True, batch_size=8,
-                          shard_size=8, progress=False, num_threads=2))
+    extract_tiny(folder, store, batch_size=8, shard_size=8)
     train(TrainConfig(out=str(root / "run"), cache=store, student="fd-tiny", steps=2, batch_size=4,
                       warmup_steps=1, loss_impl="torch", progress=False, num_threads=2))
     return root / "run"

@@ -25,11 +25,11 @@ import torch
 from PIL import Image
 
 from fdcache.codecs import CodecSpec, Int4, list_codecs, register, whitened_error
-from fdcache.extract import ExtractConfig, extract
+from fdcache.distill.extract import ExtractConfig, extract
 from fdcache.kernels.loss import fd_loss_reference
-from fdcache.store import Store
-from fdcache.train import TrainConfig, Trainer
-from fdcache.views import ViewPolicy
+from fdcache.store.store import Store
+from fdcache.distill.train import TrainConfig, Trainer
+from fdcache.store.views import ViewPolicy
 
 TEACHER = "timm:vit_small_patch14_dinov2"
 

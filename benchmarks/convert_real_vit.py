@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fdcache import realweights
+from fdcache.tools import realweights
 
 
 def foolbox_photos(resolution: int, count: int = 4) -> torch.Tensor:

@@ -22,13 +22,13 @@ import numpy as np
 import torch
 
 from fdcache.codecs import CodecSpec
-from fdcache.extract import ExtractConfig, extract, shard_batches
-from fdcache.manifest import index
-from fdcache.pixels import PixelStream, ViewBatches, dali_device
+from fdcache.distill.extract import ExtractConfig, extract, shard_batches
+from fdcache.store.manifest import index
+from fdcache.distill.pixels import PixelStream, ViewBatches, dali_device
 from fdcache.samples import make_image_folder
-from fdcache.store import Store
-from fdcache.teachers import load_teacher
-from fdcache.views import sample_views
+from fdcache.store.store import Store
+from fdcache.distill.teachers import load_teacher
+from fdcache.store.views import sample_views
 
 
 def _sync():

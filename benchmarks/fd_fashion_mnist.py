@@ -73,7 +73,7 @@ def run(cmd: list[str], log: Path, times: dict, key: str, done: Path) -> None:
 def export_random_init(w: Path, args, steps: int) -> None:
     """``fdcache train`` refuses zero steps, so build its Trainer (same student, same seed)
     and call its export directly: the starting point the distilled students began from."""
-    from fdcache.train import Trainer, TrainConfig
+    from fdcache.distill.train import Trainer, TrainConfig
 
     cfg = TrainConfig(out=str(w / "random"), online=True, teacher="timm:vit_small_patch14_dinov2",
                       pretrained=args.teacher_ckpt, data=str(w / "train"), student=args.student,

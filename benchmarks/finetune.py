@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from fdcache.finetune import Finetuner, make_config
-from fdcache.imagefolder import train_loader
+from fdcache.tune.finetune import Finetuner, make_config
+from fdcache.tune.imagefolder import train_loader
 from fdcache.samples import make_image_folder
 
 

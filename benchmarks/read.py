@@ -34,10 +34,10 @@ import numpy as np
 import torch
 
 from fdcache.codecs import CodecSpec
-from fdcache.manifest import Manifest
-from fdcache.store import Store, StoreInfo
-from fdcache.teachers import TeacherSpec
-from fdcache.views import ViewPolicy
+from fdcache.store.manifest import Manifest
+from fdcache.store.store import Store, StoreInfo
+from fdcache.distill.teachers import TeacherSpec
+from fdcache.store.views import ViewPolicy
 
 CODECS = {"fp16": CodecSpec("fp16", "none"), "fp16+zstd": CodecSpec("fp16", "zstd"),
           "int8": CodecSpec("int8", "none"), "int8+zstd": CodecSpec("int8", "zstd")}
@@ -204,9 +204,9 @@ def run_reads(args) -> dict:
 
 def run_loader(args) -> dict:
     """Images+targets/s of the trainer's offline loader (DALI CPU)."""
-    from fdcache.manifest import index
+    from fdcache.store.manifest import index
     from fdcache.samples import make_image_folder
-    from fdcache.train import TrainConfig, Trainer
+    from fdcache.distill.train import TrainConfig, Trainer
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as work:
         data = make_image_folder(Path(work, "images"), classes=4, per_class=args.samples // 4,

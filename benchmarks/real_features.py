@@ -25,15 +25,15 @@ import numpy as np
 import torch
 
 from fdcache.codecs import CodecSpec, whitened_error
-from fdcache.pixels import _resize_weights, load_oriented_rgb
-from fdcache.store import Store
-from fdcache.teachers import load_teacher
+from fdcache.distill.pixels import _resize_weights, load_oriented_rgb
+from fdcache.store.store import Store
+from fdcache.distill.teachers import load_teacher
 
 TEACHER = "timm:vit_small_patch14_dinov2"
 
 
 def reference_pixels(path: str, view, resolution: int, mean, std) -> np.ndarray:
-    """``fdcache.pixels.reference_pixels`` (PIL + NumPy, no DALI) as two matrix products: its
+    """``fdcache.distill.pixels.reference_pixels`` (PIL + NumPy, no DALI) as two matrix products: its
     three-operand einsum runs unoptimized, minutes per 512 px photo."""
     y, x, h, w, flip = (int(v) for v in view)
     img = load_oriented_rgb(path)[y:y + h, x:x + w].astype(np.float64)

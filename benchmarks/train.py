@@ -4,14 +4,14 @@
     python benchmarks/train.py --student beit_base_patch16_224 --teacher ViT-L-14 \\
         --resolution 224 --batch-size 256            # GPU
 
-A thin front to ``fdcache.bench.run_bench`` (the same measurement as ``fdcache bench``),
+A thin front to ``fdcache.tools.bench.run_bench`` (the same measurement as ``fdcache bench``),
 restricted to the training modes.
 """
 
 import argparse
 import json
 
-from fdcache.bench import BenchConfig, run_bench
+from fdcache.tools.bench import BenchConfig, run_bench
 
 
 def main():

@@ -63,8 +63,8 @@ def extract(
     processes with `torchrun --nproc-per-node N -m fdcache extract ...`.
     """
     from fdcache.codecs import CodecSpec
-    from fdcache.extract import ExtractConfig, extract as run
-    from fdcache.views import ViewPolicy
+    from fdcache.distill.extract import ExtractConfig, extract as run
+    from fdcache.store.views import ViewPolicy
 
     cfg = ExtractConfig(data=str(data), out=out_, teacher=teacher, pretrained=pretrained,
                         random_init=random_init, init_seed=init_seed, resolution=resolution,
@@ -156,7 +156,7 @@ def train(
 
     Ctrl-C (or SIGTERM) stops after the current step with a checkpoint and prints the
     command that resumes. Multi-GPU: `torchrun --nproc-per-node N -m fdcache train ...` (DDP)."""
-    from fdcache.train import train as run
+    from fdcache.distill.train import train as run
 
     cfg = TrainConfig(
         out=str(out_), data=str(data) if data else None, cache=cache, online=online, teacher=teacher,
@@ -203,7 +203,7 @@ def bench(
     plot_out: Optional[Path] = typer.Option(None, "--plot", rich_help_panel="Output", help="Write a PNG of the ratios here (needs matplotlib)."),
 ):
     """Throughput of offline vs online distillation vs the synthetic ceiling (interleaved)."""
-    from fdcache.bench import MODES, BenchConfig, plot, run_bench
+    from fdcache.tools.bench import MODES, BenchConfig, plot, run_bench
     from fdcache.tables import bench_table
 
     chosen = tuple(m.strip() for m in modes.split(",") if m.strip())
@@ -232,7 +232,7 @@ def bench(
 def inspect_(store: str = typer.Argument(..., help="Store path or URL."),
              as_json: Optional[str] = typer.Option(None, "--json", metavar="FILE", help=JSON_HELP)):
     """Teacher, shapes, codec, bytes per sample-view, compression ratio, completeness."""
-    from fdcache.inspection import inspect_store
+    from fdcache.store.inspect import inspect_store
     from fdcache.tables import store_table
 
     r = inspect_store(store)
@@ -253,7 +253,7 @@ def verify(store: str = typer.Argument(..., help="Store path or URL."),
     """Read and checksum every chunk, check completeness and that the images still match.
 
     Exit 0 when the store is whole, 1 naming each problem otherwise."""
-    from fdcache.inspection import verify_store
+    from fdcache.store.inspect import verify_store
 
     r = verify_store(store, data=data, check_files=files, content=content, repair=repair)
     for w in r["warnings"]:
@@ -283,7 +283,7 @@ def diagnose(
 
     Mean attention distance in pixels (CLS excluded), for several models side by side."""
     from fdcache import distributed
-    from fdcache.diagnose import run
+    from fdcache.tools.diagnose import run
     from fdcache.tables import diagnose_table
 
     dev = str(distributed.device_for(distributed.Dist(), _value(device)))
@@ -305,7 +305,7 @@ def quickstart(workdir: Optional[Path] = typer.Option(None, help="Where to put i
     """The whole path in miniature on CPU (a minute or two): make images, extract with a tiny
     random teacher, inspect, verify, distill a tiny student, fine-tune it and evaluate; then
     FLYP on the tiny CLIP and a WiSE-FT sweep. Each step prints the command it equals."""
-    from fdcache.quickstart import quickstart as run
+    from fdcache.tools.quickstart import quickstart as run
 
     def say(step, same_as: str | None = None) -> None:
         out.print(step, highlight=False)

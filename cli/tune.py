@@ -83,7 +83,7 @@ def _tune_command(mode: str, default_preset: str, doc: str):
         workers: Optional[int] = typer.Option(None, rich_help_panel="Performance", help="DataLoader worker processes."),
         device: Optional[Device] = typer.Option(None, rich_help_panel="Performance", help="Where to train. [default: auto]"),
     ):
-        from fdcache.finetune import finetune as run, make_config
+        from fdcache.tune.finetune import finetune as run, make_config
         from fdcache.tables import evals_table
 
         if mode == "flyp":
@@ -145,7 +145,7 @@ def eval_(
     json_out: Optional[str] = typer.Option(None, "--json", metavar="FILE", help=JSON_HELP),
 ):
     """Top-1 / top-5 on one or more image folders (classifier head, or zero-shot for CLIP models)."""
-    from fdcache.evaluate import evaluate_run
+    from fdcache.tune.evaluate import evaluate_run
     from fdcache.tables import evals_table
 
     report = evaluate_run([str(p) for p in data], run=str(run) if run else None, model=model, pretrained=pretrained,
@@ -180,7 +180,7 @@ def wise(
 ):
     """WiSE-FT: (1 - alpha) * zero-shot + alpha * fine-tuned weights, for one alpha or a sweep."""
     from fdcache.tables import evals_table
-    from fdcache.wise import sweep
+    from fdcache.tune.wise import sweep
 
     rows = sweep(zeroshot, finetuned, alpha, out_, ema=ema, overwrite=overwrite, data=[str(x) for x in data], classnames=classnames,
                  batch_size=batch_size, workers=workers, device=_value(device), progress=True)
@@ -201,7 +201,7 @@ def plot(
     out_: Optional[Path] = typer.Option(None, "--out", "-o", help="PNG to write (default: curves.png / wise.png beside the input)."),
 ):
     """Draw a run's loss/lr (and evaluation) curves from log.jsonl, or a WiSE-FT sweep as ID vs OOD top-1 (needs matplotlib: the plot extra)."""
-    from fdcache.plots import plot_path
+    from fdcache.tools.plots import plot_path
 
     out.print(f"wrote {plot_path(path, out_)}", highlight=False)
 

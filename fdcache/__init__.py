@@ -5,13 +5,14 @@ The API (each imported on first use, so ``import fdcache`` stays light)::
     from fdcache import extract, train, finetune, flyp, evaluate, wise, open_store
     from fdcache import ExtractConfig, TrainConfig, FinetuneConfig
 
-Several of these names are also submodules (``fdcache.train``, ...). ``fdcache.<name>``
-always means the function; the modules stay importable (``from fdcache.train import Trainer``).
+The package is grouped by job: ``fdcache.store`` (the format: layout, location, writes,
+audit, the reader, manifest, views), ``fdcache.codecs``, ``fdcache.distill`` (teachers,
+students, pixels, extract, train), ``fdcache.tune`` (fine-tuning, FLYP, evaluation,
+WiSE-FT), ``fdcache.tools`` (bench, diagnose, plots, quickstart), and the pieces they
+share at the top (engine, config, errors, distributed, exports, progress, tables).
 """
 
 import importlib
-import sys
-import types
 
 __version__ = "0.1.0"
 
@@ -23,28 +24,22 @@ _API = {
     "evaluate": ("fdcache.api", "evaluate"),
     "wise": ("fdcache.api", "wise"),
     "open_store": ("fdcache.api", "open_store"),
-    "ExtractConfig": ("fdcache.extract", "ExtractConfig"),
-    "TrainConfig": ("fdcache.train", "TrainConfig"),
-    "FinetuneConfig": ("fdcache.finetune", "FinetuneConfig"),
-    "make_finetune_config": ("fdcache.finetune", "make_config"),
+    "ExtractConfig": ("fdcache.distill.extract", "ExtractConfig"),
+    "TrainConfig": ("fdcache.config", "TrainConfig"),
+    "FinetuneConfig": ("fdcache.config", "FinetuneConfig"),
+    "make_finetune_config": ("fdcache.tune.finetune", "make_config"),
     "FdcacheError": ("fdcache.errors", "FdcacheError"),
 }
 __all__ = ["__version__", *_API]
 
 
-class _Package(types.ModuleType):
-    """Importing a submodule sets it as an attribute of the package; for the API names this
-    would hide the function behind the module of the same name, so those names resolve here."""
-
-    def __getattribute__(self, name):
-        api = types.ModuleType.__getattribute__(self, "__dict__").get("_API", {})
-        if name in api:
-            module, attr = api[name]
-            return getattr(importlib.import_module(module), attr)
-        return types.ModuleType.__getattribute__(self, name)
-
-    def __dir__(self):
-        return sorted(set(types.ModuleType.__dir__(self)) | set(_API))
+def __getattr__(name):
+    try:
+        module, attr = _API[name]
+    except KeyError:
+        raise AttributeError(f"module 'fdcache' has no attribute {name!r}") from None
+    return getattr(importlib.import_module(module), attr)
 
 
-sys.modules[__name__].__class__ = _Package
+def __dir__():
+    return sorted(set(globals()) | set(_API))

@@ -23,11 +23,11 @@ def _config(cls, cfg, options: dict):
 
 
 def extract(cfg=None, **options):
-    """Extract a teacher's feature maps into a store (:class:`fdcache.extract.ExtractConfig`;
+    """Extract a teacher's feature maps into a store (:class:`fdcache.distill.extract.ExtractConfig`;
     ``codec`` / ``policy`` may be given by name: ``codec="int8"``, ``policy="full"``)."""
     from .codecs import CodecSpec
-    from .extract import ExtractConfig, extract as run
-    from .views import ViewPolicy
+    from .distill.extract import ExtractConfig, extract as run
+    from .store.views import ViewPolicy
 
     if isinstance(options.get("codec"), str):
         options["codec"] = CodecSpec(name=options["codec"])
@@ -37,14 +37,14 @@ def extract(cfg=None, **options):
 
 
 def train(cfg=None, **options):
-    """Distill a student from a store or online (:class:`fdcache.train.TrainConfig`)."""
-    from .train import TrainConfig, train as run
+    """Distill a student from a store or online (:class:`fdcache.distill.train.TrainConfig`)."""
+    from .distill.train import TrainConfig, train as run
 
     return run(_config(TrainConfig, cfg, options))
 
 
 def _finetune(mode: str, cfg, preset: str | None, options: dict):
-    from .finetune import finetune as run, make_config
+    from .tune.finetune import finetune as run, make_config
 
     if cfg is None:
         cfg = make_config(preset, mode=mode, **options)
@@ -69,8 +69,8 @@ def evaluate(run: str | Path, data: str | Path | list, *, ema: bool = True, clas
              **options) -> dict:
     """Top-1/top-5 of an export (finetune/flyp/wise ``--out``) on one or more image folders:
     ``{set name: {"top1", "top5", "n", ...}}``."""
-    from .classifiers import load_export
-    from .evaluate import evaluate as run_eval
+    from .tune.classifiers import load_export
+    from .tune.evaluate import evaluate as run_eval
 
     model, spec, _ = load_export(run, ema=ema)
     sets = [str(d) for d in (data if isinstance(data, (list, tuple)) else [data])]
@@ -79,13 +79,13 @@ def evaluate(run: str | Path, data: str | Path | list, *, ema: bool = True, clas
 
 def wise(zeroshot: str | Path, finetuned: str | Path, alphas, out: str | Path, *, ema: bool = True) -> list[Path]:
     """WiSE-FT mixes ``out/alpha-<a>/`` between a run's ``init/`` and the run."""
-    from .wise import wise as run
+    from .tune.wise import wise as run
 
     return run(zeroshot, finetuned, [alphas] if isinstance(alphas, (int, float)) else list(alphas), out, ema=ema)
 
 
 def open_store(url: str):
-    """An existing store (:class:`fdcache.store.Store`): ``info``, ``manifest()``, the reader."""
-    from .store import Store
+    """An existing store (:class:`fdcache.store.store.Store`): ``info``, ``manifest()``, the reader."""
+    from .store.store import Store
 
     return Store.open(str(url))

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from .options import require
-from .views import ViewPolicy
+from .store.views import ViewPolicy
 
 DEFAULT_STUDENT = "beit_base_patch16_224"  # FD's ViT-B/16 (shared relative position bias)
 

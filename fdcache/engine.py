@@ -164,8 +164,8 @@ def stop_on_signals():
 
 # -- what a job supplies ----------------------------------------------------------------
 class Task(Protocol):
-    """A training job as the loop sees it (see :class:`fdcache.train.Trainer`,
-    :class:`fdcache.finetune.Finetuner`)."""
+    """A training job as the loop sees it (see :class:`fdcache.distill.train.Trainer`,
+    :class:`fdcache.tune.finetune.Finetuner`)."""
 
     name: str  # progress label: train | finetune | flyp
     error: type[FdcacheError]  # its error type (non-finite loss, out of memory)

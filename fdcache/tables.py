@@ -20,7 +20,7 @@ def evals_table(evals: dict, title: str = "evaluation") -> Table:
 
 
 def store_table(r: dict) -> Table:
-    """``fdcache inspect``'s summary of :func:`fdcache.inspection.inspect_store`."""
+    """``fdcache inspect``'s summary of :func:`fdcache.store.inspect.inspect_store`."""
     t = r["teacher"]
     table = Table(title=f"fdcache store {r['store']}", show_header=False)
     table.add_row("teacher", t["label"])

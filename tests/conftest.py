@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fdcache.samples import make_image_folder
-from fdcache.teachers import TINY_TEACHER, load_teacher
+from fdcache.distill.teachers import TINY_TEACHER, load_teacher
 
 
 def pytest_collection_modifyitems(config, items):
@@ -83,7 +83,7 @@ def interrupt_at(monkeypatch, step: int, signum=None, children: bool = False):
 def extract_tiny(data, out, **kw) -> Path:
     """A store of the tiny random-init teacher (one seed, shards of 6): the fixture of the
     recipe and write-protocol tests."""
-    from fdcache.extract import ExtractConfig, extract
+    from fdcache.distill.extract import ExtractConfig, extract
 
     base = dict(teacher=TINY_TEACHER, random_init=True, seeds=1, batch_size=6, shard_size=6,
                 progress=False, num_threads=2)
@@ -104,10 +104,10 @@ def synthetic_store(url, codec=None, *, samples=10, shard_size=4, seeds=2, token
     import numpy as np
 
     from fdcache.codecs import CodecSpec
-    from fdcache.manifest import Manifest
-    from fdcache.store import Store, StoreInfo
-    from fdcache.teachers import TeacherSpec
-    from fdcache.views import ViewPolicy
+    from fdcache.store.manifest import Manifest
+    from fdcache.store.store import Store, StoreInfo
+    from fdcache.distill.teachers import TeacherSpec
+    from fdcache.store.views import ViewPolicy
 
     codec = codec or CodecSpec()
     n = samples

@@ -4,7 +4,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fdcache.cli.app import app
-from fdcache.teachers import TINY_TEACHER
+from fdcache.distill.teachers import TINY_TEACHER
 
 
 class _Clock:
@@ -21,11 +21,11 @@ class _Clock:
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory):
     """``fdcache bench`` at batch 4, 2 timed steps after 1 warm-up step, 2 repeats, on the clock above."""
-    import fdcache.bench
+    import fdcache.tools.bench
 
     tmp = tmp_path_factory.mktemp("bench")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(fdcache.bench, "time", _Clock())
+        mp.setattr(fdcache.tools.bench, "time", _Clock())
         r = CliRunner().invoke(app, ["bench", "--student", "fd-tiny", "--teacher", TINY_TEACHER, "--random-init",
                                      "--batch-size", "4", "--steps", "2", "--warmup", "1", "--repeats", "2",
                                      "--loss-impl", "torch", "--threads", "2", "--json", str(tmp / "bench.json"),

@@ -5,7 +5,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fdcache.cli.app import app
-from fdcache.teachers import TINY_TEACHER
+from fdcache.distill.teachers import TINY_TEACHER
 
 runner = CliRunner()
 

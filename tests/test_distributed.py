@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fdcache import distributed
-from fdcache.teachers import TINY_TEACHER
+from fdcache.distill.teachers import TINY_TEACHER
 
 
 @pytest.fixture
@@ -44,7 +44,7 @@ def test_process_group_waits_hours_not_nccls_ten_minutes(fake_dist, monkeypatch,
 def test_rank0_indexes_and_creates_the_store_under_the_long_timeout(fake_dist, monkeypatch, image_root, tmp_path):
     """The other ranks wait in a collective while rank 0 prepares: that wait must be
     covered by the timeout given to init_process_group, set before any collective."""
-    ex = importlib.import_module("fdcache.extract")  # the module (fdcache.extract is the API function)
+    ex = importlib.import_module("fdcache.distill.extract")  # the module (fdcache.extract is the API function)
 
     real_index = ex.index
     monkeypatch.setattr(ex, "index", lambda *a, **k: (fake_dist.append(("prepare", "index")), real_index(*a, **k))[1])

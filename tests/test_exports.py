@@ -11,13 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fdcache.classifiers import load_export
+from fdcache.tune.classifiers import load_export
 from conftest import extract_tiny
-from fdcache.finetune import finetune, make_config
+from fdcache.tune.finetune import finetune, make_config
 from fdcache.samples import make_image_folder
-from fdcache.students import build_student
-from fdcache.teachers import TINY_TEACHER
-from fdcache.train import TrainConfig, train
+from fdcache.distill.students import build_student
+from fdcache.distill.teachers import TINY_TEACHER
+from fdcache.distill.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def runs(student_run, folder, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("runs")
     flyp = _finetune(root / "flyp", folder, mode="flyp", ema_decay=0)
     zs = _finetune(root / "ft-zs", folder, head="zeroshot", templates="simple")
-    from fdcache.wise import wise
+    from fdcache.tune.wise import wise
 
     return {"student": student_run, "zs": zs, "zs-wise": wise(zs / "init", zs, [0.5], root / "zs-wise")[0],
             "timm": _finetune(root / "ft-student", folder, student_run=str(student_run), model=None, random_init=None),
@@ -155,7 +155,7 @@ def test_a_zero_shot_head_and_its_wise_mix_load_with_open_clip_and_their_head_fi
 
 def test_a_library_form_that_fails_leaves_fdcaches_export_whole(monkeypatch, tmp_path):
     from fdcache import exports
-    from fdcache.classifiers import init_model, save_export
+    from fdcache.tune.classifiers import init_model, save_export
     from fdcache.errors import FdcacheError
 
     def broken(*a, **k):

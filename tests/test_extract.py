@@ -15,11 +15,11 @@ import torch
 from conftest import tree_bytes
 from fdcache.codecs import CodecSpec, whitened_error
 from fdcache.errors import BadImageError, StoreError, StoreMismatchError, VerifyError
-from fdcache.extract import ExtractConfig, extract
-from fdcache.inspection import inspect_store, verify_store
-from fdcache.pixels import reference_pixels
-from fdcache.store import Store
-from fdcache.teachers import TINY_TEACHER
+from fdcache.distill.extract import ExtractConfig, extract
+from fdcache.store.inspect import inspect_store, verify_store
+from fdcache.distill.pixels import reference_pixels
+from fdcache.store.store import Store
+from fdcache.distill.teachers import TINY_TEACHER
 
 
 def cfg(data, out, **kw) -> ExtractConfig:
@@ -76,7 +76,7 @@ def test_store_layout_views_and_attributes(fp16_store, tiny_teacher):
     info = g.attrs["fdcache"]
     assert info["teacher"]["weights_sha256"] == tiny_teacher.spec.weights_sha256
     assert info["codec"]["name"] == "fp16" and info["view_policy"]["kind"] == "rrc"
-    from fdcache.views import sample_view
+    from fdcache.store.views import sample_view
     m = store.manifest()
     assert tuple(store.views(1)[5]) == sample_view(0, 1, 5, int(m.widths[5]), int(m.heights[5]))
 

@@ -11,15 +11,15 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from safetensors.torch import load_file
 
-from fdcache.classifiers import init_model, load_export, templates_of, zeroshot_weights
+from fdcache.tune.classifiers import init_model, load_export, templates_of, zeroshot_weights
 from fdcache.errors import DataError, FdcacheError
-from fdcache.evaluate import evaluate
-from fdcache.finetune import Finetuner, finetune, load_preset, make_config, preset_names
-from fdcache.imagefolder import LabeledImages, eval_transform, train_loader
+from fdcache.tune.evaluate import evaluate
+from fdcache.tune.finetune import Finetuner, finetune, load_preset, make_config, preset_names
+from fdcache.tune.imagefolder import LabeledImages, eval_transform, train_loader
 from fdcache.samples import make_image_folder
-from fdcache.teachers import TINY_TEACHER, create_openclip
-from fdcache.train import TrainConfig, train
-from fdcache.wise import wise
+from fdcache.distill.teachers import TINY_TEACHER, create_openclip
+from fdcache.distill.train import TrainConfig, train
+from fdcache.tune.wise import wise
 
 from conftest import extract_tiny, interrupt_at, one_and_two_processes
 
@@ -322,7 +322,7 @@ def test_presets_cite_their_sources_and_name_only_known_settings():
 
 
 def test_labeled_images_repeat_their_augmentation_per_epoch_and_index(folder):
-    from fdcache.imagefolder import train_transform
+    from fdcache.tune.imagefolder import train_transform
 
     tf = train_transform("timm", 64, (0.5,) * 3, (0.5,) * 3, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.5)
     import random
@@ -339,7 +339,7 @@ def test_labeled_images_repeat_their_augmentation_per_epoch_and_index(folder):
 
 
 def test_randaugment_posterize_at_full_magnitude_gives_black_not_an_error():
-    from fdcache.imagefolder import train_transform
+    from fdcache.tune.imagefolder import train_transform
 
     tf = train_transform("timm", 32, (0.5,) * 3, (0.5,) * 3, auto_augment="rand-m10-n1-inc1")
     ops = [op for t in tf.transforms for op in getattr(t, "ops", []) if op.name == "PosterizeIncreasing"]
@@ -374,7 +374,7 @@ def test_two_process_flyp_matches_one_process_on_the_same_global_batch(image_roo
 def test_a_clip_checkpoint_loads_into_the_timm_form_and_pools_as_ft_clip(tmp_path):
     """--model timm:<clip vit> --pretrained FILE: an open_clip checkpoint loads (strictly) and the
     pooled feature is FT-CLIP's: the final norm on each patch token, then their mean."""
-    from fdcache.classifiers import ModelSpec, build
+    from fdcache.tune.classifiers import ModelSpec, build
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -431,7 +431,7 @@ def test_bf16_autocast_runs_the_model_in_bf16_and_tracks_fp32(folder, tmp_path):
 def test_imagenet_class_names_follow_wnid_order_or_numeric_index_folders(tmp_path):
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
-    from fdcache.imagefolder import classnames_for
+    from fdcache.tune.imagefolder import classnames_for
 
     wnids = [f"n{i:08d}" for i in range(1000)]  # sorted WordNet ids: names in open_clip's order
     assert classnames_for(wnids, "imagenet") == list(IMAGENET_CLASSNAMES)
@@ -450,7 +450,7 @@ def test_imagenet_class_names_follow_wnid_order_or_numeric_index_folders(tmp_pat
 
 
 def test_non_finite_loss_stops_with_the_step_and_a_checkpoint(folder, tmp_path):
-    from fdcache.finetune import FinetuneError
+    from fdcache.tune.finetune import FinetuneError
 
     ft = Finetuner(fcfg(tmp_path / "r", folder, steps=3))
     with torch.no_grad():
@@ -486,7 +486,7 @@ def test_loader_workers_outlive_a_ctrl_c_so_the_step_in_flight_can_finish(folder
     import os
     import signal
 
-    from fdcache.imagefolder import EpochSampler
+    from fdcache.tune.imagefolder import EpochSampler
 
     ds = LabeledImages(folder, eval_transform(32, (0.5,) * 3, (0.5,) * 3, 1.0))
     it = iter(train_loader(ds, EpochSampler(len(ds), 4, seed=0), 1, False))

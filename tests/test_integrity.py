@@ -16,13 +16,13 @@ from typer.testing import CliRunner
 from conftest import tree_bytes
 from fdcache.errors import (BadImageError, ConfigError, DataError, StoreDataError, StoreError,
                             StoreLockedError, TeacherError, VerifyError)
-from fdcache.extract import ExtractConfig, extract, open_or_create
-from fdcache.inspection import verify_store
-from fdcache.manifest import index
+from fdcache.distill.extract import ExtractConfig, extract, open_or_create
+from fdcache.store.inspect import verify_store
+from fdcache.store.manifest import index
 from fdcache.samples import make_image_folder
-from fdcache.store import Store, WriterLock
-from fdcache.teachers import TINY_TEACHER, load_teacher
-from fdcache.train import Trainer, TrainConfig
+from fdcache.store.store import Store, WriterLock
+from fdcache.distill.teachers import TINY_TEACHER, load_teacher
+from fdcache.distill.train import Trainer, TrainConfig
 
 
 def cfg(data, out, **kw) -> ExtractConfig:
@@ -198,7 +198,7 @@ def test_overwrite_replaces_an_fdcache_store_and_an_empty_folder(small_root, tmp
 def test_a_second_writer_is_refused_naming_the_holder(small_root, tmp_path):
     out = tmp_path / "s.zarr"
     holder = subprocess.Popen(  # another process holding the store, as a running extract does
-        [sys.executable, "-c", "import sys, time; from fdcache.store import WriterLock; "
+        [sys.executable, "-c", "import sys, time; from fdcache.store.store import WriterLock; "
          "WriterLock(sys.argv[1]).__enter__(); print('held', flush=True); time.sleep(120)", str(out)],
         stdout=subprocess.PIPE, text=True)
     try:
@@ -363,7 +363,7 @@ def test_extract_options_out_of_range_are_named(tmp_path, field, value):
 
 @pytest.mark.parametrize("field", ["batch_size", "accum_steps", "save_every"])
 def test_train_and_finetune_options_out_of_range_are_named(tmp_path, field):
-    from fdcache.finetune import make_config
+    from fdcache.tune.finetune import make_config
 
     with pytest.raises(ConfigError, match=f"--{field.replace('_', '-')}"):
         TrainConfig(out=str(tmp_path), online=True, **{field: 0})
@@ -372,7 +372,7 @@ def test_train_and_finetune_options_out_of_range_are_named(tmp_path, field):
 
 
 def test_teacher_and_student_resolution_and_pretrained_file_are_named_errors(tmp_path):
-    from fdcache.students import build_student
+    from fdcache.distill.students import build_student
 
     with pytest.raises(TeacherError, match="--resolution 7"):
         load_teacher(TINY_TEACHER, random_init=True, resolution=7)

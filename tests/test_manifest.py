@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from fdcache.errors import BadImageError, DataError
-from fdcache.manifest import compare_files, index, read_size
+from fdcache.store.manifest import compare_files, index, read_size
 
 
 def test_indexes_an_image_folder_with_labels_and_oriented_sizes(image_root):

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from fdcache.cli.app import app
 from fdcache.errors import FdcacheError
-from fdcache.plots import bench_figure, plot_path, read_log
+from fdcache.tools.plots import bench_figure, plot_path, read_log
 
 pytest.importorskip("matplotlib")
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -12,10 +12,10 @@ from zarr.storage import LocalStore
 
 from conftest import extract_tiny, tree_bytes
 from fdcache.errors import FdcacheError, StoreError, StoreMismatchError
-from fdcache.extract import ExtractConfig, _split, extract
-from fdcache.manifest import index
-from fdcache.store import Store
-from fdcache.teachers import TINY_TEACHER
+from fdcache.distill.extract import ExtractConfig, _split, extract
+from fdcache.store.manifest import index
+from fdcache.store.store import Store
+from fdcache.distill.teachers import TINY_TEACHER
 
 _KEY = re.compile(r"^(targets|qparams|skipped|done)/c/(\d+)/(\d+)(/|$)")
 

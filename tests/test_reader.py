@@ -13,7 +13,7 @@ import zarr
 from conftest import synthetic_store
 from fdcache.codecs import CodecSpec
 from fdcache.errors import StoreDataError, StoreError
-from fdcache.store import Store
+from fdcache.store.store import Store
 
 CODECS = [CodecSpec(name, comp) for name in ("fp16", "int8") for comp in ("zstd", "none")] + [CodecSpec("int4-dither")]
 
@@ -141,7 +141,7 @@ def test_readme_snippets_run(made):
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_a_plain_dataloader_over_the_store_gives_each_samples_target(made, workers):
-    from fdcache.dataset import StoreDataset
+    from fdcache.store.dataset import StoreDataset
 
     store, _ = made
     ds = StoreDataset(store.url, seed=1)
@@ -161,9 +161,9 @@ def test_a_plain_dataloader_over_the_store_gives_each_samples_target(made, worke
 def test_a_dithered_int4_store_is_reproducible_and_trains(image_root, tmp_path):
     """The dither is keyed by (seed, sample, token): two extractions give the same bytes."""
     from conftest import tree_bytes
-    from fdcache.extract import ExtractConfig, extract
-    from fdcache.teachers import TINY_TEACHER
-    from fdcache.train import TrainConfig, Trainer
+    from fdcache.distill.extract import ExtractConfig, extract
+    from fdcache.distill.teachers import TINY_TEACHER
+    from fdcache.distill.train import TrainConfig, Trainer
 
     def run(out, batch):
         extract(ExtractConfig(data=str(image_root), out=str(out), teacher=TINY_TEACHER, random_init=True, seeds=1,

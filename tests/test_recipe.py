@@ -18,12 +18,12 @@ from torchvision.transforms import RandomResizedCrop
 from typer.testing import CliRunner
 
 from fdcache.cli.app import app
-from fdcache.finetune import Finetuner, finetune, make_config
-from fdcache.imagefolder import train_loader
-from fdcache.teachers import TINY_TEACHER
-from fdcache.train import TrainConfig, Trainer, train
-from fdcache.views import ViewPolicy, sample_view
-from fdcache.wise import interpolate, wise
+from fdcache.tune.finetune import Finetuner, finetune, make_config
+from fdcache.tune.imagefolder import train_loader
+from fdcache.distill.teachers import TINY_TEACHER
+from fdcache.distill.train import TrainConfig, Trainer, train
+from fdcache.store.views import ViewPolicy, sample_view
+from fdcache.tune.wise import interpolate, wise
 
 
 @contextmanager

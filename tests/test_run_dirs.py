@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 from fdcache.cli.app import app
 from fdcache.config import TrainConfig
 from fdcache.errors import ConfigError, FdcacheError
-from fdcache.wise import wise
+from fdcache.tune.wise import wise
 
 
 def test_train_into_a_regular_file_is_a_named_error_and_leaves_it(tiny_store, tmp_path):

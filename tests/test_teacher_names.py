@@ -4,10 +4,10 @@ missing weights on a machine without network fail at once with what to do."""
 import huggingface_hub.constants as hub
 import pytest
 
-from fdcache import teachers
+from fdcache.distill import teachers
 from fdcache.errors import FdcacheError, TeacherError
-from fdcache.students import build_student
-from fdcache.teachers import load_teacher, openclip_name, parse_teacher_name
+from fdcache.distill.students import build_student
+from fdcache.distill.teachers import load_teacher, openclip_name, parse_teacher_name
 
 
 @pytest.mark.parametrize("name, pretrained, hint", [

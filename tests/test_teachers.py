@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fdcache.errors import TeacherError
-from fdcache.teachers import TINY_TEACHER, load_teacher, parse_teacher_name
+from fdcache.distill.teachers import TINY_TEACHER, load_teacher, parse_teacher_name
 
 
 def test_teacher_tokens_are_post_norm_incl_cls_and_project_to_open_clips_embedding():

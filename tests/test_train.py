@@ -7,12 +7,12 @@ import torch
 
 from fdcache.codecs import CodecSpec
 from fdcache.errors import FdcacheError, StoreError, StoreMismatchError
-from fdcache.extract import ExtractConfig, extract
+from fdcache.distill.extract import ExtractConfig, extract
 from fdcache.kernels import fd_loss_reference
-from fdcache.store import Store
-from fdcache.students import build_student, resize_token_grid
-from fdcache.teachers import TINY_TEACHER
-from fdcache.train import TrainConfig, Trainer, TrainError, train
+from fdcache.store.store import Store
+from fdcache.distill.students import build_student, resize_token_grid
+from fdcache.distill.teachers import TINY_TEACHER
+from fdcache.distill.train import TrainConfig, Trainer, TrainError, train
 
 from conftest import interrupt_at, one_and_two_processes
 

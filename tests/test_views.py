@@ -5,7 +5,7 @@ import pytest
 import torch
 from torchvision.transforms import RandomResizedCrop
 
-from fdcache.views import View, ViewPolicy, sample_view, sample_views
+from fdcache.store.views import View, ViewPolicy, sample_view, sample_views
 
 
 def test_same_inputs_give_the_same_view_in_any_order():

@@ -19,7 +19,7 @@ class StoreDataset(torch.utils.data.Dataset):
     def __init__(self, url: str, seed: int = 0, decode: bool = True, threads: int | None = None):
         store = Store.open(url)
         if not 0 <= seed < store.num_seeds:
-            from .errors import StoreError
+            from ..errors import StoreError
             raise StoreError(f"seed {seed} is not in {url} (it has {store.num_seeds} seeds)")
         self.seed, self.decode = seed, decode
         self.codec = store.info.codec

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .classifiers import read_clip_rest, read_export, save_export
-from .errors import FdcacheError
+from ..errors import FdcacheError
 
 
 def interpolate(zeroshot: dict, finetuned: dict, alpha: float) -> dict:
@@ -77,7 +77,7 @@ def sweep(zeroshot: str | Path, finetuned: str | Path, alphas: list[float], out:
     """``fdcache wise``: write each alpha's export and, with ``data``, evaluate it there.
     Returns (alpha, export, results or None) per alpha."""
     from .classifiers import load_export
-    from .distributed import Dist, device_for
+    from ..distributed import Dist, device_for
     from .evaluate import evaluate
 
     dev = device_for(Dist(), device)

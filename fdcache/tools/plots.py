@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import FdcacheError
+from ..errors import FdcacheError
 
 WISE_RESULTS = "wise.json"
 

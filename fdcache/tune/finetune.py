@@ -25,15 +25,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import distributed
+from .. import distributed
 from .classifiers import ModelSpec, init_model, save_export, templates_of, tokenizer_of
-from .config import FinetuneConfig
-from .engine import Engine, FitResult
-from .errors import DataError, FdcacheError
+from ..config import FinetuneConfig
+from ..engine import Engine, FitResult
+from ..errors import DataError, FdcacheError
 from .imagefolder import (EpochSampler, LabeledImages, classnames_for, find_classes, train_loader,
                           train_transform)
 
-PRESET_DIR = Path(__file__).parent / "presets"
+PRESET_DIR = Path(__file__).parents[1] / "presets"
 
 
 class FinetuneError(FdcacheError):

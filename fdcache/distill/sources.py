@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .reader import TargetReader
-from .views import ViewPolicy, sample_view
+from ..store.reader import TargetReader
+from ..store.views import ViewPolicy, sample_view
 
 
 def epoch_order(run_seed: int, epoch: int, eligible: np.ndarray) -> np.ndarray:

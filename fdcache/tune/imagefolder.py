@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .errors import DataError
-from .sources import epoch_order, rank_slice
+from ..errors import DataError
+from ..distill.sources import epoch_order, rank_slice
 
 
 def find_classes(root: str | Path) -> list[str]:

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import FdcacheError
-from .teachers import create_openclip, create_timm, openclip_name, parse_teacher_name
+from ..errors import FdcacheError
+from ..distill.teachers import create_openclip, create_timm, openclip_name, parse_teacher_name
 
 TEMPLATES = ("openai", "simple")
 NO_DROP_PATH = ("open_clip's CLIP towers have no drop path; use --drop-path 0, or the timm form of the "
@@ -330,7 +330,7 @@ def save_export(out: str | Path, spec: ModelSpec, model: nn.Module | dict, ema: 
 def library_forms(out: Path, spec: ModelSpec, model: nn.Module | dict, state: dict,
                   ema_state: dict | None, clip_rest: dict | None = None) -> list[str]:
     """Write the timm / open_clip form of an export; returns the calls that load it."""
-    from . import exports
+    from .. import exports
 
     if spec.kind == "clip":
         exports.write_openclip_config(out, spec.name, spec.resolution, spec.mean, spec.std)

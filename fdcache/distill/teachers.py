@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import TeacherError
+from ..errors import TeacherError
 
-CONFIG_DIR = Path(__file__).parent / "model_configs"
+CONFIG_DIR = Path(__file__).parents[1] / "model_configs"
 TINY_TEACHER = "fdcache-tiny-vit"  # random-init test teacher shipped with the package
 
 

@@ -18,16 +18,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import distributed
-from .config import TrainConfig
-from .engine import Engine, FitResult
-from .errors import FdcacheError, StoreError, StoreMismatchError
-from .kernels import fd_loss
+from .. import distributed
+from ..config import TrainConfig
+from ..engine import Engine, FitResult
+from ..errors import FdcacheError, StoreError, StoreMismatchError
+from ..kernels import fd_loss
 from .loader import Batch, batches, resolve_workers
-from .manifest import index, require_unchanged
+from ..store.manifest import index, require_unchanged
 from .pixels import dali_device
 from .sources import TrainSource
-from .store import Store
+from ..store.store import Store
 from .students import build_student, check_token_layout, export_state_dict, resize_token_grid
 from .teachers import load_teacher
 
@@ -226,7 +226,7 @@ class Trainer:
         ``timm.create_model("local-dir:OUT", pretrained=True)`` loads it without fdcache."""
         from safetensors.torch import save_file
 
-        from .exports import update_fdcache_block, write_timm_config
+        from ..exports import update_fdcache_block, write_timm_config
         from .students import PRESETS, fd_options
 
         ema = self.engine.ema

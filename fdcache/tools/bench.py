@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 
-from .codecs import CodecSpec
-from .extract import ExtractConfig, extract
-from .samples import make_image_folder
-from .students import build_student
-from .teachers import load_teacher
-from .train import TrainConfig, Trainer
+from ..codecs import CodecSpec
+from ..distill.extract import ExtractConfig, extract
+from ..samples import make_image_folder
+from ..distill.students import build_student
+from ..distill.teachers import load_teacher
+from ..distill.train import TrainConfig, Trainer
 
 MODES = ("ceiling", "offline", "online", "teacher", "extract")
 
@@ -95,7 +95,7 @@ class _Ceiling:
     """The trainer's own step on fixed in-device data: same model, optimizer, loss, AMP."""
 
     def __init__(self, trainer: Trainer, batch):
-        from .loader import Batch
+        from ..distill.loader import Batch
 
         dev = trainer.device
         t = trainer.tspec
@@ -261,7 +261,7 @@ def diagnose(out: dict, ratios: dict, target: float = 0.9) -> list[str]:
 
 
 def plot(result: dict, path: str) -> None:
-    """The figures as ratios (:func:`fdcache.plots.bench_figure`)."""
+    """The figures as ratios (:func:`fdcache.tools.plots.bench_figure`)."""
     from .plots import bench_figure
 
     bench_figure(result, path)

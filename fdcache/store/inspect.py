@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import StoreError, VerifyError
+from ..errors import StoreError, VerifyError
 from .manifest import compare_files
 from .store import Store
 

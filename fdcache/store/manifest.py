@@ -25,7 +25,7 @@ import google_crc32c
 import numpy as np
 from PIL import Image
 
-from .errors import BadImageError, DataError, StoreMismatchError
+from ..errors import BadImageError, DataError, StoreMismatchError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".jp2")
 _SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that transpose the image

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import google_crc32c
 import numpy as np
 
-from .errors import StoreDataError, StoreError
+from ..errors import StoreDataError, StoreError
 
 _EMPTY = np.uint64(2**64 - 1)  # index entry of a chunk that was never written
 _MAX_OPEN = 128  # shard files kept open per reader

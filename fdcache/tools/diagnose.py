@@ -30,8 +30,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .errors import DataError, FdcacheError, TeacherError
-from .manifest import IMAGE_EXTENSIONS
+from ..errors import DataError, FdcacheError, TeacherError
+from ..store.manifest import IMAGE_EXTENSIONS
 
 RANDOM = "random-init"  # a --pretrained value: seeded random weights for that model
 
@@ -73,7 +73,7 @@ def load_subject(name: str, pretrained: str | None = None, *, resolution: int | 
     ``random-init``), or an fdcache run directory (``name`` is a directory)."""
     if Path(name).is_dir():
         return load_run(Path(name), label)
-    from .teachers import load_teacher
+    from ..distill.teachers import load_teacher
 
     random_init = pretrained == RANDOM
     teacher = load_teacher(name, None if random_init else pretrained, random_init=random_init,
@@ -85,8 +85,8 @@ def load_subject(name: str, pretrained: str | None = None, *, resolution: int | 
 def load_run(path: Path, label: str | None = None) -> Subject:
     """An ``fdcache train`` student export or a ``finetune``/``flyp``/``wise`` export.
     The one place that knows the run-directory formats."""
-    from .classifiers import load_export
-    from .exports import CONFIG, read_json
+    from ..tune.classifiers import load_export
+    from ..exports import CONFIG, read_json
 
     label = label or path.name
     if read_json(path / CONFIG).get("fdcache", {}).get("export", {}).get("kind") == "student":
@@ -194,7 +194,7 @@ def list_images(root: str | Path, limit: int | None) -> list[Path]:
 def _batches(paths: list[Path], subject: Subject, batch_size: int):
     from PIL import Image, UnidentifiedImageError
 
-    from .imagefolder import eval_transform
+    from ..tune.imagefolder import eval_transform
 
     tf = eval_transform(subject.resolution, subject.mean, subject.std, crop_pct=1.0)
     for i in range(0, len(paths), batch_size):

@@ -19,15 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import distributed
-from .codecs import CodecSpec
-from .errors import BadImageError, FdcacheError, StoreError
-from .manifest import Manifest, index
-from .options import require
+from .. import distributed
+from ..codecs import CodecSpec
+from ..errors import BadImageError, FdcacheError, StoreError
+from ..store.manifest import Manifest, index
+from ..options import require
 from .pixels import PixelStream, ViewBatches, dali_device
-from .store import Store, StoreInfo, WriterLock, refuse_unless_ours, remove_interrupted_writes
+from ..store.store import Store, StoreInfo, WriterLock, refuse_unless_ours, remove_interrupted_writes
 from .teachers import Teacher, load_teacher
-from .views import ViewPolicy
+from ..store.views import ViewPolicy
 
 
 @dataclass
@@ -276,6 +276,6 @@ def _drain(pending: list[Future], limit: int) -> None:
 
 
 def _progress(total: int, enabled: bool):
-    from .progress import Progress
+    from ..progress import Progress
 
     return Progress("extract", total, unit="img", enabled=enabled and total > 0)

@@ -41,11 +41,11 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from . import __version__
-from .codecs import CodecSpec
-from .errors import StoreDataError, StoreError, StoreLockedError, StoreMismatchError
+from .. import __version__
+from ..codecs import CodecSpec
+from ..errors import StoreDataError, StoreError, StoreLockedError, StoreMismatchError
 from .manifest import Manifest
-from .teachers import TeacherSpec
+from ..distill.teachers import TeacherSpec
 from .views import ViewPolicy, sample_views
 
 FORMAT_VERSION = 2
@@ -359,7 +359,7 @@ class Store:
         self.group["done"][seed, k] = 0
 
     def reader(self, threads: int | None = None):
-        """The one reader of stored arrays (see :class:`fdcache.reader.TargetReader`): batch reads
+        """The one reader of stored arrays (see :class:`fdcache.store.reader.TargetReader`): batch reads
         of ``(seed, indices)``, checksums checked, lost data an error. ``threads``: read and
         decode threads per batch (default: up to 4)."""
         from .reader import Layout, TargetReader

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .errors import BadImageError, DataError
+from ..errors import BadImageError, DataError
 
 
 def _placeholder_png() -> np.ndarray:

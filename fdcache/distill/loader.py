@@ -18,8 +18,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .codecs import CodecSpec
-from .errors import FdcacheError
+from ..codecs import CodecSpec
+from ..errors import FdcacheError
 from .pixels import explain_decode_failure, pixel_pipeline
 from .sources import TrainSource
 

@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from .classifiers import ModelSpec, ZeroShotClassifier, templates_of, tokenizer_of, zeroshot_weights
-from .distributed import Dist
-from .engine import amp_dtype
-from .errors import FdcacheError
-from .progress import Progress
+from ..distributed import Dist
+from ..engine import amp_dtype
+from ..errors import FdcacheError
+from ..progress import Progress
 from .imagefolder import LabeledImages, classnames_for, eval_loader, eval_transform, find_classes
 
 TOPK = (1, 5)
@@ -122,7 +122,7 @@ def evaluate_run(data: list[str], *, run: str | None = None, model: str | None =
     each folder in ``data``. Returns the report on rank 0 (None elsewhere): results per
     set and, with several sets, ``shift_mean`` (FLYP's "avg OOD": the mean over the sets
     after the first)."""
-    from . import distributed
+    from .. import distributed
     from .classifiers import init_model, load_export
 
     if (run is None) == (model is None):

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import DEFAULT_STUDENT  # noqa: F401 (declared with the configs)
-from .errors import ConfigError, FdcacheError
+from ..config import DEFAULT_STUDENT  # noqa: F401 (declared with the configs)
+from ..errors import ConfigError, FdcacheError
 
 # Small configs for tests, quickstart and CPU benchmarks (random init; same code path).
 PRESETS = {

@@ -1,0 +1,1 @@
+"""Tools around the jobs: bench, diagnose, plots, quickstart, real trained weights."""

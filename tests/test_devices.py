@@ -142,37 +142,49 @@ def test_loader_workers_default_on_with_cuda_only():
 
 
 @dataclasses.dataclass
-class SlowSource(TrainSource):
-    """A TrainSource whose batch reads take 0.1 s and leave a timestamp file per batch."""
+class StampedSource(TrainSource):
+    """A TrainSource that leaves a file per batch it reads: the reading process's pid, and
+    whether the main process was inside ``next(stream)`` then (the ``inside`` file)."""
 
     stamps: str = ""
 
     def __call__(self, info):
         out = super().__call__(info)
-        time.sleep(0.1)
-        Path(self.stamps, f"{info.epoch_idx}-{info.iteration}").write_text(repr(time.time()))
+        inside = Path(self.stamps, "inside").exists()
+        Path(self.stamps, f"{info.epoch_idx}-{info.iteration}").write_text(f"{os.getpid()} {int(inside)}")
         return out
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_worker_reads_overlap_the_step_only_with_workers(image_root, tmp_path, workers):
-    """With workers, samples of later batches are read *while* the (simulated) GPU step
-    runs; with 0 every read happens inside ``pipe.run()``, between steps."""
+    """With workers, batches are read by other processes, ahead of the batch the step asks
+    for, so reads run while the step does; with 0, every read happens in this process
+    inside ``next(stream)``, between steps. (Pids and a flag, not the clock.)"""
     t = Trainer(_online(tmp_path / "t", image_root, loader_workers=workers))
     src = t.source
-    slow = SlowSource(**{f.name: getattr(src, f.name) for f in dataclasses.fields(TrainSource)},
-                      stamps=str(tmp_path))
-    stream = loader.batches(slow, resolution=t.sspec.resolution, mean=t.sspec.mean, std=t.sspec.std,
+    stamps = tmp_path / "stamps"
+    stamps.mkdir()
+    inside = stamps / "inside"
+    source = StampedSource(**{f.name: getattr(src, f.name) for f in dataclasses.fields(TrainSource)},
+                           stamps=str(stamps))
+    inside.touch()
+    stream = loader.batches(source, resolution=t.sspec.resolution, mean=t.sspec.mean, std=t.sspec.std,
                             num_threads=1, parallel=workers > 0, py_workers=max(1, workers), device="cpu")
-    steps = []
     for _ in range(3):
+        inside.touch()
         next(stream)
-        a = time.time()
-        time.sleep(0.5)  # the step
-        steps.append((a, time.time()))
-    stamps = [float(p.read_text()) for p in tmp_path.glob("0-*")]
-    during = [s for s in stamps if any(a <= s <= b for a, b in steps)]
-    assert bool(during) == (workers > 0), (len(during), len(stamps))
+        inside.unlink()  # the step
+    ahead = stamps / "0-3"  # a batch no step has asked for yet
+    for _ in range(6000 if workers else 0):  # up to 60 s: a condition, not a duration
+        if ahead.exists():
+            break
+        time.sleep(0.01)
+    read = [p.read_text().split() for p in stamps.glob("0-*")]
+    assert len(read) >= 3
+    if workers:
+        assert ahead.exists() and all(int(pid) != os.getpid() for pid, _ in read)
+    else:
+        assert all(int(pid) == os.getpid() and flag == "1" for pid, flag in read)
 
 
 class _FakeStream:

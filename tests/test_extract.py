@@ -5,7 +5,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +13,12 @@ import torch
 
 from conftest import tree_bytes
 from fdcache.codecs import CodecSpec, whitened_error
-from fdcache.errors import BadImageError, StoreError, StoreMismatchError, VerifyError
+from fdcache.errors import BadImageError, StoreError, StoreLockedError, StoreMismatchError, VerifyError
 from fdcache.distill.extract import ExtractConfig, extract
 from fdcache.store.inspect import inspect_store, verify_store
 from fdcache.distill.pixels import reference_pixels
 from fdcache.store.store import Store
-from fdcache.distill.teachers import TINY_TEACHER
+from fdcache.distill.teachers import TINY_TEACHER, load_teacher
 
 
 def cfg(data, out, **kw) -> ExtractConfig:
@@ -113,26 +112,35 @@ def test_write_error_mid_run_keeps_the_store_resumable_and_resume_is_byte_identi
     assert tree_bytes(out) == tree_bytes(fp16_store)
 
 
+# Runs `fdcache extract` and SIGKILLs itself right after its KILL_AFTER-th shard write
+# returns (the other writer thread may be mid-write): a kill at a known point, not a timing.
+_KILLED_EXTRACT = """
+import os, signal, sys
+from fdcache.store.store import Store
+from fdcache.cli.app import main
+real, calls = Store.write_shard, []
+def write_shard(self, *args, **kw):
+    real(self, *args, **kw)
+    calls.append(1)
+    if len(calls) == int(os.environ["KILL_AFTER"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+Store.write_shard = write_shard
+sys.argv = ["fdcache", *sys.argv[1:]]
+main()
+"""
+
+
 def test_sigkill_mid_run_then_resume_is_byte_identical(image_root, tmp_path):
-    args = [sys.executable, "-m", "fdcache", "extract", str(image_root), "--teacher", TINY_TEACHER,
-            "--random-init", "--seeds", "6", "--batch-size", "2", "--shard-size", "2", "--threads", "1"]
-    ref = tmp_path / "ref.zarr"
-    subprocess.run(args + ["--out", str(ref)], check=True, capture_output=True)
-    for attempt in range(3):  # a loaded machine may let the run finish before the kill lands
-        out = tmp_path / f"killed{attempt}.zarr"
-        proc = subprocess.Popen(args + ["--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            if len(list((out / "done").rglob("c/*/*"))) >= 1:
-                break
-            time.sleep(0.002)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        done = Store.open(str(out)).done()
-        if done.sum() < done.size:
-            break
-    assert 0 < done.sum() < done.size, "the kill must land mid-run"
-    subprocess.run(args + ["--out", str(out)], check=True, capture_output=True)
+    args = ["extract", str(image_root), "--teacher", TINY_TEACHER, "--random-init", "--seeds", "3",
+            "--batch-size", "2", "--shard-size", "2", "--threads", "1"]
+    ref, out = tmp_path / "ref.zarr", tmp_path / "killed.zarr"
+    subprocess.run([sys.executable, "-m", "fdcache", *args, "--out", str(ref)], check=True, capture_output=True)
+    killed = subprocess.run([sys.executable, "-c", _KILLED_EXTRACT, *args, "--out", str(out)],
+                            capture_output=True, env=dict(os.environ, KILL_AFTER="5"))
+    assert killed.returncode == -signal.SIGKILL
+    done = Store.open(str(out)).done()
+    assert 5 <= done.sum() < done.size  # 3 seeds x 9 shards
+    subprocess.run([sys.executable, "-m", "fdcache", *args, "--out", str(out)], check=True, capture_output=True)
     assert tree_bytes(out) == tree_bytes(ref)
 
 
@@ -247,6 +255,69 @@ def test_verify_warns_on_new_mtimes_and_content_check_names_a_same_size_edit(ima
     with pytest.raises(VerifyError) as e:
         verify_store(str(out), content=True)
     assert e.value.problems == [f"dataset: {edited.relative_to(images).as_posix()}: content changed (crc32c differs)"]
+
+
+def test_verify_content_finds_an_edit_past_the_first_4_mib_of_a_file(images, tmp_path):
+    from PIL import Image
+
+    big = images / "class_000" / "big.bmp"  # 1200x1200 RGB: 4.3 MB, past one 4 MiB read
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (1200, 1200, 3), dtype=np.uint8)).save(big)
+    assert big.stat().st_size > (4 << 20) + 1000
+    out = tmp_path / "v.zarr"
+    extract(cfg(images, out, seeds=1))
+    st = big.stat()
+    raw = bytearray(big.read_bytes())
+    raw[(4 << 20) + 500] ^= 0x01  # one pixel's byte, same size, mtime restored
+    big.write_bytes(bytes(raw))
+    os.utime(big, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert verify_store(str(out))["warnings"] == []
+    with pytest.raises(VerifyError) as e:
+        verify_store(str(out), content=True)
+    assert e.value.problems == ["dataset: class_000/big.bmp: content changed (crc32c differs)"]
+
+
+def test_a_second_writer_is_refused_while_the_first_computes_its_shards(image_root, tmp_path, monkeypatch):
+    """The writer lock is held for the whole extract, not only while the store is created:
+    a second extract started at each shard write (an injected hook, not a timing) is refused."""
+    out = tmp_path / "s.zarr"
+    refusals = []
+    real = Store.write_shard
+
+    def write_then_try_a_second_writer(self, seed, k, *args, **kw):
+        try:
+            extract(cfg(image_root, out))
+        except StoreLockedError as e:
+            refusals.append(str(e))
+        return real(self, seed, k, *args, **kw)
+
+    monkeypatch.setattr(Store, "write_shard", write_then_try_a_second_writer)
+    extract(cfg(image_root, out, writers=1))
+    assert len(refusals) == 10  # 2 seeds x 5 shards: refused at every one
+    assert all("being written by another fdcache process" in r and f"\"pid\": {os.getpid()}" in r
+               for r in refusals)
+    monkeypatch.undo()
+    assert verify_store(str(out))["shards_checked"] == 10
+    assert extract(cfg(image_root, out)).shards == 0  # released at the end: the next run gets it
+
+
+def test_int4_dither_of_each_row_is_keyed_by_its_seed_and_sample(image_root, tmp_path):
+    """Stored int4-dither bytes are ``quantize_int4(x, u=dither(seed, sample))`` of the
+    teacher's map, for every seed: the key's definition, not a second run of the same code."""
+    from fdcache.codecs.int4 import dither, quantize_int4
+
+    teacher = load_teacher(TINY_TEACHER, random_init=True)
+    teacher.register_forward_hook(lambda m, i, out: out.half().float())  # fp16-exact maps
+    extract(cfg(image_root, tmp_path / "fp16.zarr", shard_size=6, batch_size=6), teacher=teacher)
+    extract(cfg(image_root, tmp_path / "int4.zarr", shard_size=6, batch_size=6,
+                codec=CodecSpec("int4-dither")), teacher=teacher)
+    exact, int4 = Store.open(str(tmp_path / "fp16.zarr")), Store.open(str(tmp_path / "int4.zarr"))
+    samples = torch.arange(18)
+    for seed in range(2):
+        x = exact.read(seed, 0, 18)  # the teacher's map, exactly (fp16 in, fp16 stored)
+        packed, qp = quantize_int4(x, u=dither(seed, samples, x.shape[1], x.shape[2]))
+        stored = int4.reader().read(seed, samples.numpy())
+        assert np.array_equal(stored["targets"], packed.numpy()), seed
+        assert np.array_equal(stored["qparams"], qp.numpy()), seed
 
 
 def test_fsspec_urls_work_as_store_locations(image_root, tmp_path):

@@ -121,6 +121,18 @@ def test_flyp_loss_is_clip_loss_on_prompt_captions(folder, tmp_path):
     assert not torch.equal(ft.template_ids(0, every), ft.template_ids(1, every))  # a new draw per epoch
 
 
+@pytest.mark.parametrize("start, clamped", [(np.log(150.0), np.log(100.0)), (-0.5, 0.0)])
+def test_flyp_clamps_the_logit_scale_to_0_ln100_after_each_step(folder, tmp_path, start, clamped):
+    """open_clip's trainer: ``logit_scale.clamp_(0, ln 100)`` after every update, so the
+    temperature never passes 100 (the scale is stored as its log)."""
+    ft = Finetuner(fcfg(tmp_path, folder, mode="flyp", templates="simple"))
+    with torch.no_grad():
+        ft.model.logit_scale.fill_(start)
+    ft.engine.forward_backward(next(ft.stream()))
+    ft.engine.optimizer_step()
+    assert ft.model.logit_scale.item() == pytest.approx(clamped, abs=1e-6)
+
+
 def test_zero_shot_head_is_the_normalised_mean_of_template_embeddings():
     names = ["cat", "dog", "red car"]
     templates = templates_of("simple")

@@ -198,9 +198,9 @@ def test_overwrite_replaces_an_fdcache_store_and_an_empty_folder(small_root, tmp
 def test_a_second_writer_is_refused_naming_the_holder(small_root, tmp_path):
     out = tmp_path / "s.zarr"
     holder = subprocess.Popen(  # another process holding the store, as a running extract does
-        [sys.executable, "-c", "import sys, time; from fdcache.store.store import WriterLock; "
-         "WriterLock(sys.argv[1]).__enter__(); print('held', flush=True); time.sleep(120)", str(out)],
-        stdout=subprocess.PIPE, text=True)
+        [sys.executable, "-c", "import sys; from fdcache.store.store import WriterLock; "
+         "WriterLock(sys.argv[1]).__enter__(); print('held', flush=True); sys.stdin.read()", str(out)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # holds it until killed
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(StoreLockedError, match=rf"{socket.gethostname()}.*{holder.pid}"):

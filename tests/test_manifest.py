@@ -1,11 +1,13 @@
 import os
+import shutil
 
+import google_crc32c
 import numpy as np
 import pytest
 from PIL import Image
 
 from fdcache.errors import BadImageError, DataError
-from fdcache.store.manifest import compare_files, index, read_size
+from fdcache.store.manifest import compare_files, file_crc32c, index, read_size
 
 
 def test_indexes_an_image_folder_with_labels_and_oriented_sizes(image_root):
@@ -31,6 +33,44 @@ def test_file_list_with_and_without_labels(image_root, tmp_path):
     lst.write_text(f"# comment\n{m.paths[3]} 7\n{m.paths[0]}\n")
     ml = index(image_root, file_list=lst)
     assert ml.paths == [m.paths[3], m.paths[0]] and ml.labels.tolist() == [7, -1]
+
+
+def test_file_list_labels_are_the_last_field_when_it_is_an_integer(images, tmp_path):
+    """``relative/path [label]``: any label >= 0 (not only 0..K-1), an explicit -1 for
+    unlabeled, and paths that hold spaces, with or without a label after them."""
+    m = index(images)
+    spaced = "class_001/my photo 2.jpg"
+    shutil.copy(images / m.paths[7], images / spaced)
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"{m.paths[0]} 1000\n{m.paths[1]} -1\n{spaced} 3\n{spaced}\n"
+                   f"  {m.paths[2]}\t0  \n{m.paths[3]} 42\n")
+    ml = index(images, file_list=lst)
+    assert ml.paths == [m.paths[0], m.paths[1], spaced, spaced, m.paths[2], m.paths[3]]
+    assert ml.labels.tolist() == [1000, -1, 3, -1, 0, 42]
+
+
+@pytest.mark.parametrize("label", ["-2", "-17"])
+def test_a_file_list_label_below_minus_one_is_refused_naming_the_line(images, tmp_path, label):
+    m = index(images)
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"{m.paths[0]} 1\n{m.paths[1]} {label}\n")
+    with pytest.raises(DataError, match=rf"list.txt, line 2: label {label}.*-1 for unlabeled"):
+        index(images, file_list=lst)
+
+
+def test_file_crc32c_is_the_crc32c_of_every_byte_of_the_file(tmp_path):
+    check = tmp_path / "check.bin"
+    check.write_bytes(b"123456789")
+    assert file_crc32c(check) == 0xE3069283  # CRC-32C's catalogued check value (RFC 3720)
+    # Longer than the 4 MiB read unit: the bytes after the first read count too.
+    data = np.random.default_rng(0).integers(0, 256, (4 << 20) + 1000, dtype=np.uint8).tobytes()
+    big = tmp_path / "big.bin"
+    big.write_bytes(data)
+    assert file_crc32c(big) == google_crc32c.value(data)
+    edited = bytearray(data)
+    edited[-1] ^= 1
+    big.write_bytes(bytes(edited))
+    assert file_crc32c(big) == google_crc32c.value(bytes(edited)) != google_crc32c.value(data)
 
 
 def test_fingerprint_binds_content_and_first_difference_names_the_file(images):

@@ -50,6 +50,22 @@ def test_decoded_reads_match_what_went_in_within_the_codecs_bound(made):
     assert not got[5].any()  # a skipped sample reads as the zeros extract recorded
 
 
+def test_a_skipped_sample_reads_as_zeros_into_a_reused_buffer(made):
+    """DALI hands the reader the same buffers batch after batch: a skipped sample must be
+    written as zeros, not left holding the previous batch's bytes (the buffer is filled
+    with a sentinel first, so nothing depends on what fresh memory happens to hold)."""
+    store, _ = made
+    reader = store.reader()
+    out = reader.empty(4)
+    for a in out.values():
+        a.view(np.uint8).fill(0x7F)
+    got = reader.read(0, [4, 5, 6, 7], out=out)
+    want = _zarr_rows(store, 0, [4, 5, 6, 7])
+    for name in want:
+        assert got[name] is out[name] and not got[name][1].any(), name
+        assert np.array_equal(got[name], want[name]), name
+
+
 def _shard_file(store: Store, name: str, seed: int, k: int) -> Path:
     return Path(store.url, name, "c", str(seed), str(k), "0", "0")
 
@@ -78,6 +94,34 @@ def test_a_flipped_byte_in_a_sample_fails_its_checksum(fp16_copy):
     reader.read(0, [4, 5, 6])
     with pytest.raises(StoreDataError, match=r"sample 7 fails its crc32c checksum.*--repair"):
         reader.read(0, [7])
+
+
+def _chunk_span(shard: Path, shard_size: int, j: int) -> tuple[int, int]:
+    """(offset, nbytes) of inner chunk ``j`` from the shard's index (Zarr v3 sharding: the
+    file ends with ``(offset, nbytes)`` uint64 pairs per chunk and their crc32c)."""
+    raw = shard.read_bytes()
+    index = np.frombuffer(raw[-(shard_size * 16 + 4):-4], "<u8").reshape(shard_size, 2)
+    return int(index[j, 0]), int(index[j, 1])
+
+
+@pytest.mark.parametrize("codec", ["fp16", "int8"])
+def test_a_flipped_byte_anywhere_in_a_zstd_chunk_fails_its_checksum(tmp_path, codec):
+    """Every stored byte of a compressed sample (zstd frame and crc32c) is covered by the
+    checksum: a flip is a StoreDataError naming the sample, whether or not zstd would still
+    decode the damaged frame."""
+    store, _ = synthetic_store(tmp_path / "s.zarr", CodecSpec(codec, "zstd"))
+    f = _shard_file(store, "targets", 0, 1)
+    clean = f.read_bytes()
+    off, n = _chunk_span(f, 4, 3)  # sample 7
+    for pos in range(off, off + n):
+        data = bytearray(clean)
+        data[pos] ^= 0x10
+        f.write_bytes(bytes(data))
+        reader = store.reader()
+        reader.read(0, [4, 5, 6])  # its neighbours still read
+        with pytest.raises(StoreDataError, match=r"sample 7 fails its crc32c checksum.*--repair"):
+            reader.read(0, [7])
+        reader.close()
 
 
 def test_a_damaged_shard_index_is_an_error(fp16_copy):

@@ -4,6 +4,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from fdcache.codecs import CodecSpec
 from fdcache.errors import FdcacheError, StoreError, StoreMismatchError
@@ -94,6 +95,24 @@ def test_export_loads_into_timm_without_the_fd_head(store, tmp_path):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model.forward_features(x), trained.forward_features(x))
+
+
+def test_a_student_at_another_resolution_exports_its_own_img_size_and_loads_in_timm(store, tmp_path):
+    """Teacher at 64 px, student at 96 (--resize-targets): the export is the student's, so
+    timm's local-dir loader rebuilds it at 96 with every weight (the relative position
+    tables are sized by the 96 px grid) and gives the trained backbone's features."""
+    import timm
+
+    r = train(tcfg(tmp_path / "r", cache=str(store), steps=1, resolution=96, resize_targets=True))
+    meta = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert meta["model_args"]["img_size"] in (96, [96, 96]) and meta["pretrained_cfg"]["input_size"] == [3, 96, 96]
+    model = timm.create_model(f"local-dir:{tmp_path / 'r'}", pretrained=True).eval()
+    assert model.patch_embed.img_size == (96, 96)
+    trained = Trainer(tcfg(tmp_path / "r2", cache=str(store), resolution=96, resize_targets=True)).model.backbone
+    trained.load_state_dict(load_file(r.export))
+    x = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(x), trained.eval().forward_features(x))
 
 
 def test_int8_store_trains_through_the_fused_kernel(image_root, tmp_path):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,15 +151,25 @@ def _undecodable_names(paths: list[str]) -> list[int]:
     return bad
 
 
+_LABEL = re.compile(r"-?[0-9]+")
+
+
 def _read_file_list(list_file: Path, root: Path) -> tuple[list[str], list[int], list[str], list[str]]:
+    """``relative/path [label]`` per line (``#`` comments, blank lines skipped). The last
+    whitespace-separated field is the label when it is an integer (any ``>= 0``, or ``-1``:
+    unlabeled, as a line without one); everything before it is the path, spaces included."""
     paths, labels = [], []
     for n, line in enumerate(list_file.read_text().splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         parts = line.rsplit(maxsplit=1)
-        if len(parts) == 2 and parts[1].lstrip("-").isdigit():
-            paths.append(parts[0]); labels.append(int(parts[1]))
+        if len(parts) == 2 and _LABEL.fullmatch(parts[1]):
+            label = int(parts[1])
+            if label < -1:
+                raise DataError(f"{list_file}, line {n}: label {label} is not a class index (labels are "
+                                "integers >= 0, or -1 for unlabeled)")
+            paths.append(parts[0]); labels.append(label)
         else:
             paths.append(line); labels.append(-1)
     for p in paths:

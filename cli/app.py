@@ -141,6 +141,7 @@ def train(
     compile_: bool = typer.Option(False, "--compile", rich_help_panel="Performance", help="torch.compile the student."),
     resize_targets: bool = typer.Option(False, rich_help_panel="Student", help="Resample the teacher's token grid to the student's."),
     allow_partial: bool = typer.Option(False, rich_help_panel="Data", help="Train on the completed shards of an unfinished store."),
+    seeds_used: Optional[int] = typer.Option(None, rich_help_panel="Data", help="Replay only the store's first N seeds (epoch e replays seed e mod N): one store serves every smaller seed count."),
     resume: bool = typer.Option(False, "--resume", rich_help_panel="Run", help="Continue the run in --out from checkpoints/last.pt."),
     overwrite: bool = typer.Option(False, "--overwrite", rich_help_panel="Run", help="Replace the run in --out (removes only fdcache's files there)."),
     save_every: int = typer.Option(T("save_every"), rich_help_panel="Run", help="Checkpoint every N steps (and at the end, or on Ctrl-C)."),
@@ -166,10 +167,10 @@ def train(
         accum_steps=accum_steps, base_lr=lr, warmup_epochs=warmup_epochs, warmup_steps=warmup_steps,
         weight_decay=weight_decay, clip_grad=clip_grad or None, ema_decay=ema_decay, loss_impl=_value(loss_impl),
         amp=_value(amp), compile=compile_, seed=seed, resize_targets=resize_targets, allow_partial=allow_partial,
-        resume=resume, overwrite=overwrite, save_every=save_every, run_steps=run_steps, log_every=log_every,
+        seeds_used=seeds_used, resume=resume, overwrite=overwrite, save_every=save_every, run_steps=run_steps, log_every=log_every,
         tensorboard=tensorboard, num_threads=threads, loader_workers=loader_workers, device=_value(device),
         progress=sys.stderr.isatty())
-    r = run(cfg)
+    r = run(cfg, announce=lambda text: err.print(text, highlight=False))
     if _is_main():
         last = f"{r.losses[-1]:.4f}" if r.losses else "-"
         out.print(f"trained {r.steps} step(s); last loss {last}; {r.images_per_s:,.1f} img/s; "
@@ -261,6 +262,48 @@ def verify(store: str = typer.Argument(..., help="Store path or URL."),
     out.print(f"[green]ok[/]: {r['shards_checked']} shard(s) of {r['seeds']} seed(s) x "
               f"{r['samples']} samples checksummed; {r['files_checked']} image file(s) "
               + ("byte-identical" if r["content_checked"] else "present with their recorded sizes"))
+
+
+@app.command()
+@handles_errors
+def score(
+    run: Path = typer.Argument(..., help="An fdcache train run directory (its checkpoints/last.pt: the student with its FD head)."),
+    cache: str = typer.Option(..., rich_help_panel="Held-out loss", help="Store of held-out images (views the run never saw), same teacher as the run's."),
+    seed: list[int] = typer.Option([], rich_help_panel="Held-out loss", help="Seeds of --cache to score (repeatable; default: all)."),
+    train_cache: Optional[str] = typer.Option(None, rich_help_panel="Train-store loss", help="The run's own store: its loss there, and the gap held-out - train."),
+    train_seed: list[int] = typer.Option([0], rich_help_panel="Train-store loss", help="Seeds of --train-cache to score (repeatable; default 0, which every replay factor trained on)."),
+    limit: Optional[int] = typer.Option(None, rich_help_panel="Held-out loss", help="Score at most the first N samples of each seed (both stores)."),
+    probe_train: Optional[Path] = typer.Option(None, rich_help_panel="Linear probe", help="Labelled image folder the probe is fitted on (whole images)."),
+    probe_val: Optional[Path] = typer.Option(None, rich_help_panel="Linear probe", help="Labelled image folder the probe's top-1 is read on."),
+    probe_l2: float = typer.Option(1e-4, rich_help_panel="Linear probe", help="L2 weight of the logistic regression (standardized features)."),
+    batch_size: int = typer.Option(64, rich_help_panel="Performance"),
+    threads: int = typer.Option(2, rich_help_panel="Performance", help="DALI threads."),
+    loss_impl: LossImpl = typer.Option(LossImpl.auto, rich_help_panel="Performance", help="FD loss: auto is Triton on CUDA, PyTorch otherwise."),
+    device: Device = typer.Option(Device.auto, rich_help_panel="Performance", help="Where the student runs."),
+    json_out: Optional[str] = typer.Option(None, "--json", metavar="FILE", rich_help_panel="Output", help=JSON_HELP),
+):
+    """A train run's student on data it never saw: held-out FD loss, the train - held-out gap, linear probe top-1.
+
+    The loss is training's own (same pixel pipeline, same codec inputs, same fd_loss) on a
+    store's recorded views; the probe is a logistic regression on frozen, mean-pooled features."""
+    from fdcache import distributed
+    from fdcache.distill.score import score as run_score
+
+    dev = distributed.device_for(distributed.Dist(), _value(device))
+    r = run_score(str(run), cache, train_cache=train_cache, train_seeds=train_seed or None, seeds=seed or None,
+                  limit=limit, probe_train=str(probe_train) if probe_train else None,
+                  probe_val=str(probe_val) if probe_val else None, probe_l2=probe_l2, batch_size=batch_size,
+                  threads=threads, loss_impl=_value(loss_impl), device=dev)
+    out.print(f"held-out FD loss {r.heldout.loss:.5f} ({r.heldout.samples} sample-views, seeds {r.heldout.seeds})",
+              highlight=False)
+    if r.train is not None:
+        out.print(f"train-store FD loss {r.train.loss:.5f} ({r.train.samples} sample-views, seeds {r.train.seeds}); "
+                  f"gap held-out - train {r.gap:+.5f}", highlight=False)
+    if r.probe is not None:
+        out.print(f"linear probe top-1 {100 * r.probe.top1:.2f}% on {r.probe.val_images} images "
+                  f"(fitted on {r.probe.train_images}, train top-1 {100 * r.probe.train_top1:.2f}%)", highlight=False)
+    if json_out:
+        _write_json(json_out, "score", r.to_dict())
 
 
 @app.command()

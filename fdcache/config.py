@@ -87,13 +87,14 @@ class TrainConfig(RunOptions, ScheduleOptions, OptimOptions):
     policy: ViewPolicy = field(default_factory=ViewPolicy)
     resize_targets: bool = False  # resample the teacher's token grid to the student's
     allow_partial: bool = False  # train on the completed shards of an unfinished store
+    seeds_used: int | None = None  # offline: replay only the store's first N seeds (None: all)
     num_threads: int = 4  # DALI threads
     loader_workers: int | str = "auto"  # >0: DALI parallel external source; auto: on with CUDA
     check_data: bool = True  # check the image folder still matches the store's manifest
 
     def __post_init__(self):
         require(self, positive=("batch_size", "accum_steps", "lr_batch", "save_every", "num_threads"),
-                optional_positive=("epochs", "steps", "run_steps", "resolution", "log_every"),
+                optional_positive=("epochs", "steps", "run_steps", "resolution", "log_every", "seeds_used"),
                 non_negative=("warmup_steps", "seed", "global_seed", "init_seed"))
         if self.epochs is not None and self.steps is not None:
             from .errors import ConfigError

@@ -2,7 +2,9 @@
 spawned workers import them without torch). Offline targets come from the store's reader,
 one batch read per call (many chunk reads in flight), never a zarr call per sample.
 
-Epoch ``e`` of an offline run replays seed ``e mod S`` of the store; an online run draws
+Epoch ``e`` of an offline run replays seed ``e mod S`` of the store (``S``: its seeds, or the
+first ``seeds`` of them: a store's seeds ``0..S-1`` are exactly the store an extract with
+``--seeds S`` makes, so one store serves every smaller S); an online run draws
 seed ``e`` (fresh views every epoch, as online FD). Sample order is a permutation keyed by
 ``(run_seed, epoch)``; rank ``r`` of ``W`` takes every ``W``-th sample, cut to whole batches so
 all ranks run the same number of steps and the union of the ranks' ``k``-th batches is the
@@ -42,6 +44,7 @@ class TrainSource:
     start_epoch: int = 0
     skip_samples: int = 0  # resume inside start_epoch (a whole number of batches)
     reader: TargetReader | None = None  # offline: views and targets from the store
+    seeds: int | None = None  # offline: replay the store's first ``seeds`` seeds only (None: all)
     # online: views drawn here
     widths: np.ndarray | None = None
     heights: np.ndarray | None = None
@@ -60,7 +63,9 @@ class TrainSource:
 
     @property
     def num_seeds(self) -> int:
-        return self.reader.num_seeds if self.offline else 1
+        if not self.offline:
+            return 1
+        return self.reader.num_seeds if self.seeds is None else min(self.seeds, self.reader.num_seeds)
 
     def seed_of(self, epoch: int) -> int:
         return epoch % self.num_seeds if self.offline else epoch

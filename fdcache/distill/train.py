@@ -95,6 +95,11 @@ class Trainer:
         if error is not None:
             raise error
         seeds = store.num_seeds
+        if cfg.seeds_used is not None:
+            if cfg.seeds_used > seeds:
+                raise StoreError(f"--seeds-used {cfg.seeds_used}: store {cfg.cache} holds {seeds} seed(s); "
+                                 f"grow it (re-run fdcache extract with --seeds {cfg.seeds_used}) or use fewer")
+            seeds = cfg.seeds_used
         epochs_needed = cfg.epochs
         needed = sorted({e % seeds for e in range(epochs_needed)}) if epochs_needed else list(range(seeds))
         done = store.done()
@@ -107,7 +112,7 @@ class Trainer:
         self.source = TrainSource(
             files=[self.manifest.abspath(i) for i in range(len(self.manifest))],
             eligible=self.eligible, batch_size=cfg.batch_size, rank=self.dist.rank, world=self.dist.world,
-            run_seed=cfg.seed, reader=store.reader())
+            run_seed=cfg.seed, reader=store.reader(), seeds=seeds)
 
     def _setup_online(self):
         cfg = self.cfg
@@ -144,6 +149,20 @@ class Trainer:
         t_mean = torch.tensor(t.mean, device=self.device).view(1, 3, 1, 1)
         t_std = torch.tensor(t.std, device=self.device).view(1, 3, 1, 1)
         self._renorm = (s_std / t_std, (s_mean - t_mean) / t_std)
+
+    def replay(self) -> str:
+        """How often each stored view is seen: ``epochs / S`` (the replay factor), or fresh
+        views every epoch online. Said when a run starts (docs/benchmarks.md "Views budget")."""
+        cfg = self.cfg
+        if self.store is None:
+            return "online: a fresh view of every image each epoch (replay factor 1)"
+        s = self.source.num_seeds
+        epochs = cfg.epochs
+        if epochs is None:  # --steps: the epochs those steps make
+            per_epoch = max(1, self.micro_batches(0) // cfg.accum_steps)
+            epochs = cfg.steps / per_epoch
+        return (f"offline: {s} stored view(s) per image, epoch e replays seed e mod {s}; "
+                f"{epochs:g} epoch(s) = each stored view seen {epochs / s:.3g} time(s) (replay factor)")
 
     def micro_batches(self, epoch: int) -> int:
         """Micro-batches per rank in ``epoch`` (epochs differ only with --allow-partial)."""
@@ -185,16 +204,16 @@ class Trainer:
         """(targets, qparams) for the loss: from the store, or the teacher on the same pixels."""
         if self.teacher is not None:
             scale, shift = self._renorm
-            targets, qparams = self.teacher(images * scale + shift), None
-        else:
-            if self.tspec.tokens != self.sspec.tokens:  # resample the decoded map
-                stored = {k: v.to(self.device, non_blocking=True) for k, v in batch.stored.items()}
-                targets, qparams = self.store.info.codec.decode(stored), None
-            else:  # the codec's loss inputs (the fused kernel reads int8 as stored)
-                targets = batch.targets.to(self.device, non_blocking=True)
-                qparams = batch.qparams.to(self.device, non_blocking=True) if batch.qparams is not None else None
-        if targets.shape[1] != self.sspec.tokens:
-            targets = resize_token_grid(targets, self.tspec.prefix_tokens, self.sspec.tokens)
+            targets = self.teacher(images * scale + shift)
+            if targets.shape[1] != self.sspec.tokens:
+                targets = resize_token_grid(targets, self.tspec.prefix_tokens, self.sspec.tokens)
+            return targets, None
+        if self.tspec.tokens != self.sspec.tokens:  # resample the decoded map
+            stored = {k: v.to(self.device, non_blocking=True) for k, v in batch.stored.items()}
+            return offline_targets(self.store.info.codec, stored, self.tspec, self.sspec.tokens)
+        # the codec's loss inputs (the fused kernel reads int8 as stored)
+        targets = batch.targets.to(self.device, non_blocking=True)
+        qparams = batch.qparams.to(self.device, non_blocking=True) if batch.qparams is not None else None
         return targets, qparams
 
     def loss(self, batch: Batch) -> torch.Tensor:
@@ -243,6 +262,19 @@ class Trainer:
         return path
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    return Trainer(cfg).fit()
+def offline_targets(codec, stored: dict, tspec, tokens: int):
+    """(targets, qparams) for ``fd_loss`` from a batch's stored arrays: the codec's loss
+    inputs, or, when the student makes ``tokens`` != the teacher's, the decoded map with its
+    patch grid resampled (CLS kept). Training and ``fdcache score`` both use it."""
+    if tspec.tokens == tokens:
+        return codec.loss_inputs(stored)
+    return resize_token_grid(codec.decode(stored), tspec.prefix_tokens, tokens), None
+
+
+def train(cfg: TrainConfig, announce=None) -> TrainResult:
+    """``announce(text)``: told the replay factor before the first step (the CLI prints it)."""
+    trainer = Trainer(cfg)
+    if announce is not None and trainer.dist.is_main:
+        announce(trainer.replay())
+    return trainer.fit()
 

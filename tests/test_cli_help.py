@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from fdcache.cli.app import app
 from fdcache.distill.teachers import TINY_TEACHER
 
-COMMANDS = ("extract", "train", "bench", "inspect", "verify", "finetune", "flyp", "eval", "wise", "quickstart")
+COMMANDS = ("extract", "train", "score", "bench", "inspect", "verify", "finetune", "flyp", "eval", "wise", "quickstart")
 
 
 def _help(*cmd) -> str:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import resource
 import statistics
 import subprocess
 import sys
@@ -55,15 +56,15 @@ STUDENTS = {
 
 @dataclass(frozen=True)
 class StoreSpec:
-    """One extracted store of the training images."""
+    """One extracted store of the training images; it grows (``extract --seeds N`` appends)
+    to the seeds the arms that read it need, when they first need them."""
 
     codec: str
-    seeds: int
     extract_args: tuple[str, ...] = ()  # more `fdcache extract` options (e.g. a token subset)
 
     @property
     def name(self) -> str:
-        return f"{self.codec}-{self.seeds}s" + "".join(a.lstrip("-") for a in self.extract_args)
+        return self.codec + "".join(a.lstrip("-") for a in self.extract_args)
 
 
 @dataclass(frozen=True)
@@ -93,26 +94,29 @@ class Arm:
 
 
 def grid(epochs: int, seeds: list[int], codecs: dict[str, list[str]]) -> dict[str, list[Arm]]:
-    """Arms per student: every codec at every S, and online (the fp16 store's ``epochs`` seeds,
-    each replayed once). One store per codec: fp16 holds ``epochs`` seeds (online reads them
-    all, an fp16 arm its first S), the others max(S)."""
+    """Arms per student: every codec at every S, and online (the fp16 store's first ``epochs``
+    seeds, each replayed once). One store per codec, read by every S."""
     out = {}
     for student, names in codecs.items():
-        store = {c: StoreSpec(c, max(epochs, *seeds) if c == "fp16" else max(seeds)) for c in names}
-        arms = [Arm(f"{c} S={s}", store[c], s) for c in names for s in seeds]
-        arms.append(Arm("online", StoreSpec("fp16", max(epochs, *seeds)), epochs, online=True))
+        arms = [Arm(f"{c} S={s}", StoreSpec(c), s) for c in names for s in seeds]
+        arms.append(Arm("online", StoreSpec("fp16"), epochs, online=True))
         out[student] = arms
     return out
 
 
 def teacher_flops(ckpt: str, resolution: int) -> float:
-    """Forward FLOPs of the teacher per image (torch.utils.flop_counter: matmuls and attention)."""
+    """Forward FLOPs of the teacher per image (torch.utils.flop_counter). timm's fused
+    attention (CPU SDPA) is invisible to the counter, so it is counted on the explicit
+    matmul path (same maths): 2.867 GFLOPs per 112 px image, of which attention 0.078."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from fdcache.distill.teachers import load_teacher
 
     teacher = load_teacher(TEACHER, ckpt, resolution=resolution, device="cpu")
+    for m in teacher.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
     with FlopCounterMode(display=False) as fc:
         teacher(torch.randn(2, 3, resolution, resolution))
     return fc.get_total_flops() / 2
@@ -121,25 +125,31 @@ def teacher_flops(ckpt: str, resolution: int) -> float:
 # -- costs -------------------------------------------------------------------------------------
 @dataclass
 class Rates:
-    """Measured on this machine (``--measure``, at nice 19 beside the team's jobs): images per
-    second of the teacher (extract) and of each student (train, startup included), and the
-    seconds of a run's other commands (score, finetune, eval) per student."""
+    """Measured on this machine (``--measure``, at this process's niceness beside the team's
+    jobs): images per second of the teacher (extract) and of each student (train, startup
+    included), and the seconds of a run's other commands (score, finetune, eval) per student;
+    each in wall seconds and in CPU seconds (user + system of the commands). At nice 19 the
+    wall rates follow the team's load; the CPU rates are what the grid costs."""
 
-    teacher: float = 20.0
-    train: dict = field(default_factory=lambda: {"tiny": 40.0, "mid": 15.0})
-    other_s: dict = field(default_factory=lambda: {"tiny": 120.0, "mid": 240.0})
+    wall: dict = field(default_factory=lambda: {"teacher": 20.0, "tiny": 40.0, "mid": 15.0})
+    cpu: dict = field(default_factory=lambda: {"teacher": 20.0, "tiny": 30.0, "mid": 12.0})
+    other_s: dict = field(default_factory=lambda: {"tiny": 120.0, "mid": 240.0})  # wall
+    other_cpu_s: dict = field(default_factory=lambda: {"tiny": 80.0, "mid": 160.0})
     measured: bool = False
 
 
 def estimate(plan: dict[str, list[Arm]], run_seeds: list[int], n_train: int, n_held: int, epochs: int,
              rates: Rates) -> dict:
-    stores = {a.store for arms in plan.values() for a in arms}
-    extract_s = (sum(s.seeds for s in stores) * n_train + 2 * n_held) / rates.teacher
-    train_s = sum(len(arms) * len(run_seeds) * (epochs * n_train / rates.train[st] + rates.other_s[st])
-                  for st, arms in plan.items())
-    return {"runs": sum(len(a) for a in plan.values()) * len(run_seeds), "extract_h": extract_s / 3600,
-            "runs_h": train_s / 3600, "total_h": (extract_s + train_s) / 3600,
-            "teacher_views": sum(s.seeds for s in stores) * n_train + 2 * n_held}
+    """Hours of the whole grid, wall (at the measured load) and CPU."""
+    seeds: dict = {}
+    for a in (a for arms in plan.values() for a in arms):
+        seeds[a.store] = max(seeds.get(a.store, 0), a.seeds_used)
+    views = sum(seeds.values()) * n_train + 2 * n_held
+    out = {"runs": sum(len(a) for a in plan.values()) * len(run_seeds), "teacher_views": views}
+    for kind, rate, other in (("wall", rates.wall, rates.other_s), ("cpu", rates.cpu, rates.other_cpu_s)):
+        runs = sum(len(arms) * len(run_seeds) * (epochs * n_train / rate[st] + other[st]) for st, arms in plan.items())
+        out[f"{kind}_h"] = (views / rate["teacher"] + runs) / 3600
+    return out
 
 
 # -- one run ------------------------------------------------------------------------------------
@@ -183,6 +193,17 @@ def main():
 
     w = args.work.resolve()
     w.mkdir(parents=True, exist_ok=True)
+    res_file = w / "results.jsonl"
+    if args.report:
+        report(w, res_file, args)
+        return
+    # What every finished run depends on: a resumed WORK must keep it (the grid may grow).
+    fixed = {k: v for k, v in vars(args).items() if k not in ("work", "teacher_ckpt", "fmnist", "seeds", "run_seeds",
+                                                               "students", "codecs", "plan", "measure", "report")}
+    fixed_file = w / "settings.json"
+    if fixed_file.exists() and json.loads(fixed_file.read_text()) != fixed:
+        sys.exit(f"{w} holds runs made with other settings ({fixed_file.read_text().strip()}): use another --work")
+    fixed_file.write_text(json.dumps(fixed))
     src = args.fmnist
     write_folder(w / "train", read_idx(src / "train-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28),
                  read_idx(src / "train-labels-idx1-ubyte.gz", 8), args.train_per_class)
@@ -201,10 +222,15 @@ def main():
                "--resolution", str(args.resolution)]
 
     def extract(folder: str, store: Path, codec: str, nseeds: int, extra=()) -> None:
+        """Extract (or grow to) ``nseeds`` seeds: once a store holds more, a smaller call is done."""
+        done = [int(p.suffixes[-2][1:-1]) for p in store.parent.glob(f"{store.stem}.*s.done")]
+        if any(n >= nseeds for n in done):
+            return
+        marker = store.with_suffix(f".{nseeds}s.done")
         run(fd + ["extract", str(w / folder), "--out", str(store), *teacher, "--seeds", str(nseeds), "--codec", codec,
                   *extra, "--batch-size", "64", "--threads", "2", "--device", "cpu"],
-            log, times, f"extract.{store.name}", store.with_suffix(".done"))
-        store.with_suffix(".done").touch()
+            log, times, f"extract.{store.name}.{nseeds}s", marker)
+        marker.touch()
 
     def train_cmd(student: str, out: Path, cache: Path, seeds_used: int, seed: int, extra=(), epochs=None,
                   steps=None) -> list[str]:
@@ -216,7 +242,7 @@ def main():
                      "--warmup-epochs", "2", "--drop-path", str(args.drop_path), "--seed", str(seed), *when,
                      "--save-every", "50", "--threads", "2", "--device", "cpu", *extra]
 
-    held = w / "stores" / f"heldout-fp16-{args.heldout_seeds}s.zarr"
+    held = w / "stores" / "heldout-fp16.zarr"
     extract("heldout", held, "fp16", args.heldout_seeds, ["--global-seed", "1"])
     rates = Rates()
     rates_file = w / "rates.json"
@@ -232,31 +258,29 @@ def main():
     for st, arms in plan.items():
         print(f"  {st} ({STUDENTS[st][1]}): " + ", ".join(f"{a.label} (replay {a.replay(args.epochs):g})"
                                                           for a in arms), flush=True)
-    print(f"  {est['runs']} runs; {est['teacher_views']:,} teacher views; estimate {est['extract_h']:.1f} h "
-          f"extract + {est['runs_h']:.1f} h runs = {est['total_h']:.1f} h (rates "
-          f"{'measured' if rates.measured else 'assumed'}: {asdict(rates)})", flush=True)
+    print(f"  {est['runs']} runs; {est['teacher_views']:,} teacher views; estimate {est['cpu_h']:.1f} CPU hours, "
+          f"{est['wall_h']:.1f} h wall at the load measured (rates {'measured' if rates.measured else 'assumed'}: "
+          f"{json.dumps(asdict(rates))})", flush=True)
     if args.plan:
         return
     flops = times.get("teacher_flops") or teacher_flops(args.teacher_ckpt, args.resolution)
     times["teacher_flops"] = flops
-    res_file = w / "results.jsonl"
     failed: list[str] = []
-    if not args.report:
-        fp16_train = StoreSpec("fp16", max(args.epochs, *seeds))  # its seed 0 is the train-store loss of every arm
-        # fp16 and online first (the replay curve), then the other codecs: a run cut short
-        # still has the curve for every student and run seed.
-        order = [(phase, seed, st, arm) for phase in (0, 1) for seed in run_seeds for st, arms in plan.items()
-                 for arm in arms if (arm.store.codec != "fp16") == phase]
-        for _, seed, st, arm in order:
-            key = f"{st}/{arm.label.replace(' ', '')}/seed{seed}"
-            if any(r["key"] == key for r in results(res_file)):
-                continue
-            try:
-                one_run(w, args, key, st, arm, seed, held, fp16_train, extract, train_cmd, log, times, res_file,
-                        n_train, flops, fd)
-            except subprocess.CalledProcessError as e:  # the next invocation retries it
-                failed.append(key)
-                print(f"FAILED {key}: exit {e.returncode} of {' '.join(e.cmd[2:4])}; see {log}", flush=True)
+    fp16_train = StoreSpec("fp16")  # its seed 0 is the train-store loss of every arm
+    # fp16 and online first (the replay curve), then the other codecs: a run cut short still
+    # has the curve for every student and run seed.
+    order = [(phase, seed, st, arm) for phase in (0, 1) for seed in run_seeds for st, arms in plan.items()
+             for arm in arms if (arm.store.codec != "fp16") == phase]
+    for _, seed, st, arm in order:
+        key = f"{st}/{arm.label.replace(' ', '')}/seed{seed}"
+        if any(r["key"] == key for r in results(res_file)):
+            continue
+        try:
+            one_run(w, args, key, st, arm, seed, held, fp16_train, extract, train_cmd, log, times, res_file,
+                    n_train, flops, fd)
+        except subprocess.CalledProcessError as e:  # the next invocation retries it
+            failed.append(key)
+            print(f"FAILED {key}: exit {e.returncode} of {' '.join(e.cmd[2:4])}; see {log}", flush=True)
     report(w, res_file, args)
     if failed:
         sys.exit(f"{len(failed)} run(s) failed ({', '.join(failed)}): re-run the same command to retry them")
@@ -265,20 +289,25 @@ def main():
 def measure(w, args, plan, train_cmd, held, n_held, times) -> Rates:
     """Time the teacher (the held-out extract just done) and one short run of each student on
     the held-out store (startup included), at this process's niceness."""
-    rates = Rates(teacher=args.heldout_seeds * n_held / times[f"extract.{held.name}"], train={}, other_s={},
-                  measured=True)
+    key = f"extract.{held.name}.{args.heldout_seeds}s"
+    views = args.heldout_seeds * n_held
+    rates = Rates(wall={"teacher": views / times[key]}, cpu={"teacher": views / times[key + ".cpu"]}, other_s={},
+                  other_cpu_s={}, measured=True)
+    n_train = 10 * args.train_per_class
     for st in plan:
         out = w / "timing" / st
         steps = 2 * n_held // args.batch
         cmd = train_cmd(st, out, held, args.heldout_seeds, 0, steps=steps) + ["--overwrite"]
-        t0 = time.perf_counter()
+        t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        rates.train[st] = steps * args.batch / (time.perf_counter() - t0)
+        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        rates.wall[st] = steps * args.batch / (time.perf_counter() - t0)
+        rates.cpu[st] = steps * args.batch / (r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
         # score (forwards: held-out views, train seed 0, probe images) + finetune + eval, in
         # training-image equivalents (a forward ~ 1/3 of a training step), plus three startups
-        n_train = 10 * args.train_per_class
-        work = (n_held * args.heldout_seeds + 2 * n_train + 2 * n_held) / 3 + args.ft_epochs * n_train
-        rates.other_s[st] = 3 * 15 + work / rates.train[st]
+        work = (views + 2 * n_train + 2 * n_held) / 3 + args.ft_epochs * n_train
+        rates.other_s[st] = 3 * 15 + work / rates.wall[st]
+        rates.other_cpu_s[st] = 3 * 10 + work / rates.cpu[st]
     return rates
 
 
@@ -287,8 +316,8 @@ def one_run(w, args, key, st, arm: Arm, seed, held, fp16_train, extract, train_c
     from fdcache.store.store import Store
 
     stores = w / "stores"
-    for spec in {arm.store, fp16_train}:
-        extract("train", stores / f"{spec.name}.zarr", spec.codec, spec.seeds, spec.extract_args)
+    extract("train", stores / f"{fp16_train.name}.zarr", "fp16", 1)
+    extract("train", stores / f"{arm.store.name}.zarr", arm.store.codec, arm.seeds_used, arm.store.extract_args)
     cache = stores / f"{arm.store.name}.zarr"
     out = w / "runs" / key
     out.mkdir(parents=True, exist_ok=True)
@@ -357,7 +386,8 @@ def fmt(ms: tuple[float, float], pct: bool = False, digits: int = 4) -> str:
 
 
 def table(lines: list[dict]) -> str:
-    head = ("| student | arm | replay | bytes stored | teacher TFLOPs | held-out FD loss | held-out - train "
+    head = ("| student | arm | replay | bytes stored | teacher TFLOPs (stored: once; online: per run) "
+            "| held-out FD loss | held-out - train "
             "| linear probe | fine-tune top-1 | run seeds |\n|---|---|---|---|---|---|---|---|---|---|\n")
     body = "".join(
         f"| {x['student']} | {x['arm']} | {x['replay']:g}x | {x['bytes_stored'] / 1e6:,.1f} MB | "

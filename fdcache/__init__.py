@@ -2,7 +2,7 @@
 
 The API (each imported on first use, so ``import fdcache`` stays light)::
 
-    from fdcache import extract, train, finetune, flyp, evaluate, wise, open_store
+    from fdcache import extract, train, score, finetune, flyp, evaluate, wise, open_store
     from fdcache import ExtractConfig, TrainConfig, FinetuneConfig
 
 The package is grouped by job: ``fdcache.store`` (the format: layout, location, writes,
@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 _API = {
     "extract": ("fdcache.api", "extract"),
     "train": ("fdcache.api", "train"),
+    "score": ("fdcache.api", "score"),
     "finetune": ("fdcache.api", "finetune"),
     "flyp": ("fdcache.api", "flyp"),
     "evaluate": ("fdcache.api", "evaluate"),

@@ -43,6 +43,14 @@ def train(cfg=None, **options):
     return run(_config(TrainConfig, cfg, options))
 
 
+def score(run, cache, **options):
+    """A train run's student on held-out data (``fdcache score``): held-out FD loss, train-store
+    gap, linear probe (:func:`fdcache.distill.score.score`; options as the CLI's)."""
+    from .distill.score import score as run_score
+
+    return run_score(str(run), str(cache), **options)
+
+
 def _finetune(mode: str, cfg, preset: str | None, options: dict):
     from .tune.finetune import finetune as run, make_config
 

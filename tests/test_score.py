@@ -156,3 +156,10 @@ def test_score_command_prints_and_writes_json(run, tiny_store, two_seeds, image_
     d = json.loads(out.read_text())
     assert d["command"] == "score" and d["heldout"]["seeds"] == [1] and d["probe"]["val_images"] == 18
     assert np.isclose(d["gap"], d["heldout"]["loss"] - d["train"]["loss"])
+
+
+def test_score_is_one_call_of_the_api(run, two_seeds):
+    import fdcache
+
+    r = fdcache.score(run, two_seeds, seeds=[0], limit=4)
+    assert r.heldout.samples == 4 and r.train is None and r.probe is None

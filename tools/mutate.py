@@ -1,129 +1,145 @@
-"""Mutation testing with hand-written mutants: does each small, realistic bug make a test fail?
+"""Mutation testing with mutmut, in the package's installed layout (not part of CI).
 
-Copies the package and the tests to a temporary directory (the working tree is never
-touched), checks that the selected tests pass there unchanged, then applies the mutants of
-``tools/mutants.py`` one at a time and runs only the tests listed for each. A mutant is
-*killed* when a test fails, *survives* when all pass, and is *stale* when its ``old`` text
-is no longer in the file (the code changed: update the mutant).
+mutmut names each mutant after its file's path (``src/fdcache/store/views.py`` ->
+``fdcache.store.views.x_sample_view__mutmut_3``) and switches it on only inside functions whose
+``__module__`` is that name. This repository installs ``kernels/`` and ``cli/`` as
+``fdcache.kernels`` and ``fdcache.cli`` (pyproject's ``package-dir``), so run from the root,
+mutmut would name ``kernels/loss.py``'s mutants ``kernels.loss.*`` and never switch one on (and
+the editable install would import the unmutated copy). This script lays the package out as it
+is installed, in ``.mutmut/`` (git-ignored): ``src/fdcache`` with ``kernels`` and ``cli`` inside,
+plus ``pyproject.toml``, whose ``[tool.mutmut]`` table is the configuration (which modules,
+which files the tests read). Then it runs ``mutmut`` there with your arguments. Files are
+copied only when their bytes changed, so mutmut keeps the results of unchanged functions
+between runs; the working tree is never touched.
 
-    python tools/mutate.py                    # every mutant; prints a table and the kill ratio
-    python tools/mutate.py -k store -k wise   # mutants whose id contains one of the words
-    python tools/mutate.py --list
-    python tools/mutate.py --markdown docs/mutation-table.md
+mutmut first runs the whole suite once and records which tests reach each function; each
+mutant then runs only those tests (``-x``: the first failure kills it). Subprocesses started by
+the tests (``python -m fdcache``, torchrun) import the mutated package too (``PYTHONPATH``).
+
+    nice -n 19 python tools/mutate.py run --max-children 1 "fdcache.store.views.*"
+    python tools/mutate.py results                      # survivors (mutmut's own listing)
+    python tools/mutate.py show fdcache.store.views.x_sample_view__mutmut_3
+    python tools/mutate.py score                        # per-module table for docs/testing.md
+
+``score`` counts the equivalent mutants listed in docs/testing.md ("Equivalent mutants").
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
+import filecmp
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
-import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Where each repository folder lives in the installed package (pyproject's package-dir).
-PACKAGE_DIRS = {"fdcache": "fdcache", "kernels": "fdcache/kernels", "cli": "fdcache/cli"}
+STAGE = ROOT / ".mutmut"
+# Repository folder -> where it lives in the installed package (pyproject's package-dir).
+LAYOUT = {"fdcache": "src/fdcache", "kernels": "src/fdcache/kernels", "cli": "src/fdcache/cli"}
+FILES = ("pyproject.toml", "README.md")
+FOLDERS = ("tests", "docs")
+DOC = ROOT / "docs" / "testing.md"
 
 
-def load_mutants() -> list[tuple]:
-    spec = importlib.util.spec_from_file_location("mutants", ROOT / "tools" / "mutants.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.MUTANTS
+def _sync_file(src: Path, dst: Path) -> None:
+    if dst.exists() and filecmp.cmp(src, dst, shallow=False):
+        return
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src, dst)  # a changed file gets the source's newer mtime: mutmut regenerates it
 
 
-def make_copy(work: Path) -> None:
-    """``work/src`` importable as the package (PYTHONPATH wins over the editable install)."""
-    for folder, target in PACKAGE_DIRS.items():
-        shutil.copytree(ROOT / folder, work / "src" / target,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"), dirs_exist_ok=True)
-    shutil.copytree(ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "pyproject.toml", work / "pyproject.toml")
+def _sync_tree(src: Path, dst: Path) -> None:
+    want = {p.relative_to(src) for p in src.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    for rel in want:
+        _sync_file(src / rel, dst / rel)
+    if dst.exists():  # files deleted from the source go from the stage too
+        for p in dst.rglob("*"):
+            rel = p.relative_to(dst)
+            if p.is_file() and rel not in want and "__pycache__" not in p.parts and not _nested(rel):
+                p.unlink()
 
 
-def copied(work: Path, file: str) -> Path:
-    top, rest = file.split("/", 1)
-    return work / "src" / PACKAGE_DIRS[top] / rest
+def _nested(rel: Path) -> bool:
+    """A path under another mapped folder (``fdcache/kernels`` is ``kernels/``'s)."""
+    return rel.parts[0] in ("kernels", "cli")
 
 
-def run_tests(work: Path, tests: list[str], timeout: float) -> tuple[str, float, str]:
-    """Run every listed test (no -x: the table shows how many of them catch the mutant)."""
-    env = dict(os.environ, PYTHONPATH=str(work / "src"), PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]
-    t0 = time.perf_counter()
-    try:
-        r = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return "timeout", time.perf_counter() - t0, ""
-    status = {0: "pass", 1: "fail"}.get(r.returncode, f"error (pytest exit {r.returncode})")
-    return status, time.perf_counter() - t0, r.stdout[-2000:] + r.stderr[-2000:]
+def stage() -> Path:
+    """``.mutmut/``: the installed layout of the package, the tests and the files they read."""
+    for folder, target in LAYOUT.items():
+        _sync_tree(ROOT / folder, STAGE / target)
+    for name in FILES:
+        _sync_file(ROOT / name, STAGE / name)
+    for name in FOLDERS:
+        _sync_tree(ROOT / name, STAGE / name)
+    # mutmut runs the tests from mutants/ with mutants/src first on sys.path; subprocesses get
+    # it from PYTHONPATH, which must name a folder that exists when Python starts.
+    (STAGE / "mutants" / "src").mkdir(parents=True, exist_ok=True)
+    return STAGE
 
 
-def caught_by(out: str) -> str:
-    """'failed/run' from pytest's summary line."""
-    counts = {k: int(n) for n, k in re.findall(r"(\d+) (failed|passed|error)", out)}
-    failed = counts.get("failed", 0) + counts.get("error", 0)
-    return f"{failed}/{failed + counts.get('passed', 0)}"
+def module_of(key: str) -> str:
+    return key.split(".x_")[0].split(".xǁ")[0]
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("-k", action="append", default=[], help="only mutants whose id contains this (repeatable)")
-    ap.add_argument("--list", action="store_true", help="list the mutants and exit")
-    ap.add_argument("--timeout", type=float, default=600, help="seconds per mutant (a timeout counts as killed)")
-    ap.add_argument("--markdown", type=Path, help="also write the result table here")
-    ap.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of the selected tests")
-    args = ap.parse_args(argv)
+def equivalent_mutants(doc: Path = DOC) -> dict[str, str]:
+    """``{mutant name: why}`` from docs/testing.md's table of equivalent mutants."""
+    text = doc.read_text() if doc.exists() else ""
+    section = text.split("### Equivalent mutants", 1)[-1] if "### Equivalent mutants" in text else ""
+    return dict(re.findall(r"^\| `([\w.ǁ]+__mutmut_\d+)` \| (.+?) \|$", section, flags=re.M))
 
-    mutants = [m for m in load_mutants() if not args.k or any(w in m[0] for w in args.k)]
-    if args.list:
-        for mid, file, *_ , tests in mutants:
-            print(f"{mid:40s} {file:22s} {len(tests)} test(s)")
+
+def score(stage_dir: Path = STAGE) -> list[dict]:
+    """Per module: mutants, killed, survived, timeouts, no tests, not checked, equivalent."""
+    equivalent = equivalent_mutants()
+    rows: dict[str, Counter] = {}
+    status = {1: "killed", 3: "killed", 0: "survived", 36: "timeout", 24: "timeout", -24: "timeout",
+              152: "timeout", 255: "timeout", 5: "no tests", 33: "no tests", None: "not checked"}
+    for meta in sorted((stage_dir / "mutants").rglob("*.py.meta")):
+        codes = json.loads(meta.read_text())["exit_code_by_key"]
+        for key, code in codes.items():
+            c = rows.setdefault(module_of(key), Counter())
+            c["mutants"] += 1
+            verdict = status.get(code, "other")
+            if verdict == "survived" and key in equivalent:
+                verdict = "equivalent"
+            c[verdict] += 1
+    out = []
+    for module, c in sorted(rows.items()):
+        live = c["mutants"] - c["equivalent"] - c["no tests"] - c["not checked"]
+        caught = c["killed"] + c["timeout"]
+        out.append({"module": module, **{k: c[k] for k in ("mutants", "killed", "timeout", "survived",
+                                                          "equivalent", "no tests", "not checked")},
+                    "score": caught / live if live else None})
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| module | mutants | killed | timeouts | survived | equivalent | no tests | not run | score |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        s = "" if r["score"] is None else f"{100 * r['score']:.1f}%"
+        lines.append(f"| `{r['module']}` | {r['mutants']} | {r['killed']} | {r['timeout']} | {r['survived']} | "
+                     f"{r['equivalent']} | {r['no tests']} | {r['not checked']} | {s} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["score"]:
+        print(markdown(score()))
         return 0
-    with tempfile.TemporaryDirectory(prefix="fdcache-mutate-") as tmp:
-        work = Path(tmp)
-        make_copy(work)
-        if not args.no_baseline:
-            tests = sorted({t for m in mutants for t in m[4]})
-            status, secs, out = run_tests(work, tests, args.timeout * 2)
-            print(f"baseline: {len(tests)} test selection(s) {status} in {secs:.0f}s", flush=True)
-            if status != "pass":
-                print(out)
-                return 2
-        rows = []
-        for mid, file, old, new, tests in mutants:
-            path = copied(work, file)
-            source = path.read_text()
-            if source.count(old) != 1:
-                rows.append((mid, file, "stale", 0.0, f"'old' found {source.count(old)} times"))
-                print(f"{mid:40s} stale", flush=True)
-                continue
-            path.write_text(source.replace(old, new))
-            try:
-                status, secs, out = run_tests(work, tests, args.timeout)
-            finally:
-                path.write_text(source)
-            verdict = {"fail": "killed", "timeout": "killed (timeout)", "pass": "SURVIVED"}.get(status, status)
-            note = f"{caught_by(out)} tests failed" if status in ("fail", "pass") else ""
-            rows.append((mid, file, verdict, secs, note))
-            print(f"{mid:40s} {verdict:16s} {note:18s} {secs:5.0f}s", flush=True)
-    counted = [r for r in rows if r[2] != "stale"]
-    killed = sum(r[2].startswith("killed") for r in counted)
-    ratio = killed / max(len(counted), 1)
-    summary = (f"{killed}/{len(counted)} mutants killed ({100 * ratio:.0f}%); "
-               f"{len(rows) - len(counted)} stale; {sum(r[3] for r in rows):.0f}s of tests")
-    print(summary)
-    if args.markdown:
-        lines = ["| mutant | file | result | tests that failed | seconds |", "|---|---|---|---|---|"]
-        lines += [f"| `{m}` | `{f}` | {v} | {n} | {s:.0f} |" for m, f, v, s, n in rows]
-        args.markdown.write_text("\n".join(lines + ["", summary, ""]))
-    return 0 if all(r[2] != "SURVIVED" for r in counted) else 1
+    if argv[:1] == ["stage"]:
+        print(stage())
+        return 0
+    where = stage()
+    env = dict(os.environ, PYTHONPATH=str(where / "mutants" / "src"), OMP_NUM_THREADS="1",
+               PYTHONDONTWRITEBYTECODE="1")
+    return subprocess.call([sys.executable, "-m", "mutmut", *argv], cwd=where, env=env)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -27,7 +27,7 @@ from PIL import Image
 from fdcache.codecs import CodecSpec, Int4, list_codecs, register, whitened_error
 from fdcache.distill.extract import ExtractConfig, extract
 from fdcache.kernels.loss import fd_loss_reference
-from fdcache.store.store import Store
+from fdcache.store import Store
 from fdcache.distill.train import TrainConfig, Trainer
 from fdcache.store.views import ViewPolicy
 

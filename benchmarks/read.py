@@ -35,8 +35,8 @@ import torch
 
 from fdcache.codecs import CodecSpec
 from fdcache.store.manifest import Manifest
-from fdcache.store.store import Store, StoreInfo
-from fdcache.distill.teachers import TeacherSpec
+from fdcache.store import Store, StoreInfo
+from fdcache.store.layout import TeacherSpec
 from fdcache.store.views import ViewPolicy
 
 CODECS = {"fp16": CodecSpec("fp16", "none"), "fp16+zstd": CodecSpec("fp16", "zstd"),

@@ -26,7 +26,7 @@ import torch
 
 from fdcache.codecs import CodecSpec, whitened_error
 from fdcache.distill.pixels import _resize_weights, load_oriented_rgb
-from fdcache.store.store import Store
+from fdcache.store import Store
 from fdcache.distill.teachers import load_teacher
 
 TEACHER = "timm:vit_small_patch14_dinov2"

@@ -62,14 +62,11 @@ def extract(
     Resumable (re-run the same command), appendable (raise --seeds), and sharded over
     processes with `torchrun --nproc-per-node N -m fdcache extract ...`.
     """
-    from fdcache.codecs import CodecSpec
     from fdcache.distill.extract import ExtractConfig, extract as run
-    from fdcache.store.views import ViewPolicy
 
     cfg = ExtractConfig(data=str(data), out=out_, teacher=teacher, pretrained=pretrained,
                         random_init=random_init, init_seed=init_seed, resolution=resolution,
-                        seeds=seeds, codec=_spec(CodecSpec, name=_value(codec), compressor=compressor),
-                        policy=_spec(ViewPolicy, kind=views), batch_size=batch_size,
+                        seeds=seeds, codec=_value(codec), compressor=compressor, policy=views, batch_size=batch_size,
                         shard_size=shard_size, global_seed=global_seed,
                         file_list=str(file_list) if file_list else None, skip_bad=skip_bad,
                         overwrite=overwrite, num_threads=threads, device=_value(device),
@@ -85,13 +82,6 @@ def extract(
         if r.ignored:
             err.print(f"[yellow]not indexed: {len(r.ignored)} file(s)[/] (hidden, not an image extension, "
                       "or an undecodable name): " + "; ".join(r.ignored[:5]), highlight=False)
-
-
-def _spec(cls, **kw):
-    try:
-        return cls(**kw)
-    except ValueError as e:
-        raise typer.BadParameter(str(e))
 
 
 def _overrides(items: list[str]) -> dict:

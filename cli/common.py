@@ -12,15 +12,12 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from fdcache.codecs.spec import BUILTIN
 from fdcache.errors import FdcacheError, Interrupted
 
 
-class Codec(str, Enum):
-    """Target codecs (fdcache.codecs); listed here so --help needs no torch import."""
-    fp16 = "fp16"
-    int8 = "int8"
-    int4 = "int4"
-    int4_dither = "int4-dither"
+# Target codecs, from the codec name registry (imports no torch, so --help stays fast).
+Codec = Enum("Codec", {name.replace("-", "_"): name for name in BUILTIN}, type=str)
 
 
 class Amp(str, Enum):

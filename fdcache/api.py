@@ -25,14 +25,8 @@ def _config(cls, cfg, options: dict):
 def extract(cfg=None, **options):
     """Extract a teacher's feature maps into a store (:class:`fdcache.distill.extract.ExtractConfig`;
     ``codec`` / ``policy`` may be given by name: ``codec="int8"``, ``policy="full"``)."""
-    from .codecs import CodecSpec
     from .distill.extract import ExtractConfig, extract as run
-    from .store.views import ViewPolicy
 
-    if isinstance(options.get("codec"), str):
-        options["codec"] = CodecSpec(name=options["codec"])
-    if isinstance(options.get("policy"), str):
-        options["policy"] = ViewPolicy(kind=options["policy"])
     return run(_config(ExtractConfig, cfg, options))
 
 

@@ -105,8 +105,8 @@ def synthetic_store(url, codec=None, *, samples=10, shard_size=4, seeds=2, token
 
     from fdcache.codecs import CodecSpec
     from fdcache.store.manifest import Manifest
-    from fdcache.store.store import Store, StoreInfo
-    from fdcache.distill.teachers import TeacherSpec
+    from fdcache.store import Store, StoreInfo
+    from fdcache.store.layout import TeacherSpec
     from fdcache.store.views import ViewPolicy
 
     codec = codec or CodecSpec()

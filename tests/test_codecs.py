@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fdcache.codecs import (Codec, CodecSpec, dequantize_int4, dequantize_int8, get_codec, list_codecs,
-                            quantize_int4, quantize_int8, register, whitened_error)
+                            quantize_int4, quantize_int8, register, unregister, whitened_error)
 from fdcache.codecs.int4 import Int4, dither
 from fdcache.kernels.loss import fd_loss_reference
 
@@ -86,8 +86,7 @@ def test_registering_a_codec_makes_it_usable_by_name():
         with pytest.raises(ValueError, match="already registered"):
             register(Bf16())
     finally:
-        from fdcache.codecs import base
-        base._REGISTRY.pop("bf16-test")
+        unregister("bf16-test")
 
 
 def test_unknown_codec_is_rejected():

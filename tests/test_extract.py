@@ -17,7 +17,7 @@ from fdcache.errors import BadImageError, StoreError, StoreLockedError, StoreMis
 from fdcache.distill.extract import ExtractConfig, extract
 from fdcache.store.inspect import inspect_store, verify_store
 from fdcache.distill.pixels import reference_pixels
-from fdcache.store.store import Store
+from fdcache.store import Store
 from fdcache.distill.teachers import TINY_TEACHER, load_teacher
 
 

@@ -20,7 +20,8 @@ from fdcache.distill.extract import ExtractConfig, extract, open_or_create
 from fdcache.store.inspect import verify_store
 from fdcache.store.manifest import index
 from fdcache.samples import make_image_folder
-from fdcache.store.store import Store, WriterLock
+from fdcache.store import Store
+from fdcache.store.location import Location
 from fdcache.distill.teachers import TINY_TEACHER, load_teacher
 from fdcache.distill.train import Trainer, TrainConfig
 
@@ -198,8 +199,8 @@ def test_overwrite_replaces_an_fdcache_store_and_an_empty_folder(small_root, tmp
 def test_a_second_writer_is_refused_naming_the_holder(small_root, tmp_path):
     out = tmp_path / "s.zarr"
     holder = subprocess.Popen(  # another process holding the store, as a running extract does
-        [sys.executable, "-c", "import sys; from fdcache.store.store import WriterLock; "
-         "WriterLock(sys.argv[1]).__enter__(); print('held', flush=True); sys.stdin.read()", str(out)],
+        [sys.executable, "-c", "import sys; from fdcache.store.location import Location; "
+         "Location.resolve(sys.argv[1]).writer_lock().__enter__(); print('held', flush=True); sys.stdin.read()", str(out)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # holds it until killed
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -210,7 +211,7 @@ def test_a_second_writer_is_refused_naming_the_holder(small_root, tmp_path):
         holder.kill()
         holder.wait()
     extract(cfg(small_root, out))  # the kernel dropped the dead holder's lock: the same command runs
-    with WriterLock(str(out)):  # and released its own
+    with Location.resolve(str(out)).writer_lock():  # and released its own
         pass
 
 

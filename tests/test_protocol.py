@@ -3,7 +3,6 @@ what a failed write leaves, how ranks split the shards, what binds a store to it
 Writes are observed (and failed) at zarr's LocalStore, below every fdcache module."""
 
 import errno
-import re
 import shutil
 
 import numpy as np
@@ -13,11 +12,12 @@ from zarr.storage import LocalStore
 from conftest import extract_tiny, tree_bytes
 from fdcache.errors import FdcacheError, StoreError, StoreMismatchError
 from fdcache.distill.extract import ExtractConfig, _split, extract
+from fdcache.store.layout import parse_chunk_key
 from fdcache.store.manifest import index
-from fdcache.store.store import Store
+from fdcache.store import Store
 from fdcache.distill.teachers import TINY_TEACHER
 
-_KEY = re.compile(r"^(targets|qparams|skipped|done)/c/(\d+)/(\d+)(/|$)")
+_PER_SHARD = ("targets", "qparams", "skipped", "done")
 
 
 @pytest.fixture
@@ -33,9 +33,9 @@ def store_writes(monkeypatch):
             if key.startswith(prefix):
                 del fail[prefix]
                 raise OSError(errno.ENOSPC, f"No space left on device (injected at {key})")
-        m = _KEY.match(key)
-        if m:
-            log.append((m[1], int(m[2]), int(m[3])))
+        chunk = parse_chunk_key(key)
+        if chunk and chunk[0] in _PER_SHARD:
+            log.append((chunk[0], *chunk[1][:2]))
 
     async def set_(self, key, value, *a, **kw):
         record(key)

@@ -13,7 +13,7 @@ import zarr
 from conftest import synthetic_store
 from fdcache.codecs import CodecSpec
 from fdcache.errors import StoreDataError, StoreError
-from fdcache.store.store import Store
+from fdcache.store import Store
 
 CODECS = [CodecSpec(name, comp) for name in ("fp16", "int8") for comp in ("zstd", "none")] + [CodecSpec("int4-dither")]
 

@@ -11,7 +11,7 @@ moto_server = pytest.importorskip("moto.server")
 from fdcache.codecs import CodecSpec  # noqa: E402
 from fdcache.errors import StoreDataError  # noqa: E402
 from fdcache.distill.extract import ExtractConfig, extract  # noqa: E402
-from fdcache.store.store import Store  # noqa: E402
+from fdcache.store import Store  # noqa: E402
 from fdcache.distill.teachers import TINY_TEACHER  # noqa: E402
 from fdcache.distill.train import TrainConfig, Trainer  # noqa: E402
 

@@ -10,7 +10,7 @@ from fdcache.codecs import CodecSpec
 from fdcache.errors import FdcacheError, StoreError, StoreMismatchError
 from fdcache.distill.extract import ExtractConfig, extract
 from fdcache.kernels import fd_loss_reference
-from fdcache.store.store import Store
+from fdcache.store import Store
 from fdcache.distill.students import build_student, resize_token_grid
 from fdcache.distill.teachers import TINY_TEACHER
 from fdcache.distill.train import TrainConfig, Trainer, TrainError, train

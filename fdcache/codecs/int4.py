@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import ArraySpec, Codec, register
+from .spec import ArraySpec, Codec, register
 
 _MASK = 0xFFFFFFFF
 

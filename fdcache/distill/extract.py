@@ -21,11 +21,13 @@ import torch
 
 from .. import distributed
 from ..codecs import CodecSpec
-from ..errors import BadImageError, FdcacheError, StoreError
+from ..errors import BadImageError, ConfigError, FdcacheError, StoreError
 from ..store.manifest import Manifest, index
 from ..options import require
 from .pixels import PixelStream, ViewBatches, dali_device
-from ..store.store import Store, StoreInfo, WriterLock, refuse_unless_ours, remove_interrupted_writes
+from ..store.layout import StoreInfo
+from ..store.location import Location, Occupancy
+from ..store.store import Store
 from .teachers import Teacher, load_teacher
 from ..store.views import ViewPolicy
 
@@ -40,8 +42,9 @@ class ExtractConfig:
     init_seed: int = 0
     resolution: int | None = None
     seeds: int = 1
-    codec: CodecSpec = field(default_factory=CodecSpec)
-    policy: ViewPolicy = field(default_factory=ViewPolicy)
+    codec: CodecSpec | str = field(default_factory=CodecSpec)  # a name ("int8") or a spec
+    policy: ViewPolicy | str = field(default_factory=ViewPolicy)  # "rrc", "full" or a policy
+    compressor: str | None = None  # "zstd" | "none": replaces the codec spec's
     batch_size: int = 64
     shard_size: int = 128
     global_seed: int = 0
@@ -56,6 +59,12 @@ class ExtractConfig:
     def __post_init__(self):
         require(self, positive=("seeds", "batch_size", "shard_size", "num_threads", "writers"),
                 optional_positive=("resolution",), non_negative=("global_seed", "init_seed"))
+        try:  # names become specs here, and only here
+            self.codec = CodecSpec.of(self.codec, self.compressor)
+            self.policy = ViewPolicy(kind=self.policy) if isinstance(self.policy, str) else self.policy
+        except ValueError as e:
+            raise ConfigError(f"--codec/--compressor/--views: {e}") from None
+        self.compressor = self.codec.compressor
 
 
 @dataclass
@@ -78,25 +87,29 @@ def shard_batches(a: int, b: int, batch_size: int) -> list[tuple[int, int]]:
     return [(i, min(i + batch_size, b)) for i in range(a, b, batch_size)]
 
 
-def open_or_create(cfg: ExtractConfig, teacher: Teacher, manifest: Manifest) -> Store:
+def open_or_create(cfg: ExtractConfig, teacher: Teacher, manifest: Manifest, location: Location | None = None,
+                   occupancy: Occupancy | None = None) -> Store:
     """The store for ``cfg``: created when the location is empty or holds fdcache's own
     unfinished creation (or a store to replace with ``--overwrite``); otherwise opened,
     checked against the request, cleaned of interrupted writes, its done shards with a
-    missing file un-marked, and grown to ``cfg.seeds``. Call with the writer lock held."""
+    missing file un-marked (from ``occupancy``'s listing: nothing is listed twice), and grown
+    to ``cfg.seeds``. Call with the writer lock held. ``location``/``occupancy``: ``cfg.out``
+    resolved and looked at, when the caller already did."""
+    location = location or Location.resolve(cfg.out)
+    occupancy = occupancy or location.occupancy()
     info = StoreInfo(teacher=teacher.spec, policy=cfg.policy, codec=cfg.codec,
                      global_seed=cfg.global_seed, shard_size=cfg.shard_size,
                      num_samples=len(manifest), manifest_sha256=manifest.fingerprint())
-    state, _ = Store.target_state(cfg.out)
-    if state == "store" and not cfg.overwrite:
-        store = Store.open(cfg.out, mode="r+")
+    if occupancy.state == "store" and not cfg.overwrite:
+        store = Store.open(location, mode="r+")
         store.check_binding(info)
-        remove_interrupted_writes(cfg.out)  # only rank 0 runs this, before any rank writes
-        for s, k in sorted({(s, k) for s, k, _ in store.missing_data()}):
+        location.remove_interrupted_writes()  # only rank 0 runs this, before any rank writes
+        for s, k in sorted({(s, k) for s, k, _ in store.missing_data(occupancy.keys)}):
             store.unmark(s, k)  # a deleted shard file: recompute it (flipped bytes: verify --repair)
         if cfg.seeds > store.num_seeds:
             store.grow_seeds(manifest, cfg.seeds)
         return store
-    return Store.create(cfg.out, info, manifest, cfg.seeds, overwrite=cfg.overwrite)
+    return Store.create(location, info, manifest, cfg.seeds, overwrite=cfg.overwrite, occupancy=occupancy)
 
 
 def _split(items: list, rank: int, world: int) -> list:
@@ -116,23 +129,24 @@ def extract(cfg: ExtractConfig, teacher: Teacher | None = None) -> ExtractResult
     # Rank 0 takes the writer lock, indexes the folder and creates (or checks) the store;
     # the others wait, then read the manifest from the store, so a thousand ranks do not
     # stat ImageNet each. Rank 0 holds the lock until every rank is done.
-    error, lock, manifest = None, WriterLock(cfg.out), None
+    location = Location.resolve(cfg.out)
+    error, lock, manifest = None, location.writer_lock(), None
     try:
         if d.is_main:
             try:
-                state, foreign = Store.target_state(cfg.out)
-                if state != "store" or cfg.overwrite:
-                    refuse_unless_ours(cfg.out, state, foreign, cfg.overwrite)
                 lock.__enter__()
+                occupancy = location.occupancy()  # the one look at what is there
+                if occupancy.state != "store" or cfg.overwrite:
+                    occupancy.refuse_unless_ours(location.url, cfg.overwrite)
                 manifest = index(cfg.data, file_list=cfg.file_list, skip_bad=cfg.skip_bad, checksums=True)
-                store = open_or_create(cfg, teacher, manifest)
+                store = open_or_create(cfg, teacher, manifest, location, occupancy)
             except FdcacheError as e:
                 error = e
         error = d.broadcast(error)
         if error is not None:
             raise error
         if not d.is_main:
-            store = Store.open(cfg.out, mode="r+")
+            store = Store.open(location, mode="r+")
             manifest = store.manifest(root=cfg.data)
         d.barrier()
 

@@ -15,50 +15,16 @@ import logging
 import os
 import socket
 import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import TeacherError
+from ..store.layout import TeacherSpec
 
 CONFIG_DIR = Path(__file__).parents[1] / "model_configs"
 TINY_TEACHER = "fdcache-tiny-vit"  # random-init test teacher shipped with the package
-
-
-@dataclass(frozen=True)
-class TeacherSpec:
-    source: str  # "openclip" | "timm"
-    name: str
-    pretrained: str | None  # tag, local checkpoint file name, or None (random init)
-    init_seed: int | None
-    resolution: int
-    patch: int
-    tokens: int  # incl. prefix tokens (CLS)
-    prefix_tokens: int
-    dim: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    weights_sha256: str
-    layer: str = "final"
-    post_norm: bool = True
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["mean"], d["std"] = list(self.mean), list(self.std)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TeacherSpec":
-        d = dict(d)
-        d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
-        return cls(**d)
-
-    @property
-    def label(self) -> str:
-        weights = self.pretrained or f"random-init(seed={self.init_seed})"
-        return f"{self.source}:{self.name}/{weights}@{self.resolution}"
 
 
 def parse_teacher_name(name: str) -> tuple[str, str]:

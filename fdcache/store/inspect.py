@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import StoreError, VerifyError
+from .audit import audit, repair as apply_repairs
 from .manifest import compare_files
 from .store import Store
 
@@ -50,7 +51,7 @@ def inspect_store(url: str) -> dict:
 
 def verify_store(url: str, data: str | Path | None = None, check_files: bool = True,
                  progress=None, *, content: bool = False, repair: bool = False) -> dict:
-    """Check the whole store (:meth:`Store.audit`: every array's metadata, every chunk,
+    """Check the whole store (:func:`.audit.audit`: every array's metadata, every chunk,
     attributes against shapes, the manifest's fingerprint) and that the image folder still
     matches the manifest (sizes; with ``content`` every file's crc32c). Never crashes on a
     broken store: raises :class:`VerifyError` (exit 1) listing every problem. ``repair``
@@ -60,7 +61,7 @@ def verify_store(url: str, data: str | Path | None = None, check_files: bool = T
         store = Store.open(url, mode="r+" if repair else "r")
     except StoreError as e:
         raise VerifyError(f"{url}: cannot open the store", [str(e)]) from None
-    problems = store.audit(progress=progress)
+    problems = audit(store, progress=progress)
     warnings: list[str] = []
     files = 0
     if check_files:
@@ -82,7 +83,7 @@ def verify_store(url: str, data: str | Path | None = None, check_files: bool = T
     if problems:
         message = f"{url}: {len(problems)} problem(s)"
         if repair:
-            done = store.repair([p for p in problems if not isinstance(p, str)])
+            done = apply_repairs(store, [p for p in problems if not isinstance(p, str)])
             message += ("; repair: " + "; ".join(done) + ". Now re-run the same fdcache extract command "
                         "to recompute them" if done else "; nothing here can be repaired in place")
         elif any(getattr(p, "repair", None) for p in problems):

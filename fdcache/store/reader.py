@@ -31,6 +31,8 @@ import google_crc32c
 import numpy as np
 
 from ..errors import StoreDataError, StoreError
+from .layout import Shards, shard_key
+from .location import Location
 
 _EMPTY = np.uint64(2**64 - 1)  # index entry of a chunk that was never written
 _MAX_OPEN = 128  # shard files kept open per reader
@@ -51,7 +53,7 @@ class Layout:
         return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
 
     def key(self, seed: int, k: int) -> str:
-        return f"{self.name}/c/{seed}/{k}" + "/0" * len(self.shape)
+        return shard_key(self.name, seed, k, len(self.shape))
 
     @classmethod
     def from_metadata(cls, name: str, meta: dict, dtype) -> "Layout":
@@ -89,13 +91,16 @@ class TargetReader:
     DALI worker or a DataLoader worker can carry it.
     """
 
-    def __init__(self, url: str, root: str, layouts: list[Layout], shard_size: int, num_samples: int,
+    def __init__(self, location: Location, layouts: list[Layout], shards: Shards,
                  done: np.ndarray, skipped: np.ndarray, threads: int | None = None):
-        self.url, self.root = url, root
+        """``location``: where the store lives (``Store.location``); ``layouts``: the codec's
+        arrays as parsed from their metadata; ``shards``: the store's shard arithmetic;
+        ``done [S, shards]`` and ``skipped [S, N]``: the markers as read when the reader was
+        made (a reader sees the store as it was then). ``threads``: per-batch read threads."""
+        self.location = location
         self.layouts = list(layouts)
-        self.shard_size, self.num_samples = shard_size, num_samples
+        self.shards = shards
         self.done, self.skipped = np.asarray(done, bool), np.asarray(skipped, bool)
-        self.remote = "://" in root
         # Slices of a batch run on a few threads: preadv, crc32c and zstd all release the GIL.
         self.threads = threads or min(4, os.cpu_count() or 1)
         self._reset()
@@ -131,6 +136,14 @@ class TargetReader:
 
     # -- public --------------------------------------------------------------------
     @property
+    def url(self) -> str:
+        return self.location.url
+
+    @property
+    def num_samples(self) -> int:
+        return self.shards.samples
+
+    @property
     def names(self) -> list[str]:
         return [lay.name for lay in self.layouts]
 
@@ -142,7 +155,7 @@ class TargetReader:
         """The recorded views ``[N, 5]`` (y, x, h, w, flip) of ``seed`` (small: one zarr read)."""
         import zarr
 
-        return zarr.open_array(self.root, path="views", mode="r")[seed]
+        return zarr.open_array(self.location.zarr_store(), path="views", mode="r")[seed]
 
     def read(self, seed: int, indices, out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """``out``: arrays to fill (from :meth:`empty`), reused across calls by a caller that
@@ -170,7 +183,7 @@ class TargetReader:
         return out
 
     def _read_rows(self, lay, seed, idx, rows) -> None:
-        (self._read_remote if self.remote else self._read_local)(lay, seed, idx, rows)
+        (self._read_remote if self.location.remote else self._read_local)(lay, seed, idx, rows)
 
     def empty(self, n: int) -> dict[str, np.ndarray]:
         """Uninitialized arrays for ``n`` samples, as :meth:`read` returns them."""
@@ -181,7 +194,7 @@ class TargetReader:
 
     def shard_files(self, seed: int) -> list[str]:
         """Local paths of ``seed``'s shard files, every stored array (benchmarks read them raw)."""
-        return [os.path.join(self.root, *lay.key(seed, k).split("/")) for lay in self.layouts
+        return [self.location.path_of(lay.key(seed, k)) for lay in self.layouts
                 for k in range(self.done.shape[1])]
 
     def chunk_payloads(self, seed: int, k: int) -> list[tuple[Layout, bytes]]:
@@ -199,18 +212,17 @@ class TargetReader:
     def _check(self, seed: int, idx: np.ndarray) -> None:
         if not 0 <= seed < self.done.shape[0]:
             raise StoreError(f"seed {seed} is not in {self.url} (it has {self.done.shape[0]} seeds)")
-        if idx.size and (idx.min() < 0 or idx.max() >= self.num_samples):
-            raise StoreError(f"sample indices must lie in 0..{self.num_samples - 1} for {self.url}")
-        shards = np.unique(idx // self.shard_size)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.shards.samples):
+            raise StoreError(f"sample indices must lie in 0..{self.shards.samples - 1} for {self.url}")
+        shards = np.unique(idx // self.shards.size)
         undone = shards[~self.done[seed, shards]]
         if undone.size:
             k = int(undone[0])
-            a, b = k * self.shard_size, min((k + 1) * self.shard_size, self.num_samples)
-            raise StoreError(f"seed {seed} shard {k} (samples {a}..{b - 1}) of {self.url} is not "
+            raise StoreError(f"seed {seed} {self.shards.describe(k)} of {self.url} is not "
                              "extracted yet: re-run the same fdcache extract command to finish it")
 
     def _lost(self, lay: Layout, seed: int, k: int, detail: str) -> StoreDataError:
-        a, b = k * self.shard_size, min((k + 1) * self.shard_size, self.num_samples)
+        a, b = self.shards.range(k)
         return StoreDataError(
             f"{lay.name} of seed {seed}, shard {k} (samples {a}..{b - 1}) in {self.url}: {detail}. "
             f"The shard is marked done, so its data was lost or damaged after it was written. Fix: "
@@ -262,7 +274,7 @@ class TargetReader:
         hit = self._files.get(key)
         if hit is None:
             try:
-                fd = os.open(os.path.join(self.root, *lay.key(seed, k).split("/")), os.O_RDONLY)
+                fd = os.open(self.location.path_of(lay.key(seed, k)), os.O_RDONLY)
             except FileNotFoundError:
                 raise self._lost(lay, seed, k, "its shard file is missing") from None
             size = os.fstat(fd).st_size
@@ -363,9 +375,7 @@ class TargetReader:
 
     def _store(self):
         if self._kv is None:
-            from zarr.storage import FsspecStore
-
-            self._kv = FsspecStore.from_url(self.root, read_only=True)
+            self._kv = self.location.zarr_store(read_only=True)
         return self._kv
 
 

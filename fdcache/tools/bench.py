@@ -52,13 +52,16 @@ class BenchConfig:
     data: str | None = None
     images: int | None = None  # synthetic images when no --data (default: enough for the run)
     student_overrides: dict = field(default_factory=dict)
-    codec: str = "fp16"
+    codec: CodecSpec | str = "fp16"  # a name or a spec
     loss_impl: str = "auto"
     amp: str = "auto"
     threads: int = 4
     loader_workers: int = 0
     modes: tuple[str, ...] = MODES
     workdir: str | None = None
+
+    def __post_init__(self):
+        self.codec = CodecSpec.of(self.codec)
 
 
 def _sync(device):
@@ -140,7 +143,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             out = work / f"extract-{k}.zarr"
             r = extract(ExtractConfig(data=data, out=str(out), teacher=cfg.teacher, pretrained=cfg.pretrained,
                                       random_init=cfg.random_init, resolution=cfg.resolution,
-                                      codec=CodecSpec(cfg.codec), batch_size=cfg.batch_size,
+                                      codec=cfg.codec, batch_size=cfg.batch_size,
                                       shard_size=max(cfg.batch_size, 64), progress=False,
                                       num_threads=cfg.threads), teacher=teacher)
             return r.samples / r.seconds, out
@@ -231,7 +234,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             "student": cfg.student, "student_overrides": cfg.student_overrides, "teacher": teacher.spec.label,
             "resolution": teacher.spec.resolution, "student_tokens": offline.sspec.tokens,
             "teacher_tokens": teacher.spec.tokens, "teacher_dim": teacher.spec.dim, "batch_size": B,
-            "steps": cfg.steps, "warmup": cfg.warmup, "amp": str(offline.engine.amp_dtype), "codec": cfg.codec,
+            "steps": cfg.steps, "warmup": cfg.warmup, "amp": str(offline.engine.amp_dtype), "codec": cfg.codec.name,
             "loss_impl": cfg.loss_impl}}
     finally:
         if cfg.workdir is None:

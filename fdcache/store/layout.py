@@ -1,0 +1,240 @@
+"""The store's format, written down once: the binding record, the arrays, the chunk keys and
+the shard arithmetic. Writer (:mod:`.store`), reader (:mod:`.reader`), audit (:mod:`.audit`)
+and the tests all take them from here; nothing else spells a chunk key.
+
+Layout (``S`` seeds, ``N`` samples, ``L`` tokens, ``D`` dims, ``K`` = samples per shard)::
+
+    <codec arrays> [S, N, *shape]  as the codec declares them (fp16: ``targets [S, N, L, D]``;
+                   int8: ``targets`` int8 + ``qparams [S, N, L, 2]`` float32), inner chunk =
+                   one sample-view, shard = K samples
+    views    [S, N, 5]     int32 (y, x, h, w, flip) in EXIF-oriented source pixels
+    skipped  [S, N]        uint8, 1 = unreadable image, its target is zeros (chunk = shard)
+    done     [S, N/K]      uint8, 1 = shard complete; one chunk per marker, written last
+    manifest/{paths_utf8, path_offsets, labels, widths, heights, sizes, mtimes, crc32c}
+             attrs: classes, root (paths as UTF-8 bytes + offsets: every Zarr v3 reader,
+             tensorstore included, reads them)
+
+Group attribute ``fdcache``: the binding (:class:`StoreInfo`), written last; while a store is
+being created the group carries ``fdcache_creating`` instead. This module imports numpy
+only (DALI's spawned source workers load the reader, and with it this module, without torch).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .. import __version__
+from ..codecs.spec import CodecSpec
+from .views import ViewPolicy
+
+__all__ = ["FORMAT_VERSION", "OLD_FORMATS", "BINDING", "CREATING", "REPLACING", "MANIFEST_FIELDS", "FIXED_ENTRIES",
+           "ArrayDecl", "Shards", "StoreInfo", "TeacherSpec", "chunk_key", "parse_chunk_key", "shard_key", "store_arrays",
+           "encode_paths", "decode_paths"]
+
+FORMAT_VERSION = 2
+# Why each older format is refused (an upgrade in place would rewrite data fdcache must not guess).
+OLD_FORMATS = {1: "format 1 keeps manifest paths as a variable-length string array that "
+                  "tensorstore and other Zarr v3 readers cannot read"}
+BINDING = "fdcache"  # group attribute: the binding, written last
+CREATING = "fdcache_creating"  # group attribute while a store is being created
+REPLACING = "fdcache_replacing"  # beside it: the entries of the store being replaced (fdcache's)
+MANIFEST_FIELDS = ("labels", "widths", "heights", "sizes", "mtimes", "crc32c")
+# Top-level entries of every store; the codec's arrays are named by the binding.
+FIXED_ENTRIES = ("zarr.json", "views", "skipped", "done", "manifest")
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """The teacher a store was made with; stored in the binding, so a store can only be read
+    against the teacher that wrote it."""
+
+    source: str  # "openclip" | "timm"
+    name: str
+    pretrained: str | None  # tag, local checkpoint file name, or None (random init)
+    init_seed: int | None
+    resolution: int
+    patch: int
+    tokens: int  # incl. prefix tokens (CLS)
+    prefix_tokens: int
+    dim: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    weights_sha256: str
+    layer: str = "final"
+    post_norm: bool = True
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TeacherSpec":
+        d = dict(d)
+        d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
+        return cls(**d)
+
+    @property
+    def label(self) -> str:
+        weights = self.pretrained or f"random-init(seed={self.init_seed})"
+        return f"{self.source}:{self.name}/{weights}@{self.resolution}"
+
+
+@dataclass(frozen=True)
+class Shards:
+    """``samples`` samples cut into shards of ``size``: the unit of writing, resuming and
+    marking done (the last shard may be short)."""
+
+    size: int
+    samples: int
+
+    @property
+    def count(self) -> int:
+        return math.ceil(self.samples / self.size) if self.size > 0 else 0
+
+    def range(self, k: int) -> tuple[int, int]:
+        """Samples ``[a, b)`` of shard ``k``."""
+        a = k * self.size
+        return a, min(a + self.size, self.samples)
+
+    def describe(self, k: int) -> str:
+        a, b = self.range(k)
+        return f"shard {k} (samples {a}..{b - 1})"
+
+
+@dataclass
+class StoreInfo:
+    """The store's binding, kept in the group attribute ``fdcache``."""
+
+    teacher: TeacherSpec
+    policy: ViewPolicy
+    codec: CodecSpec
+    global_seed: int
+    shard_size: int
+    num_samples: int
+    manifest_sha256: str
+    format_version: int = FORMAT_VERSION
+    fdcache_version: str = __version__
+
+    @property
+    def shards(self) -> Shards:
+        return Shards(self.shard_size, self.num_samples)
+
+    def to_dict(self) -> dict:
+        return {"format_version": self.format_version, "fdcache_version": self.fdcache_version,
+                "teacher": self.teacher.to_dict(), "view_policy": self.policy.to_dict(),
+                "codec": self.codec.to_dict(), "global_seed": self.global_seed,
+                "shard_size": self.shard_size, "num_samples": self.num_samples,
+                "manifest_sha256": self.manifest_sha256}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StoreInfo":
+        return cls(teacher=TeacherSpec.from_dict(d["teacher"]),
+                   policy=ViewPolicy.from_dict(d["view_policy"]),
+                   codec=CodecSpec.from_dict(d["codec"]), global_seed=d["global_seed"],
+                   shard_size=d["shard_size"], num_samples=d["num_samples"],
+                   manifest_sha256=d["manifest_sha256"], format_version=d["format_version"],
+                   fdcache_version=d.get("fdcache_version", "?"))
+
+    def differences(self, other: "StoreInfo") -> list[str]:
+        """What differs between two bindings, named field by field."""
+        out = []
+        a, b = self.teacher.to_dict(), other.teacher.to_dict()
+        for k in a:
+            if a[k] != b.get(k):
+                out.append(f"teacher.{k}: store has {a[k]!r}, requested {b.get(k)!r}")
+        for name in ("policy", "codec"):
+            x, y = getattr(self, name).to_dict(), getattr(other, name).to_dict()
+            if x != y:
+                out.append(f"{name}: store has {x}, requested {y}")
+        for name in ("global_seed", "shard_size", "num_samples", "manifest_sha256"):
+            if getattr(self, name) != getattr(other, name):
+                what = "dataset (manifest fingerprint)" if name == "manifest_sha256" else name
+                out.append(f"{what}: store has {getattr(self, name)!r}, requested {getattr(other, name)!r}")
+        return out
+
+
+@dataclass(frozen=True)
+class ArrayDecl:
+    """One per-seed array of the store: ``[S, N, *shape]`` (``done``: ``[S, shards]``).
+
+    ``chunk``: ``"sample"`` (inner chunk = one sample-view, shard file = one store shard;
+    the codec's arrays), ``"shard"`` (one chunk per store shard: skip flags), ``"marker"``
+    (one chunk per done marker) or ``"block"`` (``block`` samples per chunk: views).
+    ``data``: written with a shard, so a done shard must have its chunk."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    dims: tuple[str, ...]
+    chunk: str
+    fill: int = 0
+    codec: bool = False  # the codec's compressor applies (else checksums only)
+    data: bool = False
+    block: int = 0
+
+    def chunking(self, shards: Shards) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+        """Zarr ``(chunks, shards)`` of the array, after the seed axis included."""
+        k = shards.size
+        if self.chunk == "sample":
+            return (1, 1, *self.shape), (1, k, *self.shape)
+        if self.chunk == "shard":
+            return (1, k, *self.shape), None
+        if self.chunk == "marker":
+            return (1, 1), None
+        return (1, self.block, *self.shape), None
+
+    def full_shape(self, seeds: int, shards: Shards) -> tuple[int, ...]:
+        return (seeds, shards.count) if self.chunk == "marker" else (seeds, shards.samples, *self.shape)
+
+
+def store_arrays(info: StoreInfo) -> list[ArrayDecl]:
+    """Every per-seed array of a store bound to ``info``, the codec's first, ``done`` last
+    (the order seed growth resizes them in)."""
+    t = info.teacher
+    codec = [ArrayDecl(a.name, np.dtype(a.dtype).str, tuple(a.shape), ("seed", "sample", *a.dims), "sample",
+                       codec=True, data=True) for a in info.codec.arrays(t.tokens, t.dim)]
+    return codec + [
+        ArrayDecl("skipped", "|u1", (), ("seed", "sample"), "shard", data=True),
+        ArrayDecl("views", "<i4", (5,), ("seed", "sample", "yxhwf"), "block", fill=-1,
+                  block=max(1, min(info.num_samples, 1 << 16))),
+        ArrayDecl("done", "|u1", (), ("seed", "shard"), "marker"),
+    ]
+
+
+def chunk_key(path: str, coords) -> str:
+    """The key of chunk (or shard file) ``coords`` of the array at ``path``: Zarr v3's
+    default encoding with the ``/`` separator, the only one fdcache writes."""
+    return f"{path}/c/" + "/".join(str(int(c)) for c in coords)
+
+
+def parse_chunk_key(key: str) -> tuple[str, tuple[int, ...]] | None:
+    """The inverse of :func:`chunk_key`: ``(array path, coords)``, or None for a key that
+    is not a chunk (metadata, temporary files)."""
+    path, sep, coords = key.rpartition("/c/")
+    parts = coords.split("/")
+    if not sep or not all(p.isdigit() for p in parts):
+        return None
+    return path, tuple(int(p) for p in parts)
+
+
+def shard_key(name: str, seed: int, k: int, sample_ndim: int) -> str:
+    """The file holding shard ``k`` of ``seed`` of a per-sample array with ``sample_ndim``
+    axes per sample (``targets/c/0/3/0/0`` for a ``[L, D]`` map)."""
+    return chunk_key(name, (seed, k) + (0,) * sample_ndim)
+
+
+def encode_paths(paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """UTF-8 bytes of all paths back to back, and ``offsets [N+1]`` (path i = bytes[o[i]:o[i+1]])."""
+    encoded = [p.encode() for p in paths]
+    offsets = np.zeros(len(encoded) + 1, np.int64)
+    np.cumsum([len(b) for b in encoded], out=offsets[1:])
+    return np.frombuffer(b"".join(encoded), np.uint8).copy(), offsets
+
+
+def decode_paths(blob: np.ndarray, offsets: np.ndarray) -> list[str]:
+    data = blob.tobytes()
+    return [data[a:b].decode() for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]

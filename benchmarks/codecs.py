@@ -28,7 +28,7 @@ from fdcache.codecs import CodecSpec, Int4, list_codecs, register, whitened_erro
 from fdcache.distill.extract import ExtractConfig, extract
 from fdcache.kernels.loss import fd_loss_reference
 from fdcache.store import Store
-from fdcache.distill.train import TrainConfig, Trainer
+from fdcache.distill.train import TrainConfig, DistillTask
 from fdcache.store.views import ViewPolicy
 
 TEACHER = "timm:vit_small_patch14_dinov2"
@@ -67,9 +67,9 @@ def transcode(src: Store, url: str, codec: CodecSpec) -> Store:
     return Store.open(url)
 
 
-def held_out_loss(trained: Trainer, cfg: TrainConfig) -> float:
+def held_out_loss(trained: DistillTask, cfg: TrainConfig) -> float:
     """Mean FD loss of ``trained``'s student on the held-out samples (whole batches), against exact targets."""
-    ev = Trainer(cfg)
+    ev = DistillTask(cfg)
     ev.model.load_state_dict(trained.model.state_dict())
     ev.model.eval()
     stream, total, n = ev.stream(), 0.0, 0
@@ -78,7 +78,7 @@ def held_out_loss(trained: Trainer, cfg: TrainConfig) -> float:
             b = next(stream)
             images = b.images.to(ev.device)
             targets, qparams = ev.targets_of(b, images)
-            total += fd_loss_reference(ev.forward(images), targets, qparams=qparams).item() * len(images)
+            total += fd_loss_reference(ev.model(images), targets, qparams=qparams).item() * len(images)
             n += len(images)
     return total / n
 
@@ -129,7 +129,7 @@ def main():
         err = whitened_error(exact, codec.decode(codec.encode(exact, seed=0, samples=torch.arange(len(exact)))))
         losses = []
         for seed in args.seeds:
-            t = Trainer(tcfg(w / "runs" / f"{name}-s{seed}", store.url, seed))
+            t = DistillTask(tcfg(w / "runs" / f"{name}-s{seed}", store.url, seed))
             t.fit()
             losses.append(held_out_loss(t, tcfg(w / "runs" / f"{name}-s{seed}-eval", w / "heldout.zarr", seed)))
             print(f"{name} seed {seed}: held-out FD loss {losses[-1]:.5f}", flush=True)

@@ -71,16 +71,16 @@ def run(cmd: list[str], log: Path, times: dict, key: str, done: Path) -> None:
 
 
 def export_random_init(w: Path, args, steps: int) -> None:
-    """``fdcache train`` refuses zero steps, so build its Trainer (same student, same seed)
+    """``fdcache train`` refuses zero steps, so build its DistillTask (same student, same seed)
     and call its export directly: the starting point the distilled students began from."""
-    from fdcache.distill.train import Trainer, TrainConfig
+    from fdcache.distill.train import DistillTask, TrainConfig
 
     cfg = TrainConfig(out=str(w / "random"), online=True, teacher="timm:vit_small_patch14_dinov2",
                       pretrained=args.teacher_ckpt, data=str(w / "train"), student=args.student,
                       student_overrides={"patch_size": 14}, resolution=args.resolution, steps=steps,
                       batch_size=args.distill_batch, device="cpu", progress=False)
     (w / "random").mkdir(parents=True, exist_ok=True)
-    Trainer(cfg).export()
+    DistillTask(cfg).export()
 
 
 def main():

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from fdcache.tune.finetune import Finetuner, make_config
+from fdcache.tune.finetune import FinetuneTask, make_config
 from fdcache.tune.imagefolder import train_loader
 from fdcache.samples import make_image_folder
 
@@ -47,7 +47,7 @@ def main():
     root = tempfile.mkdtemp(prefix="fdcache-bench-ft-")
     data = make_image_folder(f"{root}/images", classes=8, per_class=args.images // 8, min_size=256, max_size=500)
     preset = "ft-clip-vit-b16" if args.mode == "finetune" else "flyp-imagenet"
-    ft = Finetuner(make_config(preset, mode=args.mode, out=f"{root}/run", data=str(data), model=args.model,
+    ft = FinetuneTask(make_config(preset, mode=args.mode, out=f"{root}/run", data=str(data), model=args.model,
                                random_init=True, resolution=args.resolution, batch_size=args.batch_size,
                                classnames="folder", steps=10**6, workers=args.workers, progress=False))
     stream = iter(train_loader(ft.dataset, ft.sampler, args.workers, ft.device.type == "cuda"))

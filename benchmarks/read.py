@@ -15,7 +15,7 @@ Each rate is the best of ``--rounds`` rounds of about ``--seconds`` (the machine
 the best round is the least disturbed). Page cache warm. ``--tensorstore`` also prints
 tensorstore's ``zarr3`` driver on the same stores (all reads of a batch in flight).
 
-``--loader``: images+targets/s of ``Trainer.stream()`` (DALI CPU pixels + targets) on a
+``--loader``: images+targets/s of ``DistillTask.stream()`` (DALI CPU pixels + targets) on a
 store of 197x768 fp16 targets (``--compressor``) over a folder of JPEGs (``--image-px``, default 256-400); uses only APIs older versions
 have too, so the same file measures before and after a change.
 """
@@ -206,7 +206,7 @@ def run_loader(args) -> dict:
     """Images+targets/s of the trainer's offline loader (DALI CPU)."""
     from fdcache.store.manifest import index
     from fdcache.samples import make_image_folder
-    from fdcache.distill.train import TrainConfig, Trainer
+    from fdcache.distill.train import TrainConfig, DistillTask
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as work:
         data = make_image_folder(Path(work, "images"), classes=4, per_class=args.samples // 4,
@@ -214,7 +214,7 @@ def run_loader(args) -> dict:
         m = index(data)
         codec = CodecSpec("fp16", args.compressor)
         store = build(f"{work}/s.zarr", codec, feature_like(len(m), 197, 768), args.shard, manifest=m)
-        t = Trainer(TrainConfig(out=f"{work}/run", cache=store.url, student="fd-tiny", resolution=224, steps=1000,
+        t = DistillTask(TrainConfig(out=f"{work}/run", cache=store.url, student="fd-tiny", resolution=224, steps=1000,
                                 batch_size=args.batch_loader, progress=False, num_threads=args.threads,
                                 loader_workers=args.loader_workers))
         stream = t.stream()
@@ -225,7 +225,7 @@ def run_loader(args) -> dict:
             t0, n = time.perf_counter(), 0
             while time.perf_counter() - t0 < args.seconds:
                 b = next(stream)
-                assert b.targets is not None
+                assert b.stored is not None
                 n += b.images.shape[0]
             best = max(best, n / (time.perf_counter() - t0))
     r = {"images_targets_per_s": best, "batch": args.batch_loader, "threads": args.threads,

@@ -164,8 +164,8 @@ def stop_on_signals():
 
 # -- what a job supplies ----------------------------------------------------------------
 class Task(Protocol):
-    """A training job as the loop sees it (see :class:`fdcache.distill.train.Trainer`,
-    :class:`fdcache.tune.finetune.Finetuner`)."""
+    """A training job as the loop sees it (see :class:`fdcache.distill.train.DistillTask`,
+    :class:`fdcache.tune.finetune.FinetuneTask`)."""
 
     name: str  # progress label: train | finetune | flyp
     error: type[FdcacheError]  # its error type (non-finite loss, out of memory)
@@ -173,7 +173,7 @@ class Task(Protocol):
     outputs: tuple[str, ...]  # its files in OUT (glob patterns), besides RUN_FILES
 
     def stream(self, micro_done: int = 0) -> Iterator: ...  # micro-batches from that position on
-    def loss(self, batch) -> torch.Tensor: ...  # forward (through engine.forward) and the loss
+    def loss(self, batch, forward) -> torch.Tensor: ...  # ``forward(x)``: the engine's model call, in its autocast
     def images_in(self, batch) -> int: ...  # images in one micro-batch on this rank
     def where(self, batch) -> dict: ...  # fields for the log record ({"epoch": e})
     def after_update(self) -> None: ...  # constrain parameters after each update
@@ -252,12 +252,18 @@ class Engine:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
+    def loss(self, batch) -> torch.Tensor:
+        """The task's loss of one micro-batch, the model called through the engine (DDP,
+        compile) inside the engine's autocast: the loop owns precision, the task the loss."""
+        with self.autocast():
+            return self.task.loss(batch, self.forward)
+
     def forward_backward(self, batch, sync: bool = True) -> torch.Tensor:
         """The task's loss on one micro-batch, backward (scaled for AMP and accumulation);
         DDP all-reduces the gradients only on the last micro-batch (``sync``)."""
         ctx = nullcontext() if sync or self.dist.world == 1 else self.ddp.no_sync()
         with ctx:
-            loss = self.task.loss(batch)
+            loss = self.loss(batch)
             self.scaler.scale(loss / self.cfg.accum_steps).backward()
         return loss.detach()
 

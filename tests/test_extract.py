@@ -116,7 +116,7 @@ def test_write_error_mid_run_keeps_the_store_resumable_and_resume_is_byte_identi
 # returns (the other writer thread may be mid-write): a kill at a known point, not a timing.
 _KILLED_EXTRACT = """
 import os, signal, sys
-from fdcache.store.store import Store
+from fdcache.store import Store
 from fdcache.cli.app import main
 real, calls = Store.write_shard, []
 def write_shard(self, *args, **kw):

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from fdcache.tune.classifiers import init_model, load_export, templates_of, zeroshot_weights
 from fdcache.errors import DataError, FdcacheError
 from fdcache.tune.evaluate import evaluate
-from fdcache.tune.finetune import Finetuner, finetune, load_preset, make_config, preset_names
+from fdcache.tune.finetune import FinetuneTask, finetune, load_preset, make_config, preset_names
 from fdcache.tune.imagefolder import LabeledImages, eval_transform, train_loader
 from fdcache.samples import make_image_folder
 from fdcache.distill.teachers import TINY_TEACHER, create_openclip
@@ -54,7 +54,7 @@ def _batch(ft):
 
 # -- recipe ingredients ------------------------------------------------------------------
 def test_layer_decay_gives_each_block_its_lr_and_no_decay_to_norms_and_embeddings(folder, tmp_path):
-    ft = Finetuner(fcfg(tmp_path, folder, layer_decay=0.5, warmup_steps=0, steps=10, weight_decay=0.05,
+    ft = FinetuneTask(fcfg(tmp_path, folder, layer_decay=0.5, warmup_steps=0, steps=10, weight_decay=0.05,
                         freeze_patch_embed=True))
     ft.engine.scheduler.step_update(0)
     peak = ft.cfg.base_lr  # total batch 4 == lr_batch
@@ -83,7 +83,7 @@ def test_layer_decay_gives_each_block_its_lr_and_no_decay_to_norms_and_embedding
 
 
 def test_ema_update_follows_the_formula(folder, tmp_path):
-    ft = Finetuner(fcfg(tmp_path, folder, ema_decay=0.9, steps=6, base_lr=1e-2))
+    ft = FinetuneTask(fcfg(tmp_path, folder, ema_decay=0.9, steps=6, base_lr=1e-2))
     it = iter(train_loader(ft.dataset, ft.sampler, 0, False))
     for step in range(4):
         images, labels, index = next(it)
@@ -100,9 +100,9 @@ def test_ema_update_follows_the_formula(folder, tmp_path):
 
 
 def test_flyp_loss_is_clip_loss_on_prompt_captions(folder, tmp_path):
-    ft = Finetuner(fcfg(tmp_path, folder, mode="flyp", templates="simple"))
+    ft = FinetuneTask(fcfg(tmp_path, folder, mode="flyp", templates="simple"))
     images, labels, index = _batch(ft)
-    loss = ft.loss_of(images, labels, index, epoch=0)
+    loss = ft.engine.loss((images, labels, index, 0))
     tids = ft.template_ids(0, index)
     templates = templates_of("simple")
     captions = [templates[int(t)](ft.classnames[int(y)]) for y, t in zip(labels, tids)]
@@ -125,7 +125,7 @@ def test_flyp_loss_is_clip_loss_on_prompt_captions(folder, tmp_path):
 def test_flyp_clamps_the_logit_scale_to_0_ln100_after_each_step(folder, tmp_path, start, clamped):
     """open_clip's trainer: ``logit_scale.clamp_(0, ln 100)`` after every update, so the
     temperature never passes 100 (the scale is stored as its log)."""
-    ft = Finetuner(fcfg(tmp_path, folder, mode="flyp", templates="simple"))
+    ft = FinetuneTask(fcfg(tmp_path, folder, mode="flyp", templates="simple"))
     with torch.no_grad():
         ft.model.logit_scale.fill_(start)
     ft.engine.forward_backward(next(ft.stream()))
@@ -177,7 +177,7 @@ def test_a_few_finetuning_steps_reduce_the_loss(tmp_path):
 
 
 def test_a_distilled_student_starts_finetuning_from_its_weights(student, folder, tmp_path):
-    ft = Finetuner(fcfg(tmp_path, folder, student_run=str(student), model=None, random_init=None, drop_path=0.1))
+    ft = FinetuneTask(fcfg(tmp_path, folder, student_run=str(student), model=None, random_init=None, drop_path=0.1))
     state = load_file(str(student / "model.safetensors"))
     m = ft.model
     assert torch.equal(m.patch_embed.proj.weight, state["patch_embed.proj.weight"])
@@ -317,7 +317,7 @@ def test_impossible_settings_are_refused_clearly(folder, student, tmp_path, kw, 
     if "steps" in kw:
         cfg.steps = cfg.epochs = None
     with pytest.raises(FdcacheError, match=message):
-        Finetuner(cfg)
+        FinetuneTask(cfg)
 
 
 def test_presets_cite_their_sources_and_name_only_known_settings():
@@ -429,13 +429,13 @@ def test_flyp_resume_is_exact(folder, tmp_path):
 
 def test_bf16_autocast_runs_the_model_in_bf16_and_tracks_fp32(folder, tmp_path):
     """The GPU default (bf16 autocast), run through the same code on CPU."""
-    f32 = Finetuner(fcfg(tmp_path / "a", folder, amp="none"))
-    bf16 = Finetuner(fcfg(tmp_path / "b", folder, amp="bf16"))
+    f32 = FinetuneTask(fcfg(tmp_path / "a", folder, amp="none"))
+    bf16 = FinetuneTask(fcfg(tmp_path / "b", folder, amp="bf16"))
     dtypes = []
     bf16.model.head.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
     images, labels, index = _batch(f32)
-    want = f32.loss_of(images, labels, index, 0)
-    got = bf16.loss_of(images, labels, index, 0)
+    want = f32.engine.loss((images, labels, index, 0))
+    got = bf16.engine.loss((images, labels, index, 0))
     assert dtypes == [torch.bfloat16] and got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=2e-2, atol=0)
 
@@ -464,7 +464,7 @@ def test_imagenet_class_names_follow_wnid_order_or_numeric_index_folders(tmp_pat
 def test_non_finite_loss_stops_with_the_step_and_a_checkpoint(folder, tmp_path):
     from fdcache.tune.finetune import FinetuneError
 
-    ft = Finetuner(fcfg(tmp_path / "r", folder, steps=3))
+    ft = FinetuneTask(fcfg(tmp_path / "r", folder, steps=3))
     with torch.no_grad():
         ft.model.head.bias[0] = float("nan")
     with pytest.raises(FinetuneError, match="at step 1"):

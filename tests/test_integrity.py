@@ -23,7 +23,7 @@ from fdcache.samples import make_image_folder
 from fdcache.store import Store
 from fdcache.store.location import Location
 from fdcache.distill.teachers import TINY_TEACHER, load_teacher
-from fdcache.distill.train import Trainer, TrainConfig
+from fdcache.distill.train import DistillTask, TrainConfig
 
 
 def cfg(data, out, **kw) -> ExtractConfig:
@@ -220,7 +220,7 @@ def test_train_refuses_a_deleted_shard_file_instead_of_training_on_zeros(small_s
     shutil.copytree(small_store, store)
     (store / "targets" / "c" / "0" / "1" / "0" / "0").unlink()
     with pytest.raises(StoreDataError, match=r"seed 0 shard 1 \(samples 4\.\.5\).*--repair") as e:
-        Trainer(TrainConfig(out=str(tmp_path / "run"), cache=str(store), student="fd-tiny", steps=1,
+        DistillTask(TrainConfig(out=str(tmp_path / "run"), cache=str(store), student="fd-tiny", steps=1,
                             batch_size=2, progress=False, device="cpu"))
     assert (e.value.seed, e.value.shard, e.value.samples) == (0, 1, (4, 6))
 
@@ -236,7 +236,7 @@ def test_the_same_extract_recomputes_a_deleted_shard_file_without_verify(small_r
 def test_a_copied_data_folder_trains_with_a_warning(small_store, small_root, tmp_path, caplog):
     copy = tmp_path / "copy"
     shutil.copytree(small_root, copy, copy_function=shutil.copyfile)  # new mtimes, same bytes
-    Trainer(TrainConfig(out=str(tmp_path / "run"), cache=str(small_store), data=str(copy), student="fd-tiny",
+    DistillTask(TrainConfig(out=str(tmp_path / "run"), cache=str(small_store), data=str(copy), student="fd-tiny",
                         steps=1, batch_size=2, progress=False, device="cpu"))
     assert "verify" in caplog.text and "--content" in caplog.text
     assert verify_store(str(small_store), data=copy, content=True)["warnings"] == []

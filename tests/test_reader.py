@@ -207,7 +207,7 @@ def test_a_dithered_int4_store_is_reproducible_and_trains(image_root, tmp_path):
     from conftest import tree_bytes
     from fdcache.distill.extract import ExtractConfig, extract
     from fdcache.distill.teachers import TINY_TEACHER
-    from fdcache.distill.train import TrainConfig, Trainer
+    from fdcache.distill.train import TrainConfig, DistillTask
 
     def run(out, batch):
         extract(ExtractConfig(data=str(image_root), out=str(out), teacher=TINY_TEACHER, random_init=True, seeds=1,
@@ -218,8 +218,9 @@ def test_a_dithered_int4_store_is_reproducible_and_trains(image_root, tmp_path):
     run(tmp_path / "b.zarr", 2)  # other batches: each row's dither must not depend on them
     a, b = tree_bytes(tmp_path / "a.zarr"), tree_bytes(tmp_path / "b.zarr")
     assert {k: v for k, v in a.items() if "/c/" in k} == {k: v for k, v in b.items() if "/c/" in k}
-    t = Trainer(TrainConfig(out=str(tmp_path / "run"), cache=str(tmp_path / "a.zarr"), student="fd-tiny", steps=1,
+    t = DistillTask(TrainConfig(out=str(tmp_path / "run"), cache=str(tmp_path / "a.zarr"), student="fd-tiny", steps=1,
                             batch_size=4, warmup_steps=0, progress=False, num_threads=1, loss_impl="torch"))
     batch = next(t.stream())
-    assert batch.targets.dtype == torch.float32 and batch.qparams is None  # decoded for the loss
+    targets, qparams = t.targets_of(batch, batch.images)
+    assert targets.dtype == torch.float32 and qparams is None  # decoded for the loss
     assert torch.isfinite(t.engine.forward_backward(batch))

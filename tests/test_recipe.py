@@ -18,10 +18,10 @@ from torchvision.transforms import RandomResizedCrop
 from typer.testing import CliRunner
 
 from fdcache.cli.app import app
-from fdcache.tune.finetune import Finetuner, finetune, make_config
+from fdcache.tune.finetune import FinetuneTask, finetune, make_config
 from fdcache.tune.imagefolder import train_loader
 from fdcache.distill.teachers import TINY_TEACHER
-from fdcache.distill.train import TrainConfig, Trainer, train
+from fdcache.distill.train import TrainConfig, DistillTask, train
 from fdcache.store.views import ViewPolicy, sample_view
 from fdcache.tune.wise import interpolate, wise
 
@@ -93,7 +93,7 @@ def test_crops_stay_within_the_policys_scale_range_as_torchvisions_do():
 
 # -- data order ----------------------------------------------------------------------
 def test_each_epoch_visits_whole_batches_of_distinct_samples_in_its_own_order(tiny_store, tmp_path):
-    stream = Trainer(tcfg(tmp_path / "run", tiny_store)).stream()
+    stream = DistillTask(tcfg(tmp_path / "run", tiny_store)).stream()
     epochs = {}
     for _ in range(8):  # 18 samples in batches of 4: 4 batches an epoch
         b = next(stream)
@@ -217,7 +217,7 @@ def test_train_cli_ema_decay_is_the_decay_of_the_exported_weights(tiny_store, tm
 # -- fine-tuning -------------------------------------------------------------------------
 def test_finetuning_loss_is_cross_entropy_with_the_configured_label_smoothing(image_root, tmp_path):
     kw = dict(head="zeroshot", templates="simple", label_smoothing=0.3)  # a text-tower head: non-uniform logits
-    ft = Finetuner(ftcfg(tmp_path / "probe", image_root, **kw))
+    ft = FinetuneTask(ftcfg(tmp_path / "probe", image_root, **kw))
     images, labels, _ = next(iter(train_loader(ft.dataset, ft.sampler, 0, False)))
     with torch.no_grad():
         logits = ft.model(images).float()

@@ -13,7 +13,7 @@ from fdcache.errors import StoreDataError  # noqa: E402
 from fdcache.distill.extract import ExtractConfig, extract  # noqa: E402
 from fdcache.store import Store  # noqa: E402
 from fdcache.distill.teachers import TINY_TEACHER  # noqa: E402
-from fdcache.distill.train import TrainConfig, Trainer  # noqa: E402
+from fdcache.distill.train import TrainConfig, DistillTask  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_reader_and_trainer_work_on_a_store_in_a_bucket(bucket, image_root, tmp_
     want = Store.open(str(local)).reader().read(0, idx)
     for name in want:
         assert np.array_equal(remote[name], want[name]), name
-    t = Trainer(TrainConfig(out=str(tmp_path / "run"), cache=url, student="fd-tiny", steps=1, batch_size=4,
+    t = DistillTask(TrainConfig(out=str(tmp_path / "run"), cache=url, student="fd-tiny", steps=1, batch_size=4,
                             warmup_steps=0, progress=False, num_threads=1, loss_impl="torch"))
     assert torch.isfinite(t.engine.forward_backward(next(t.stream())))
 

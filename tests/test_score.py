@@ -9,10 +9,10 @@ import torch
 from fdcache.distill.pixels import reference_pixels
 from fdcache.distill.score import fit_linear_probe, linear_probe, load_trained_student, score, store_loss
 from fdcache.distill.teachers import TINY_TEACHER
-from fdcache.distill.train import TrainConfig, Trainer, train
+from fdcache.distill.train import TrainConfig, DistillTask, train
 from fdcache.errors import ConfigError, StoreError, StoreMismatchError
 from fdcache.kernels import fd_loss_reference
-from fdcache.store.store import Store
+from fdcache.store import Store
 
 from conftest import extract_tiny, tree_bytes
 
@@ -82,7 +82,7 @@ def test_seeds_outside_the_store_and_a_half_probe_are_refused(run, tiny_store):
 
 def test_ema_weights_are_scored_when_the_run_kept_them(tiny_store, tmp_path):
     out = tmp_path / "ema"
-    t = Trainer(tcfg(out, cache=str(tiny_store), ema_decay=0.5))
+    t = DistillTask(tcfg(out, cache=str(tiny_store), ema_decay=0.5))
     t.fit()
     s = load_trained_student(out)
     assert s.ema
@@ -130,15 +130,15 @@ def test_seeds_used_replays_only_the_first_seeds(tiny_store, two_seeds, tmp_path
 
 def test_seeds_used_beyond_the_store_is_refused(tiny_store, tmp_path):
     with pytest.raises(StoreError, match="holds 1 seed"):
-        Trainer(tcfg(tmp_path / "r", cache=str(tiny_store), seeds_used=2))
+        DistillTask(tcfg(tmp_path / "r", cache=str(tiny_store), seeds_used=2))
 
 
 def test_train_states_the_replay_factor(two_seeds, image_root, tmp_path):
-    t = Trainer(tcfg(tmp_path / "r", cache=str(two_seeds), steps=None, epochs=8))
+    t = DistillTask(tcfg(tmp_path / "r", cache=str(two_seeds), steps=None, epochs=8))
     assert "8 epoch(s) = each stored view seen 4 time(s)" in t.replay()
-    t = Trainer(tcfg(tmp_path / "s", cache=str(two_seeds), steps=None, epochs=8, seeds_used=1))
+    t = DistillTask(tcfg(tmp_path / "s", cache=str(two_seeds), steps=None, epochs=8, seeds_used=1))
     assert "seen 8 time(s)" in t.replay()
-    t = Trainer(tcfg(tmp_path / "o", online=True, teacher=TINY_TEACHER, random_init=True, data=str(image_root)))
+    t = DistillTask(tcfg(tmp_path / "o", online=True, teacher=TINY_TEACHER, random_init=True, data=str(image_root)))
     assert "fresh view" in t.replay()
 
 

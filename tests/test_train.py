@@ -13,7 +13,7 @@ from fdcache.kernels import fd_loss_reference
 from fdcache.store import Store
 from fdcache.distill.students import build_student, resize_token_grid
 from fdcache.distill.teachers import TINY_TEACHER
-from fdcache.distill.train import TrainConfig, Trainer, TrainError, train
+from fdcache.distill.train import TrainConfig, DistillTask, TrainError, train
 
 from conftest import interrupt_at, one_and_two_processes
 
@@ -43,8 +43,8 @@ def _log(out):
 
 def test_offline_and_online_give_the_same_step0_loss_and_gradients(image_root, store, tmp_path):
     common = dict(drop_path=0.0, seed=3)
-    off = Trainer(tcfg(tmp_path / "off", cache=str(store), **common))
-    on = Trainer(tcfg(tmp_path / "on", online=True, teacher=TINY_TEACHER, random_init=True,
+    off = DistillTask(tcfg(tmp_path / "off", cache=str(store), **common))
+    on = DistillTask(tcfg(tmp_path / "on", online=True, teacher=TINY_TEACHER, random_init=True,
                       data=str(image_root), **common))
     b_off, b_on = next(off.stream()), next(on.stream())
     assert torch.equal(b_off.index, b_on.index)  # same order
@@ -89,7 +89,7 @@ def test_export_loads_into_timm_without_the_fd_head(store, tmp_path):
     state = load_file(r.export)
     assert "head.weight" not in state  # the FD projection is not part of the export
     model.load_state_dict(state, strict=True)
-    trained = Trainer(tcfg(tmp_path / "r2", cache=str(store))).model.backbone
+    trained = DistillTask(tcfg(tmp_path / "r2", cache=str(store))).model.backbone
     trained.load_state_dict(state)
     model.eval(), trained.eval()
     x = torch.randn(1, 3, 64, 64)
@@ -108,7 +108,7 @@ def test_a_student_at_another_resolution_exports_its_own_img_size_and_loads_in_t
     assert meta["model_args"]["img_size"] in (96, [96, 96]) and meta["pretrained_cfg"]["input_size"] == [3, 96, 96]
     model = timm.create_model(f"local-dir:{tmp_path / 'r'}", pretrained=True).eval()
     assert model.patch_embed.img_size == (96, 96)
-    trained = Trainer(tcfg(tmp_path / "r2", cache=str(store), resolution=96, resize_targets=True)).model.backbone
+    trained = DistillTask(tcfg(tmp_path / "r2", cache=str(store), resolution=96, resize_targets=True)).model.backbone
     trained.load_state_dict(load_file(r.export))
     x = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -117,11 +117,12 @@ def test_a_student_at_another_resolution_exports_its_own_img_size_and_loads_in_t
 
 def test_int8_store_trains_through_the_fused_kernel(image_root, tmp_path):
     s = _extract(image_root, tmp_path / "int8.zarr", seeds=1, codec=CodecSpec("int8"))
-    t = Trainer(tcfg(tmp_path / "r", cache=str(s), loss_impl="triton"))
+    t = DistillTask(tcfg(tmp_path / "r", cache=str(s), loss_impl="triton"))
     b = next(t.stream())
-    assert b.targets.dtype == torch.int8 and b.qparams.shape == (4, 17, 2)
+    targets, qparams = t.targets_of(b, b.images)  # what the loss reads: int8 as stored
+    assert targets.dtype == torch.int8 and qparams.shape == (4, 17, 2)
     loss = t.engine.forward_backward(b)
-    ref = Trainer(tcfg(tmp_path / "r2", cache=str(s), loss_impl="torch"))
+    ref = DistillTask(tcfg(tmp_path / "r2", cache=str(s), loss_impl="torch"))
     torch.testing.assert_close(loss, ref.engine.forward_backward(next(ref.stream())), rtol=1e-5, atol=1e-6)
 
 
@@ -129,8 +130,8 @@ def test_incomplete_store_is_refused_naming_the_seed_unless_allow_partial(image_
     s = _extract(image_root, tmp_path / "p.zarr")
     Store.open(str(s), mode="r+").group["done"][1, 2] = 0
     with pytest.raises(StoreError, match="seed 1: 2/3 shards"):
-        Trainer(tcfg(tmp_path / "r", cache=str(s)))
-    t = Trainer(tcfg(tmp_path / "r", cache=str(s), allow_partial=True))
+        DistillTask(tcfg(tmp_path / "r", cache=str(s)))
+    t = DistillTask(tcfg(tmp_path / "r", cache=str(s), allow_partial=True))
     assert len(t.eligible[1]) == 12 and len(t.eligible[0]) == 18
 
 
@@ -139,15 +140,15 @@ def test_changed_data_folder_is_refused_naming_the_file(images, tmp_path):
     victim = sorted((images / "class_002").iterdir())[0]
     victim.write_bytes(victim.read_bytes() + b"x")
     with pytest.raises(StoreMismatchError, match=victim.name):
-        Trainer(tcfg(tmp_path / "r", cache=str(s)))
+        DistillTask(tcfg(tmp_path / "r", cache=str(s)))
 
 
 def test_token_grid_mismatch_is_refused_or_resampled(store, tmp_path):
     with pytest.raises(FdcacheError, match="--resize-targets"):
-        Trainer(tcfg(tmp_path / "r", cache=str(store), resolution=96))
-    t = Trainer(tcfg(tmp_path / "r", cache=str(store), resolution=96, resize_targets=True, drop_path=0.0))
+        DistillTask(tcfg(tmp_path / "r", cache=str(store), resolution=96))
+    t = DistillTask(tcfg(tmp_path / "r", cache=str(store), resolution=96, resize_targets=True, drop_path=0.0))
     b = next(t.stream())
-    assert b.images.shape[-1] == 96 and b.targets.shape[1] == 17
+    assert b.images.shape[-1] == 96 and b.stored["targets"].shape[1] == 17
     # The teacher's 4x4 patch grid resampled to the student's 6x6 by hand: bilinear with
     # half-pixel centres (align_corners=False), the CLS token kept as it is.
     w = np.zeros((6, 4))
@@ -156,9 +157,10 @@ def test_token_grid_mismatch_is_refused_or_resampled(store, tmp_path):
         i0 = int(src)
         w[o, i0] += 1 - (src - i0)
         w[o, min(i0 + 1, 3)] += src - i0
-    grid = b.targets[:, 1:].double().numpy().reshape(-1, 4, 4, b.targets.shape[-1])
+    stored = b.stored["targets"]
+    grid = stored[:, 1:].double().numpy().reshape(-1, 4, 4, stored.shape[-1])
     patches = np.einsum("yi,bijd,xj->byxd", w, grid, w).reshape(grid.shape[0], 36, -1)
-    want = torch.cat([b.targets[:, :1].double(), torch.from_numpy(patches)], dim=1)
+    want = torch.cat([stored[:, :1].double(), torch.from_numpy(patches)], dim=1)
     loss = t.engine.forward_backward(b)
     with torch.no_grad():
         pred = t.model(b.images)
@@ -206,17 +208,17 @@ def test_two_process_ddp_matches_one_process_on_the_same_global_batch(store, tmp
 
 
 def test_parallel_loader_workers_yield_the_same_batches(store, tmp_path):
-    a = Trainer(tcfg(tmp_path / "a", cache=str(store)))
-    b = Trainer(tcfg(tmp_path / "b", cache=str(store), loader_workers=1))
+    a = DistillTask(tcfg(tmp_path / "a", cache=str(store)))
+    b = DistillTask(tcfg(tmp_path / "b", cache=str(store), loader_workers=1))
     sa, sb = a.stream(), b.stream()
     for _ in range(5):  # crosses the epoch boundary (4 batches per epoch)
         x, y = next(sa), next(sb)
         assert (x.epoch, x.step_in_epoch) == (y.epoch, y.step_in_epoch)
         assert torch.equal(x.index, y.index) and torch.equal(x.images, y.images)
-        assert torch.equal(x.targets, y.targets)
+        assert torch.equal(x.stored["targets"], y.stored["targets"])
         # Images and targets belong together: the target is the store's (seed, index) row.
         want = Store.open(str(store)).group["targets"].get_orthogonal_selection((x.epoch % 2, x.index.numpy()))
-        assert torch.equal(x.targets, torch.from_numpy(want))
+        assert torch.equal(x.stored["targets"], torch.from_numpy(want))
 
 
 def count_read_backs(monkeypatch) -> list[str]:
@@ -241,7 +243,7 @@ def count_read_backs(monkeypatch) -> list[str]:
 
 
 def test_the_loss_is_read_back_only_every_log_every_steps(store, tmp_path, monkeypatch):
-    t = Trainer(tcfg(tmp_path / "r", cache=str(store), steps=6, log_every=3, ema_decay=0.9))
+    t = DistillTask(tcfg(tmp_path / "r", cache=str(store), steps=6, log_every=3, ema_decay=0.9))
     calls = count_read_backs(monkeypatch)
     r = t.fit()
     monkeypatch.undo()
@@ -252,7 +254,7 @@ def test_the_loss_is_read_back_only_every_log_every_steps(store, tmp_path, monke
 def test_log_every_defaults_to_a_window_on_cuda_and_every_step_on_cpu(store, tmp_path, monkeypatch):
     from fdcache.engine import Engine
 
-    t = Trainer(tcfg(tmp_path / "r", cache=str(store)))
+    t = DistillTask(tcfg(tmp_path / "r", cache=str(store)))
     assert t.cfg.log_every is None and t.engine.log_every == 1
     monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: self)  # no CUDA here: keep tensors put
     e = Engine(t, t.model, t.cfg, t.dist, torch.device("cuda", 0), micro_per_epoch=4)

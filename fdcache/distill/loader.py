@@ -2,7 +2,8 @@
 
 One DALI pipeline per run: ``fn.external_source`` (batch callback :class:`TrainSource`,
 optionally in parallel worker processes with prefetch) yields encoded bytes, the recorded
-windows, the flips and the codec's stored arrays (one batch read from the store's reader);
+windows, the flips and the codec's stored arrays (one batch read from the store's reader,
+carried as stored: the task decides what the loss reads);
 images go through :func:`pixels.pixel_pipeline`, the builder extraction uses (``mixed``
 decode on GPU), targets ride along (copied to the GPU by DALI). Batches come out as torch
 tensors on the device, images and targets in matching order.
@@ -18,7 +19,6 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..codecs import CodecSpec
 from ..errors import FdcacheError
 from .pixels import explain_decode_failure, pixel_pipeline
 from .sources import TrainSource
@@ -27,13 +27,11 @@ from .sources import TrainSource
 @dataclass
 class Batch:
     images: torch.Tensor  # [B, 3, R, R] float32, student-normalized
-    targets: torch.Tensor | None  # offline: the codec's loss input (fp16 map, or int8 q)
-    qparams: torch.Tensor | None  # its per-token (scale, offset) when the codec has them
+    stored: dict[str, torch.Tensor] | None  # offline: the codec's stored arrays, as stored
     index: torch.Tensor  # [B] sample indices
     epoch: int
     step_in_epoch: int
     wait_s: float  # time spent waiting for this batch
-    stored: dict[str, torch.Tensor] | None = None  # offline: the codec's stored arrays (for decode)
 
 
 def resolve_workers(workers: int | str, device: torch.device) -> int:
@@ -70,9 +68,10 @@ def build_pipeline(source: TrainSource, *, resolution: int, mean, std, device: s
                           parallel=parallel, py_workers=py_workers, batch=True, batch_info=True, extra=extra)
 
 
-def batches(source: TrainSource, codec: CodecSpec | None = None, **pipeline_kw) -> Iterator[Batch]:
+def batches(source: TrainSource, **pipeline_kw) -> Iterator[Batch]:
     """Endless stream of batches from ``source.start_epoch`` (skipping
-    ``source.skip_samples``), epoch after epoch. Offline sources need the store's ``codec``."""
+    ``source.skip_samples``), epoch after epoch; offline batches carry the store's arrays as
+    stored (the task decides what the loss reads: :meth:`CodecSpec.loss_inputs` or a decode)."""
     pipe = build_pipeline(source, **pipeline_kw)
     offline = source.offline
     names = source.reader.names if offline else []
@@ -93,9 +92,8 @@ def batches(source: TrainSource, codec: CodecSpec | None = None, **pipeline_kw) 
         tensors = [torch.from_dlpack(o.as_tensor()) for o in outs]
         wait = time.perf_counter() - t0
         stored = dict(zip(names, tensors[1:-1])) if offline else None
-        targets, qparams = codec.loss_inputs(stored) if offline else (None, None)
-        yield Batch(images=tensors[0], targets=targets, qparams=qparams, index=tensors[-1],
-                    epoch=epoch, step_in_epoch=step, wait_s=wait, stored=stored)
+        yield Batch(images=tensors[0], stored=stored, index=tensors[-1], epoch=epoch, step_in_epoch=step,
+                    wait_s=wait)
         step += 1
 
 

@@ -21,7 +21,7 @@ import torch
 from .. import distributed
 from ..config import TrainConfig
 from ..engine import Engine, FitResult
-from ..errors import FdcacheError, StoreError, StoreMismatchError
+from ..errors import FdcacheError, StoreError, StoreMismatchError, TrainError
 from ..kernels import fd_loss
 from .loader import Batch, batches, resolve_workers
 from ..store.manifest import index, require_unchanged
@@ -36,14 +36,10 @@ _log = logging.getLogger(__name__)
 _log.setLevel(logging.WARNING)  # loading open_clip raises the root logger's level to ERROR
 
 
-class TrainError(FdcacheError):
-    """Training cannot go on (non-finite loss, out of memory): says where and what to do."""
-
-
 TrainResult = FitResult
 
 
-class Trainer:
+class DistillTask:
     """The distillation task: data (store or teacher in the loop), the student, the FD loss
     and the export; :attr:`engine` holds the optimizer state and runs :meth:`fit`."""
 
@@ -79,6 +75,7 @@ class Trainer:
         cfg = self.cfg
         self.store = store = Store.open(cfg.cache)
         info = store.info
+        self.codec = info.codec
         self.teacher = None
         self.tspec = info.teacher
         self.manifest = store.manifest(root=cfg.data)
@@ -118,7 +115,7 @@ class Trainer:
         cfg = self.cfg
         if not cfg.teacher or not cfg.data:
             raise FdcacheError("--online needs --teacher and --data")
-        self.store = None
+        self.store = self.codec = None
         self.teacher = self._given_teacher or load_teacher(
             cfg.teacher, cfg.pretrained, random_init=cfg.random_init, init_seed=cfg.init_seed,
             resolution=cfg.resolution, device=self.device)
@@ -201,27 +198,24 @@ class Trainer:
 
     # -- the step ------------------------------------------------------------------
     def targets_of(self, batch: Batch, images: torch.Tensor):
-        """(targets, qparams) for the loss: from the store, or the teacher on the same pixels."""
+        """(targets, qparams) for the loss: the teacher on the same pixels (online), or the
+        store's arrays as the codec gives them to the loss (the fused kernel reads int8 as
+        stored), decoded and resampled when the student's token grid differs."""
         if self.teacher is not None:
             scale, shift = self._renorm
             targets = self.teacher(images * scale + shift)
             if targets.shape[1] != self.sspec.tokens:
                 targets = resize_token_grid(targets, self.tspec.prefix_tokens, self.sspec.tokens)
             return targets, None
-        if self.tspec.tokens != self.sspec.tokens:  # resample the decoded map
-            stored = {k: v.to(self.device, non_blocking=True) for k, v in batch.stored.items()}
-            return offline_targets(self.store.info.codec, stored, self.tspec, self.sspec.tokens)
-        # the codec's loss inputs (the fused kernel reads int8 as stored)
-        targets = batch.targets.to(self.device, non_blocking=True)
-        qparams = batch.qparams.to(self.device, non_blocking=True) if batch.qparams is not None else None
-        return targets, qparams
+        stored = {k: v.to(self.device, non_blocking=True) for k, v in batch.stored.items()}
+        return offline_targets(self.codec, stored, self.tspec, self.sspec.tokens)
 
-    def loss(self, batch: Batch) -> torch.Tensor:
+    def loss(self, batch: Batch, forward) -> torch.Tensor:
+        """FD's loss of one micro-batch; ``forward`` is the engine's student call (DDP,
+        compiled), run inside the engine's autocast."""
         images = batch.images.to(self.device, non_blocking=True)
         targets, qparams = self.targets_of(batch, images)
-        with self.engine.autocast():
-            pred = self.engine.forward(images)
-        return fd_loss(pred, targets, qparams=qparams, impl=self.cfg.loss_impl)
+        return fd_loss(forward(images), targets, qparams=qparams, impl=self.cfg.loss_impl)
 
     # -- the loop ------------------------------------------------------------------
     def stream(self, micro_done: int = 0):
@@ -230,8 +224,7 @@ class Trainer:
         self.source.start_epoch, self.source.skip_samples = epoch, skip
         self.source.batch_size = self.cfg.batch_size
         workers = resolve_workers(self.cfg.loader_workers, self.device)
-        codec = self.store.info.codec if self.store else None
-        return batches(self.source, codec=codec, resolution=self.sspec.resolution, mean=self.sspec.mean,
+        return batches(self.source, resolution=self.sspec.resolution, mean=self.sspec.mean,
                        std=self.sspec.std, num_threads=self.cfg.num_threads, parallel=workers > 0,
                        py_workers=max(1, workers), **dali_device(self.device))
 
@@ -273,7 +266,7 @@ def offline_targets(codec, stored: dict, tspec, tokens: int):
 
 def train(cfg: TrainConfig, announce=None) -> TrainResult:
     """``announce(text)``: told the replay factor before the first step (the CLI prints it)."""
-    trainer = Trainer(cfg)
+    trainer = DistillTask(cfg)
     if announce is not None and trainer.dist.is_main:
         announce(trainer.replay())
     return trainer.fit()

@@ -32,7 +32,7 @@ from ..distill.extract import ExtractConfig, extract
 from ..samples import make_image_folder
 from ..distill.students import build_student
 from ..distill.teachers import load_teacher
-from ..distill.train import TrainConfig, Trainer
+from ..distill.train import TrainConfig, DistillTask
 
 MODES = ("ceiling", "offline", "online", "teacher", "extract")
 
@@ -78,7 +78,7 @@ def _reset_peak(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def flops(trainer: Trainer, teacher) -> dict[str, float]:
+def flops(trainer: DistillTask, teacher) -> dict[str, float]:
     """Per-image FLOPs of the student's fwd+bwd (with the FD head) and the teacher's fwd."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -97,23 +97,25 @@ def flops(trainer: Trainer, teacher) -> dict[str, float]:
 class _Ceiling:
     """The trainer's own step on fixed in-device data: same model, optimizer, loss, AMP."""
 
-    def __init__(self, trainer: Trainer, batch):
+    def __init__(self, trainer: DistillTask, batch):
         from ..distill.loader import Batch
 
         dev = trainer.device
         t = trainer.tspec
         g = torch.Generator(device="cpu").manual_seed(0)
         self.trainer = trainer
-        self.batch = Batch(images=batch.images.to(dev), index=batch.index, epoch=0, step_in_epoch=0, wait_s=0.0,
-                           targets=(torch.randn(batch.images.shape[0], t.tokens, t.dim, generator=g)
-                                    .to(torch.float16).to(dev)), qparams=None)
+        n = batch.images.shape[0]
+        x = torch.randn(n, t.tokens, t.dim, generator=g)  # stored as the store's codec stores it
+        stored = trainer.codec.encode(x, seed=0, samples=torch.arange(n))
+        self.batch = Batch(images=batch.images.to(dev), stored={k: v.to(dev) for k, v in stored.items()},
+                           index=batch.index, epoch=0, step_in_epoch=0, wait_s=0.0)
 
     def step(self):
         self.trainer.engine.forward_backward(self.batch)
         self.trainer.engine.optimizer_step()
 
 
-def _train_step(trainer: Trainer, stream) -> float:
+def _train_step(trainer: DistillTask, stream) -> float:
     t0 = time.perf_counter()
     batch = next(stream)
     wait = time.perf_counter() - t0
@@ -159,8 +161,8 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
                       batch_size=cfg.batch_size, steps=10**9, warmup_steps=0, loss_impl=cfg.loss_impl,
                       amp=cfg.amp, progress=False, num_threads=cfg.threads, loader_workers=cfg.loader_workers,
                       check_data=False, resize_targets=True)
-        offline = Trainer(TrainConfig(out=str(work / "off"), cache=cache, data=data, **common))
-        online = Trainer(TrainConfig(out=str(work / "on"), online=True, teacher=cfg.teacher,
+        offline = DistillTask(TrainConfig(out=str(work / "off"), cache=cache, data=data, **common))
+        online = DistillTask(TrainConfig(out=str(work / "on"), online=True, teacher=cfg.teacher,
                                      pretrained=cfg.pretrained, random_init=cfg.random_init, data=data, **common),
                          teacher=teacher)
         streams = {"offline": offline.stream(), "online": online.stream()}

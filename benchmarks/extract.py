@@ -23,11 +23,11 @@ import torch
 
 from fdcache.codecs import CodecSpec
 from fdcache.distill.extract import ExtractConfig, extract, shard_batches
-from fdcache.store.manifest import index
 from fdcache.distill.pixels import PixelStream, ViewBatches, dali_device
+from fdcache.distill.teachers import load_teacher
 from fdcache.samples import make_image_folder
 from fdcache.store import Store
-from fdcache.distill.teachers import load_teacher
+from fdcache.store.manifest import index
 from fdcache.store.views import sample_views
 
 

@@ -15,9 +15,9 @@ import json
 import statistics
 
 import torch
+from fdcache.kernels import fd_loss, fd_loss_reference
 
 from fdcache.codecs import quantize_int8
-from fdcache.kernels import fd_loss, fd_loss_reference
 
 
 def _time(fn, repeats: int) -> float:

@@ -16,9 +16,9 @@ import time
 
 import torch
 
+from fdcache.samples import make_image_folder
 from fdcache.tune.finetune import FinetuneTask, make_config
 from fdcache.tune.imagefolder import train_loader
-from fdcache.samples import make_image_folder
 
 
 def timed(fn, n: int) -> float:

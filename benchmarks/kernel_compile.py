@@ -16,7 +16,6 @@ import argparse
 from collections import Counter
 
 import torch
-
 from fdcache.kernels import gpu_compile
 from fdcache.kernels.loss import ONE_BLOCK_MAX
 

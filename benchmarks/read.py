@@ -34,9 +34,9 @@ import numpy as np
 import torch
 
 from fdcache.codecs import CodecSpec
-from fdcache.store.manifest import Manifest
 from fdcache.store import Store, StoreInfo
 from fdcache.store.layout import TeacherSpec
+from fdcache.store.manifest import Manifest
 from fdcache.store.views import ViewPolicy
 
 CODECS = {"fp16": CodecSpec("fp16", "none"), "fp16+zstd": CodecSpec("fp16", "zstd"),
@@ -204,9 +204,9 @@ def run_reads(args) -> dict:
 
 def run_loader(args) -> dict:
     """Images+targets/s of the trainer's offline loader (DALI CPU)."""
-    from fdcache.store.manifest import index
+    from fdcache.distill.train import DistillTask, TrainConfig
     from fdcache.samples import make_image_folder
-    from fdcache.distill.train import TrainConfig, DistillTask
+    from fdcache.store.manifest import index
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as work:
         data = make_image_folder(Path(work, "images"), classes=4, per_class=args.samples // 4,

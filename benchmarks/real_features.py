@@ -21,29 +21,14 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from fdcache.codecs import CodecSpec, whitened_error
-from fdcache.distill.pixels import _resize_weights, load_oriented_rgb
-from fdcache.store import Store
+from fdcache.distill.pixels import reference_pixels
 from fdcache.distill.teachers import load_teacher
+from fdcache.store import Store
 
 TEACHER = "timm:vit_small_patch14_dinov2"
-
-
-def reference_pixels(path: str, view, resolution: int, mean, std) -> np.ndarray:
-    """``fdcache.distill.pixels.reference_pixels`` (PIL + NumPy, no DALI) as two matrix products: its
-    three-operand einsum runs unoptimized, minutes per 512 px photo."""
-    y, x, h, w, flip = (int(v) for v in view)
-    img = load_oriented_rgb(path)[y:y + h, x:x + w].astype(np.float64)
-    wh, ww = _resize_weights(h, resolution), _resize_weights(w, resolution)
-    out = np.stack([wh @ img[..., c] @ ww.T for c in range(3)])
-    if flip:
-        out = out[:, :, ::-1]
-    m = np.asarray(mean, np.float64)[:, None, None] * 255.0
-    s = np.asarray(std, np.float64)[:, None, None] * 255.0
-    return ((out - m) / s).astype(np.float32)
 
 
 def photo_folder(root: Path) -> Path:

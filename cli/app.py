@@ -10,9 +10,20 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from fdcache.cli.common import (
+    JSON_HELP,
+    Amp,
+    Codec,
+    Device,
+    LossImpl,
+    err,
+    handles_errors,
+    is_main,
+    out,
+    value_of,
+    write_json,
+)
 
-from fdcache.cli.common import (JSON_HELP, Amp, Codec, Device, LossImpl, _is_main, _value, _write_json, err,
-                                handles_errors, out)
 from fdcache.config import TrainConfig, option_default
 
 app = typer.Typer(
@@ -62,17 +73,18 @@ def extract(
     Resumable (re-run the same command), appendable (raise --seeds), and sharded over
     processes with `torchrun --nproc-per-node N -m fdcache extract ...`.
     """
-    from fdcache.distill.extract import ExtractConfig, extract as run
+    from fdcache.distill.extract import ExtractConfig
+    from fdcache.distill.extract import extract as run
 
     cfg = ExtractConfig(data=str(data), out=out_, teacher=teacher, pretrained=pretrained,
                         random_init=random_init, init_seed=init_seed, resolution=resolution,
-                        seeds=seeds, codec=_value(codec), compressor=compressor, policy=views, batch_size=batch_size,
+                        seeds=seeds, codec=value_of(codec), compressor=compressor, policy=views, batch_size=batch_size,
                         shard_size=shard_size, global_seed=global_seed,
                         file_list=str(file_list) if file_list else None, skip_bad=skip_bad,
-                        overwrite=overwrite, num_threads=threads, device=_value(device),
+                        overwrite=overwrite, num_threads=threads, device=value_of(device),
                         progress=sys.stderr.isatty())
     r = run(cfg)
-    if _is_main():
+    if is_main():
         out.print(f"extracted {r.samples} sample-views in {r.shards} shard(s) "
                   f"({r.already_done} shard(s) already done) in {r.seconds:.1f}s, "
                   f"{r.images_per_s:.1f} img/s -> {r.store}")
@@ -155,13 +167,13 @@ def train(
         student_overrides=_overrides(student_arg), resolution=resolution, drop_path=drop_path,
         layer_scale=layer_scale or None, epochs=epochs, steps=steps, batch_size=batch_size,
         accum_steps=accum_steps, base_lr=lr, warmup_epochs=warmup_epochs, warmup_steps=warmup_steps,
-        weight_decay=weight_decay, clip_grad=clip_grad or None, ema_decay=ema_decay, loss_impl=_value(loss_impl),
-        amp=_value(amp), compile=compile_, seed=seed, resize_targets=resize_targets, allow_partial=allow_partial,
+        weight_decay=weight_decay, clip_grad=clip_grad or None, ema_decay=ema_decay, loss_impl=value_of(loss_impl),
+        amp=value_of(amp), compile=compile_, seed=seed, resize_targets=resize_targets, allow_partial=allow_partial,
         seeds_used=seeds_used, resume=resume, overwrite=overwrite, save_every=save_every, run_steps=run_steps, log_every=log_every,
-        tensorboard=tensorboard, num_threads=threads, loader_workers=loader_workers, device=_value(device),
+        tensorboard=tensorboard, num_threads=threads, loader_workers=loader_workers, device=value_of(device),
         progress=sys.stderr.isatty())
     r = run(cfg, announce=lambda text: err.print(text, highlight=False))
-    if _is_main():
+    if is_main():
         last = f"{r.losses[-1]:.4f}" if r.losses else "-"
         out.print(f"trained {r.steps} step(s); last loss {last}; {r.images_per_s:,.1f} img/s; "
                   f"data wait {100 * r.data_wait_fraction:.0f}%; checkpoint {r.checkpoint}"
@@ -194,8 +206,8 @@ def bench(
     plot_out: Optional[Path] = typer.Option(None, "--plot", rich_help_panel="Output", help="Write a PNG of the ratios here (needs matplotlib)."),
 ):
     """Throughput of offline vs online distillation vs the synthetic ceiling (interleaved)."""
-    from fdcache.tools.bench import MODES, BenchConfig, plot, run_bench
     from fdcache.tables import bench_table
+    from fdcache.tools.bench import MODES, BenchConfig, plot, run_bench
 
     chosen = tuple(m.strip() for m in modes.split(",") if m.strip())
     unknown = set(chosen) - set(MODES)
@@ -204,7 +216,7 @@ def bench(
     cfg = BenchConfig(student=student, teacher=teacher, pretrained=pretrained, random_init=random_init,
                       resolution=resolution, batch_size=batch_size, steps=steps, warmup=warmup,
                       repeats=repeats, cache=cache, data=str(data) if data else None,
-                      student_overrides=_overrides(student_arg), codec=_value(codec), loss_impl=_value(loss_impl), amp=_value(amp),
+                      student_overrides=_overrides(student_arg), codec=value_of(codec), loss_impl=value_of(loss_impl), amp=value_of(amp),
                       threads=threads, loader_workers=loader_workers, modes=chosen)
     r = run_bench(cfg, log=lambda m: err.print(m, highlight=False))
     out.print(bench_table(r, MODES))
@@ -213,7 +225,7 @@ def bench(
     for note in r["diagnosis"]:
         out.print(f"[yellow]held back:[/] {note}", highlight=False)
     if json_out:
-        _write_json(json_out, "bench", r)
+        write_json(json_out, "bench", r)
     if plot_out:
         plot(r, str(plot_out))
 
@@ -228,7 +240,7 @@ def inspect_(store: str = typer.Argument(..., help="Store path or URL."),
 
     r = inspect_store(store)
     if as_json:
-        _write_json(as_json, "inspect", r)
+        write_json(as_json, "inspect", r)
         if as_json == "-":
             return
     out.print(store_table(r))
@@ -279,11 +291,11 @@ def score(
     from fdcache import distributed
     from fdcache.distill.score import score as run_score
 
-    dev = distributed.device_for(distributed.Dist(), _value(device))
+    dev = distributed.device_for(distributed.Dist(), value_of(device))
     r = run_score(str(run), cache, train_cache=train_cache, train_seeds=train_seed or None, seeds=seed or None,
                   limit=limit, probe_train=str(probe_train) if probe_train else None,
                   probe_val=str(probe_val) if probe_val else None, probe_l2=probe_l2, batch_size=batch_size,
-                  threads=threads, loss_impl=_value(loss_impl), device=dev)
+                  threads=threads, loss_impl=value_of(loss_impl), device=dev)
     out.print(f"held-out FD loss {r.heldout.loss:.5f} ({r.heldout.samples} sample-views, seeds {r.heldout.seeds})",
               highlight=False)
     if r.train is not None:
@@ -293,7 +305,7 @@ def score(
         out.print(f"linear probe top-1 {100 * r.probe.top1:.2f}% on {r.probe.val_images} images "
                   f"(fitted on {r.probe.train_images}, train top-1 {100 * r.probe.train_top1:.2f}%)", highlight=False)
     if json_out:
-        _write_json(json_out, "score", r.to_dict())
+        write_json(json_out, "score", r.to_dict())
 
 
 @app.command()
@@ -316,10 +328,10 @@ def diagnose(
 
     Mean attention distance in pixels (CLS excluded), for several models side by side."""
     from fdcache import distributed
-    from fdcache.tools.diagnose import run
     from fdcache.tables import diagnose_table
+    from fdcache.tools.diagnose import run
 
-    dev = str(distributed.device_for(distributed.Dist(), _value(device)))
+    dev = str(distributed.device_for(distributed.Dist(), value_of(device)))
     results = run(models, data, pretrained=pretrained, random_init=random_init, resolution=resolution,
                   init_seed=init_seed, labels=label, images=images or None, batch_size=batch_size, device=dev,
                   progress=sys.stderr.isatty(), json_out=json_out, plot_out=plot_out)

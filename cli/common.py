@@ -15,7 +15,6 @@ from rich.console import Console
 from fdcache.codecs.spec import BUILTIN
 from fdcache.errors import FdcacheError, Interrupted
 
-
 # Target codecs, from the codec name registry (imports no torch, so --help stays fast).
 Codec = Enum("Codec", {name.replace("-", "_"): name for name in BUILTIN}, type=str)
 
@@ -39,7 +38,7 @@ class LossImpl(str, Enum):
     torch = "torch"
 
 
-def _value(choice):
+def value_of(choice):
     return choice.value if isinstance(choice, Enum) else choice
 
 
@@ -63,7 +62,7 @@ def _fail(e: FdcacheError) -> None:
 JSON_HELP = "Also write the results as JSON to FILE (- for stdout): {command, fdcache_version, ...}."
 
 
-def _write_json(dest: str, command: str, payload: dict) -> None:
+def write_json(dest: str, command: str, payload: dict) -> None:
     """Every --json: a FILE (or - for stdout) holding one object that names its command and
     version, then the command's fields."""
     from fdcache import __version__
@@ -85,7 +84,7 @@ def handles_errors(fn):
     return wrapper
 
 
-def _is_main() -> bool:
+def is_main() -> bool:
     """Rank 0 prints (the process group is already joined by the command's library call)."""
     from fdcache import distributed
 

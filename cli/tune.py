@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-
-from fdcache.cli.common import JSON_HELP, Amp, Device, _is_main, _value, _write_json, handles_errors, out
+from fdcache.cli.common import JSON_HELP, Amp, Device, handles_errors, is_main, out, value_of, write_json
 
 
 def _preset_values(name: str) -> dict:
@@ -83,8 +82,9 @@ def _tune_command(mode: str, default_preset: str, doc: str):
         workers: Optional[int] = typer.Option(None, rich_help_panel="Performance", help="DataLoader worker processes."),
         device: Optional[Device] = typer.Option(None, rich_help_panel="Performance", help="Where to train. [default: auto]"),
     ):
-        from fdcache.tune.finetune import finetune as run, make_config
         from fdcache.tables import evals_table
+        from fdcache.tune.finetune import finetune as run
+        from fdcache.tune.finetune import make_config
 
         if mode == "flyp":
             given = {"--student-run": student_run, "--head": head, "--layer-decay": layer_decay, "--label-smoothing": label_smoothing,
@@ -107,15 +107,15 @@ def _tune_command(mode: str, default_preset: str, doc: str):
             warmup_steps=warmup_steps, warmup_lr=warmup_lr, min_lr=min_lr, weight_decay=weight_decay,
             layer_decay=layer_decay, drop_path=drop_path, clip_grad=clip_grad, ema_decay=ema_decay,
             label_smoothing=label_smoothing, mixup=mixup, cutmix=cutmix, auto_augment=auto_augment,
-            re_prob=reprob, crop_pct=crop_pct, freeze_patch_embed=freeze_patch_embed, amp=_value(amp),
+            re_prob=reprob, crop_pct=crop_pct, freeze_patch_embed=freeze_patch_embed, amp=value_of(amp),
             compile=compile_, seed=seed, resume=resume, overwrite=overwrite, save_every=save_every, run_steps=run_steps,
-            log_every=log_every, workers=workers, device=_value(device), progress=sys.stderr.isatty())
+            log_every=log_every, workers=workers, device=value_of(device), progress=sys.stderr.isatty())
         if print_config:
             shown = {k: (v if v != "" else None) for k, v in cfg.to_dict().items() if k != "progress"}
             out.print(json.dumps(shown, indent=2), highlight=False, soft_wrap=True)
             return
         r = run(cfg)
-        if _is_main():
+        if is_main():
             last = f"{r.losses[-1]:.4f}" if r.losses else "-"
             out.print(f"{mode}: {r.steps} step(s); last loss {last}; {r.images_per_s:,.1f} img/s"
                       + (f"; model {r.export}" if r.export else f"; checkpoint in {r.out}/checkpoints"))
@@ -145,13 +145,13 @@ def eval_(
     json_out: Optional[str] = typer.Option(None, "--json", metavar="FILE", help=JSON_HELP),
 ):
     """Top-1 / top-5 on one or more image folders (classifier head, or zero-shot for CLIP models)."""
-    from fdcache.tune.evaluate import evaluate_run
     from fdcache.tables import evals_table
+    from fdcache.tune.evaluate import evaluate_run
 
     report = evaluate_run([str(p) for p in data], run=str(run) if run else None, model=model, pretrained=pretrained,
                           random_init=random_init, resolution=resolution, templates=templates,
                           classnames=classnames, ema=ema, crop_pct=crop_pct, batch_size=batch_size,
-                          workers=workers, amp=_value(amp), device=_value(device), progress=True)
+                          workers=workers, amp=value_of(amp), device=value_of(device), progress=True)
     if report is None:  # not rank 0
         return
     out.print(evals_table({report["weights"]: report["results"]}))
@@ -160,7 +160,7 @@ def eval_(
         out.print(f"mean over the {len(report['results']) - 1} set(s) after the first: top-1 "
                   f"{100 * m['top1']:.2f}, top-5 {100 * m['top5']:.2f}")
     if json_out:
-        _write_json(json_out, "eval", report)
+        write_json(json_out, "eval", report)
 
 
 @handles_errors
@@ -183,16 +183,16 @@ def wise(
     from fdcache.tune.wise import sweep
 
     rows = sweep(zeroshot, finetuned, alpha, out_, ema=ema, overwrite=overwrite, data=[str(x) for x in data], classnames=classnames,
-                 batch_size=batch_size, workers=workers, device=_value(device), progress=True)
+                 batch_size=batch_size, workers=workers, device=value_of(device), progress=True)
     for a, p, _ in rows:
         out.print(f"alpha {a:.2f} -> {p}")
     results = {f"alpha={a:.2f}": r for a, _, r in rows if r is not None}
     if results:
         out.print(evals_table(results))
         sweep = {"finetuned": str(finetuned), "zeroshot": str(zeroshot), "results": results}
-        _write_json(str(out_ / "wise.json"), "wise", sweep)  # for fdcache plot OUT
+        write_json(str(out_ / "wise.json"), "wise", sweep)  # for fdcache plot OUT
         if json_out:
-            _write_json(json_out, "wise", sweep)
+            write_json(json_out, "wise", sweep)
 
 
 @handles_errors

@@ -25,14 +25,16 @@ def _config(cls, cfg, options: dict):
 def extract(cfg=None, **options):
     """Extract a teacher's feature maps into a store (:class:`fdcache.distill.extract.ExtractConfig`;
     ``codec`` / ``policy`` may be given by name: ``codec="int8"``, ``policy="full"``)."""
-    from .distill.extract import ExtractConfig, extract as run
+    from .distill.extract import ExtractConfig
+    from .distill.extract import extract as run
 
     return run(_config(ExtractConfig, cfg, options))
 
 
 def train(cfg=None, **options):
     """Distill a student from a store or online (:class:`fdcache.distill.train.TrainConfig`)."""
-    from .distill.train import TrainConfig, train as run
+    from .distill.train import TrainConfig
+    from .distill.train import train as run
 
     return run(_config(TrainConfig, cfg, options))
 
@@ -46,7 +48,8 @@ def score(run, cache, **options):
 
 
 def _finetune(mode: str, cfg, preset: str | None, options: dict):
-    from .tune.finetune import finetune as run, make_config
+    from .tune.finetune import finetune as run
+    from .tune.finetune import make_config
 
     if cfg is None:
         cfg = make_config(preset, mode=mode, **options)

@@ -1,4 +1,5 @@
-"""torch.distributed under torchrun: rank/world from the environment, nothing home-made."""
+"""torch.distributed under torchrun (rank/world from the environment, nothing home-made), the
+device each rank uses, and the autocast dtype a device gets."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from .errors import FdcacheError
 
 
 @dataclass(frozen=True)
@@ -81,3 +84,12 @@ def ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     name = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
         else "broadcast_buffers"
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **{name: sync})
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """``auto`` = bf16 on CUDA, full precision on CPU; ``bf16`` | ``fp16`` | ``none``."""
+    amp = amp if amp != "auto" else ("bf16" if device.type == "cuda" else "none")
+    try:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+    except KeyError:
+        raise FdcacheError(f"amp must be auto, bf16, fp16 or none, not {amp!r}") from None

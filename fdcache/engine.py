@@ -36,15 +36,6 @@ from .progress import Progress
 
 
 # -- small shared pieces --------------------------------------------------------------
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """``auto`` = bf16 on CUDA, full precision on CPU; ``bf16`` | ``fp16`` | ``none``."""
-    amp = amp if amp != "auto" else ("bf16" if device.type == "cuda" else "none")
-    try:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
-    except KeyError:
-        raise FdcacheError(f"amp must be auto, bf16, fp16 or none, not {amp!r}") from None
-
-
 def cosine_schedule(optimizer, total_steps: int, warmup_steps: int, warmup_lr: float, min_lr: float):
     """timm's cosine schedule stepped per optimizer step (``step_update(step)``); it honours
     each group's ``lr_scale`` (layer-wise lr decay)."""
@@ -216,7 +207,7 @@ class Engine:
         if dist.world > 1:
             self.ddp = distributed.ddp(model, device)
         self.forward = torch.compile(self.ddp) if cfg.compile else self.ddp
-        self.amp_dtype = amp_dtype(cfg.amp, device)
+        self.amp_dtype = distributed.amp_dtype(cfg.amp, device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         # schedule
         steps_per_epoch = max(1, micro_per_epoch // cfg.accum_steps)

@@ -106,7 +106,7 @@ def write_openclip_config(out: str | Path, name: str, resolution: int, mean, std
     preprocessing, as open_clip's hub configs hold them."""
     import open_clip
 
-    from .distill.teachers import register_configs
+    from .models import register_configs
 
     register_configs()
     model_cfg = open_clip.get_model_config(name)
@@ -159,7 +159,7 @@ def timm_form_of_openclip(name: str, resolution: int, num_classes: int) -> tuple
     ``name`` tower, or None where timm's ViT cannot express the tower."""
     import open_clip
 
-    from .distill.teachers import register_configs
+    from .models import register_configs
 
     register_configs()
     cfg = open_clip.get_model_config(name)

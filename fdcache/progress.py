@@ -28,8 +28,7 @@ class Progress:
             return
         self.console = console or Console(file=sys.stderr)
         if self.console.is_terminal:
-            from rich.progress import (BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
             from rich.progress import Progress as Bar
 
             self._bar = Bar(TextColumn(desc), BarColumn(), MofNCompleteColumn(), TextColumn(unit),

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from fdcache.distill.teachers import load_teacher
+from fdcache.models import TINY_TEACHER
 from fdcache.samples import make_image_folder
-from fdcache.distill.teachers import TINY_TEACHER, load_teacher
 
 
 def pytest_collection_modifyitems(config, items):
@@ -104,9 +105,9 @@ def synthetic_store(url, codec=None, *, samples=10, shard_size=4, seeds=2, token
     import numpy as np
 
     from fdcache.codecs import CodecSpec
-    from fdcache.store.manifest import Manifest
     from fdcache.store import Store, StoreInfo
     from fdcache.store.layout import TeacherSpec
+    from fdcache.store.manifest import Manifest
     from fdcache.store.views import ViewPolicy
 
     codec = codec or CodecSpec()

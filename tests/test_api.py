@@ -23,10 +23,10 @@ def test_import_fdcache_is_light_and_names_the_api():
 
 
 def test_version_has_one_source():
+    from fdcache.cli.app import app
     from typer.testing import CliRunner
 
     from fdcache import __version__
-    from fdcache.cli.app import app
 
     assert importlib.metadata.version("fdcache") == __version__
     r = CliRunner().invoke(app, ["--version"])
@@ -56,9 +56,8 @@ def test_the_readme_python_example_runs_as_written(tmp_path, monkeypatch):
 
 
 def test_print_config_shows_the_preset_with_the_flags_given():
-    from typer.testing import CliRunner
-
     from fdcache.cli.app import app
+    from typer.testing import CliRunner
 
     r = CliRunner().invoke(app, ["finetune", "--preset", "fd-finetune-vit-b16", "--lr", "1e-3", "--print-config"])
     assert r.exit_code == 0, r.output
@@ -69,9 +68,8 @@ def test_print_config_shows_the_preset_with_the_flags_given():
 
 
 def test_help_shows_the_default_presets_values():
-    from typer.testing import CliRunner
-
     from fdcache.cli.app import app
+    from typer.testing import CliRunner
 
     r = CliRunner(env={"COLUMNS": "250"}).invoke(app, ["finetune", "--help"])
     assert "ft-clip-vit-b16: 0.0006" in r.output and "ft-clip-vit-b16: 0.9998" in r.output

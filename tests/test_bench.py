@@ -1,10 +1,10 @@
 import json
 
 import pytest
+from fdcache.cli.app import app
 from typer.testing import CliRunner
 
-from fdcache.cli.app import app
-from fdcache.distill.teachers import TINY_TEACHER
+from fdcache.models import TINY_TEACHER
 
 
 class _Clock:

@@ -6,10 +6,10 @@ import subprocess
 import sys
 
 import pytest
+from fdcache.cli.app import app
 from typer.testing import CliRunner
 
-from fdcache.cli.app import app
-from fdcache.distill.teachers import TINY_TEACHER
+from fdcache.models import TINY_TEACHER
 
 COMMANDS = ("extract", "train", "score", "bench", "inspect", "verify", "finetune", "flyp", "eval", "wise", "quickstart")
 

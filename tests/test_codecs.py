@@ -3,11 +3,22 @@
 import numpy as np
 import pytest
 import torch
-
-from fdcache.codecs import (Codec, CodecSpec, dequantize_int4, dequantize_int8, get_codec, list_codecs,
-                            quantize_int4, quantize_int8, register, unregister, whitened_error)
-from fdcache.codecs.int4 import Int4, dither
 from fdcache.kernels.loss import fd_loss_reference
+
+from fdcache.codecs import (
+    Codec,
+    CodecSpec,
+    dequantize_int4,
+    dequantize_int8,
+    get_codec,
+    list_codecs,
+    quantize_int4,
+    quantize_int8,
+    register,
+    unregister,
+    whitened_error,
+)
+from fdcache.codecs.int4 import Int4, dither
 
 L, D = 17, 64
 

@@ -1,23 +1,22 @@
 """GPU placement and overlap, checked on CPU: which device DALI and the Triton launch use,
 that DALI outputs are not copied again, and that loader workers overlap the step."""
 
-import importlib
 import contextlib
 import dataclasses
-import os
+import importlib
 import time
 from pathlib import Path
 
+import fdcache.kernels.loss as kmod
 import numpy as np
 import pytest
 import torch
 
-import fdcache.kernels.loss as kmod
 from fdcache.distill import loader, pixels
-from fdcache.errors import FdcacheError
 from fdcache.distill.sources import TrainSource
-from fdcache.distill.teachers import TINY_TEACHER
-from fdcache.distill.train import TrainConfig, DistillTask
+from fdcache.distill.train import DistillTask, TrainConfig
+from fdcache.errors import FdcacheError
+from fdcache.models import TINY_TEACHER
 
 
 @pytest.fixture

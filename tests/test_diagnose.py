@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
+from fdcache.cli.app import app
 from typer.testing import CliRunner
 
+from fdcache.models import TINY_TEACHER
 from fdcache.tools import diagnose as D
-from fdcache.cli.app import app
-from fdcache.distill.teachers import TINY_TEACHER
 
 runner = CliRunner()
 

@@ -1,13 +1,13 @@
 """torch.distributed set-up as a GPU job would see it, with the collectives mocked on CPU."""
 
+import importlib
 from datetime import timedelta
 
-import importlib
 import pytest
 import torch
 
 from fdcache import distributed
-from fdcache.distill.teachers import TINY_TEACHER
+from fdcache.models import TINY_TEACHER
 
 
 @pytest.fixture

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import extract_tiny
 from safetensors.torch import load_file
 
-from fdcache.tune.classifiers import load_export
-from conftest import extract_tiny
-from fdcache.tune.finetune import finetune, make_config
-from fdcache.samples import make_image_folder
 from fdcache.distill.students import build_student
-from fdcache.distill.teachers import TINY_TEACHER
 from fdcache.distill.train import TrainConfig, train
+from fdcache.models import TINY_TEACHER
+from fdcache.samples import make_image_folder
+from fdcache.tune.classifiers import load_export
+from fdcache.tune.finetune import finetune, make_config
 
 
 @pytest.fixture(scope="module")
@@ -155,8 +155,8 @@ def test_a_zero_shot_head_and_its_wise_mix_load_with_open_clip_and_their_head_fi
 
 def test_a_library_form_that_fails_leaves_fdcaches_export_whole(monkeypatch, tmp_path):
     from fdcache import exports
-    from fdcache.tune.classifiers import init_model, save_export
     from fdcache.errors import FdcacheError
+    from fdcache.tune.classifiers import init_model, save_export
 
     def broken(*a, **k):
         raise FdcacheError("the timm form computes something else")

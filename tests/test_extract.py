@@ -5,20 +5,20 @@ import shutil
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
 from conftest import tree_bytes
+
 from fdcache.codecs import CodecSpec, whitened_error
-from fdcache.errors import BadImageError, StoreError, StoreLockedError, StoreMismatchError, VerifyError
 from fdcache.distill.extract import ExtractConfig, extract
-from fdcache.store.inspect import inspect_store, verify_store
 from fdcache.distill.pixels import reference_pixels
+from fdcache.distill.teachers import load_teacher
+from fdcache.errors import BadImageError, StoreError, StoreLockedError, StoreMismatchError, VerifyError
+from fdcache.models import TINY_TEACHER
 from fdcache.store import Store
-from fdcache.distill.teachers import TINY_TEACHER, load_teacher
+from fdcache.store.inspect import inspect_store, verify_store
 
 
 def cfg(data, out, **kw) -> ExtractConfig:

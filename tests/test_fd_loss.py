@@ -2,12 +2,12 @@
 
 import itertools
 
+import fdcache.kernels.loss as kmod
 import pytest
 import torch
+from fdcache.kernels import fd_loss, fd_loss_reference
 
 from fdcache.codecs import quantize_int8
-from fdcache.kernels import fd_loss, fd_loss_reference
-import fdcache.kernels.loss as kmod
 
 pytestmark = pytest.mark.skipif(not kmod.triton_available(), reason="triton not installed")
 

@@ -8,20 +8,19 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import extract_tiny, interrupt_at, one_and_two_processes
 from PIL import Image, ImageOps
 from safetensors.torch import load_file
 
-from fdcache.tune.classifiers import init_model, load_export, templates_of, zeroshot_weights
+from fdcache.distill.train import TrainConfig, train
 from fdcache.errors import DataError, FdcacheError
+from fdcache.models import TINY_TEACHER, create_openclip
+from fdcache.samples import make_image_folder
+from fdcache.tune.classifiers import init_model, load_export, templates_of, zeroshot_weights
 from fdcache.tune.evaluate import evaluate
 from fdcache.tune.finetune import FinetuneTask, finetune, load_preset, make_config, preset_names
 from fdcache.tune.imagefolder import LabeledImages, eval_transform, train_loader
-from fdcache.samples import make_image_folder
-from fdcache.distill.teachers import TINY_TEACHER, create_openclip
-from fdcache.distill.train import TrainConfig, train
 from fdcache.tune.wise import wise
-
-from conftest import extract_tiny, interrupt_at, one_and_two_processes
 
 
 @pytest.fixture(scope="module")

@@ -10,20 +10,29 @@ from pathlib import Path
 
 import pytest
 import zarr
+from conftest import tree_bytes
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import tree_bytes
-from fdcache.errors import (BadImageError, ConfigError, DataError, StoreDataError, StoreError,
-                            StoreLockedError, TeacherError, VerifyError)
 from fdcache.distill.extract import ExtractConfig, extract, open_or_create
-from fdcache.store.inspect import verify_store
-from fdcache.store.manifest import index
+from fdcache.distill.teachers import load_teacher
+from fdcache.distill.train import DistillTask, TrainConfig
+from fdcache.errors import (
+    BadImageError,
+    ConfigError,
+    DataError,
+    StoreDataError,
+    StoreError,
+    StoreLockedError,
+    TeacherError,
+    VerifyError,
+)
+from fdcache.models import TINY_TEACHER
 from fdcache.samples import make_image_folder
 from fdcache.store import Store
+from fdcache.store.inspect import verify_store
 from fdcache.store.location import Location
-from fdcache.distill.teachers import TINY_TEACHER, load_teacher
-from fdcache.distill.train import DistillTask, TrainConfig
+from fdcache.store.manifest import index
 
 
 def cfg(data, out, **kw) -> ExtractConfig:

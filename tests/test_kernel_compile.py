@@ -3,10 +3,9 @@ its bundled ptxas): what the interpreter cannot show. No GPU needed; runs in CI.
 
 import os
 
+import fdcache.kernels.loss as kmod
 import pytest
 import torch
-
-import fdcache.kernels.loss as kmod
 
 pytestmark = [pytest.mark.gpu_compile,
               pytest.mark.skipif(not kmod.triton_available(), reason="triton not installed")]

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
+from fdcache.distill.pixels import PixelStream, ViewBatches, reference_pixels
 from fdcache.errors import BadImageError
 from fdcache.store.manifest import index
-from fdcache.distill.pixels import PixelStream, ViewBatches, reference_pixels
 from fdcache.store.views import View, sample_views
 
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)

@@ -3,9 +3,9 @@
 import json
 
 import pytest
+from fdcache.cli.app import app
 from typer.testing import CliRunner
 
-from fdcache.cli.app import app
 from fdcache.errors import FdcacheError
 from fdcache.tools.plots import bench_figure, plot_path, read_log
 

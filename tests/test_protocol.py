@@ -7,15 +7,15 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import extract_tiny, tree_bytes
 from zarr.storage import LocalStore
 
-from conftest import extract_tiny, tree_bytes
+from fdcache.distill.extract import ExtractConfig, extract, split_shards
 from fdcache.errors import FdcacheError, StoreError, StoreMismatchError
-from fdcache.distill.extract import ExtractConfig, _split, extract
+from fdcache.models import TINY_TEACHER
+from fdcache.store import Store
 from fdcache.store.layout import parse_chunk_key
 from fdcache.store.manifest import index
-from fdcache.store import Store
-from fdcache.distill.teachers import TINY_TEACHER
 
 _PER_SHARD = ("targets", "qparams", "skipped", "done")
 
@@ -76,11 +76,11 @@ def test_a_failed_write_leaves_its_shard_unmarked_and_the_same_command_completes
 
 def test_extraction_ranks_take_disjoint_contiguous_runs_of_the_shards():
     shards = [(s, k) for s in range(2) for k in range(4)]  # 8 (seed, shard) pairs
-    assert [_split(shards, r, 3) for r in range(3)] == [shards[0:2], shards[2:5], shards[5:8]]
+    assert [split_shards(shards, r, 3) for r in range(3)] == [shards[0:2], shards[2:5], shards[5:8]]
     for n in range(13):
         items = list(range(n))
         for world in range(1, 6):
-            parts = [_split(items, r, world) for r in range(world)]
+            parts = [split_shards(items, r, world) for r in range(world)]
             assert sum(parts, []) == items, (n, world)  # every shard once, in order
             assert max(map(len, parts)) - min(map(len, parts)) <= 1, (n, world)
 

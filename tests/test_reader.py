@@ -2,15 +2,14 @@
 every array, a plain DataLoader over the store."""
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import zarr
-
 from conftest import synthetic_store
+
 from fdcache.codecs import CodecSpec
 from fdcache.errors import StoreDataError, StoreError
 from fdcache.store import Store
@@ -205,9 +204,10 @@ def test_a_plain_dataloader_over_the_store_gives_each_samples_target(made, worke
 def test_a_dithered_int4_store_is_reproducible_and_trains(image_root, tmp_path):
     """The dither is keyed by (seed, sample, token): two extractions give the same bytes."""
     from conftest import tree_bytes
+
     from fdcache.distill.extract import ExtractConfig, extract
-    from fdcache.distill.teachers import TINY_TEACHER
-    from fdcache.distill.train import TrainConfig, DistillTask
+    from fdcache.distill.train import DistillTask, TrainConfig
+    from fdcache.models import TINY_TEACHER
 
     def run(out, batch):
         extract(ExtractConfig(data=str(image_root), out=str(out), teacher=TINY_TEACHER, random_init=True, seeds=1,

@@ -12,17 +12,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from fdcache.cli.app import app
 from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torchvision.transforms import RandomResizedCrop
 from typer.testing import CliRunner
 
-from fdcache.cli.app import app
+from fdcache.distill.train import DistillTask, TrainConfig, train
+from fdcache.models import TINY_TEACHER
+from fdcache.store.views import ViewPolicy, sample_view
 from fdcache.tune.finetune import FinetuneTask, finetune, make_config
 from fdcache.tune.imagefolder import train_loader
-from fdcache.distill.teachers import TINY_TEACHER
-from fdcache.distill.train import TrainConfig, DistillTask, train
-from fdcache.store.views import ViewPolicy, sample_view
 from fdcache.tune.wise import interpolate, wise
 
 

@@ -2,9 +2,9 @@
 in the way, contradictory lengths. Each is a named error, and nothing of the user's changes."""
 
 import pytest
+from fdcache.cli.app import app
 from typer.testing import CliRunner
 
-from fdcache.cli.app import app
 from fdcache.config import TrainConfig
 from fdcache.errors import ConfigError, FdcacheError
 from fdcache.tune.wise import wise

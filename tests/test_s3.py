@@ -9,11 +9,11 @@ pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 
 from fdcache.codecs import CodecSpec  # noqa: E402
-from fdcache.errors import StoreDataError  # noqa: E402
 from fdcache.distill.extract import ExtractConfig, extract  # noqa: E402
+from fdcache.distill.train import DistillTask, TrainConfig  # noqa: E402
+from fdcache.errors import StoreDataError  # noqa: E402
+from fdcache.models import TINY_TEACHER  # noqa: E402
 from fdcache.store import Store  # noqa: E402
-from fdcache.distill.teachers import TINY_TEACHER  # noqa: E402
-from fdcache.distill.train import TrainConfig, DistillTask  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +60,27 @@ def test_a_lost_object_in_a_bucket_is_an_error_naming_the_shard(bucket, image_ro
     s3fs.S3FileSystem().rm(f"{url[5:]}/targets/c/0/1/0/0")
     with pytest.raises(StoreDataError, match=r"seed 0, shard 1 \(samples 4\.\.7\).*missing"):
         Store.open(url).reader().read(0, [2, 6])
+
+
+def test_extract_looks_at_a_bucket_store_with_one_listing(bucket, image_root, monkeypatch):
+    """The location is classified once: one listing of the store, on creation and on a re-run
+    (which finds its shards from that same listing). s3fs's own per-write checks of single
+    keys are not listings of the store."""
+    import s3fs
+
+    url = f"{bucket}/once.zarr"
+    root = url.split("/", 3)[3]
+    listings = []
+    real = s3fs.S3FileSystem._call_s3
+
+    async def spy(self, method, *a, **kw):
+        prefix = kw.get("Prefix", "")
+        if method == "list_objects_v2" and prefix.rstrip("/") == root:
+            listings.append(prefix)
+        return await real(self, method, *a, **kw)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", spy)
+    for run in ("create", "resume"):
+        listings.clear()
+        _extract(image_root, url)
+        assert len(listings) == 1, (run, listings)

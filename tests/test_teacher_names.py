@@ -4,10 +4,11 @@ missing weights on a machine without network fail at once with what to do."""
 import huggingface_hub.constants as hub
 import pytest
 
-from fdcache.distill import teachers
-from fdcache.errors import FdcacheError, TeacherError
+from fdcache import models
 from fdcache.distill.students import build_student
-from fdcache.distill.teachers import load_teacher, openclip_name, parse_teacher_name
+from fdcache.distill.teachers import load_teacher
+from fdcache.errors import FdcacheError, TeacherError
+from fdcache.models import openclip_name, parse_teacher_name
 
 
 @pytest.mark.parametrize("name, pretrained, hint", [
@@ -43,7 +44,7 @@ def test_hf_hub_names_are_open_clip_names_that_bring_their_weights():
 @pytest.mark.parametrize("name, pretrained", [("ViT-B-16", "openai"), ("hf-hub:laion/CLIP-ViT-B-16-laion2B-s34B-b88K", None),
                                               ("timm:vit_tiny_patch16_224", "augreg_in21k")])
 def test_uncached_weights_without_network_fail_at_once_with_the_offline_hint(name, pretrained, monkeypatch, tmp_path):
-    monkeypatch.setattr(teachers, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: False)
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))  # an empty cache
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
     with pytest.raises(TeacherError) as e:

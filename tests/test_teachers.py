@@ -1,8 +1,9 @@
 import pytest
 import torch
 
+from fdcache.distill.teachers import load_teacher
 from fdcache.errors import TeacherError
-from fdcache.distill.teachers import TINY_TEACHER, load_teacher, parse_teacher_name
+from fdcache.models import TINY_TEACHER, parse_teacher_name
 
 
 def test_teacher_tokens_are_post_norm_incl_cls_and_project_to_open_clips_embedding():

@@ -4,18 +4,17 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import interrupt_at, one_and_two_processes
+from fdcache.kernels import fd_loss_reference
 from safetensors.torch import load_file
 
 from fdcache.codecs import CodecSpec
-from fdcache.errors import FdcacheError, StoreError, StoreMismatchError
 from fdcache.distill.extract import ExtractConfig, extract
-from fdcache.kernels import fd_loss_reference
-from fdcache.store import Store
 from fdcache.distill.students import build_student, resize_token_grid
-from fdcache.distill.teachers import TINY_TEACHER
-from fdcache.distill.train import TrainConfig, DistillTask, TrainError, train
-
-from conftest import interrupt_at, one_and_two_processes
+from fdcache.distill.train import DistillTask, TrainConfig, TrainError, train
+from fdcache.errors import FdcacheError, StoreError, StoreMismatchError
+from fdcache.models import TINY_TEACHER
+from fdcache.store import Store
 
 
 def _extract(data, out, **kw):
@@ -227,15 +226,19 @@ def count_read_backs(monkeypatch) -> list[str]:
     ``item()``, on its step counters, which it keeps on the host (no sync)."""
     import sys
 
+    import fdcache.kernels
+
     import fdcache
-    repo = os.path.dirname(os.path.dirname(fdcache.__file__))
+    # fdcache's own folders (the package and its kernels), never a prefix of them: a
+    # virtual environment inside the checkout (.venv) or beside it (repo-venv) is not ours.
+    ours = tuple(os.path.dirname(m.__file__) + os.sep for m in (fdcache, fdcache.kernels))
     calls = []
     for name in ("item", "tolist", "__float__", "__bool__"):
         real = getattr(torch.Tensor, name)
 
         def spy(self, *a, _real=real, _name=name, **k):
             caller = sys._getframe(1).f_code.co_filename
-            if caller.startswith(repo) and os.sep + "tests" + os.sep not in caller:
+            if caller.startswith(ours):
                 calls.append(_name)
             return _real(self, *a, **k)
         monkeypatch.setattr(torch.Tensor, name, spy)

@@ -12,8 +12,7 @@ Lossless compression and checksums sit below the codec, in the Zarr codec chain 
 
 import importlib
 
-from .spec import (BUILTIN, COMPRESSORS, ArraySpec, Codec, CodecSpec, get_codec, list_codecs, register,
-                   unregister)
+from .spec import BUILTIN, COMPRESSORS, ArraySpec, Codec, CodecSpec, get_codec, list_codecs, register, unregister
 
 _LAZY = {"whitened_error": "error", "Fp16": "fp16", "Int8": "int8", "quantize_int8": "int8",
          "dequantize_int8": "int8", "Int4": "int4", "quantize_int4": "int4", "dequantize_int4": "int4"}

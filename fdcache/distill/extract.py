@@ -14,7 +14,6 @@ from __future__ import annotations
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,14 +21,14 @@ import torch
 from .. import distributed
 from ..codecs import CodecSpec
 from ..errors import BadImageError, ConfigError, FdcacheError, StoreError
-from ..store.manifest import Manifest, index
 from ..options import require
-from .pixels import PixelStream, ViewBatches, dali_device
 from ..store.layout import StoreInfo
 from ..store.location import Location, Occupancy
+from ..store.manifest import Manifest, index
 from ..store.store import Store
-from .teachers import Teacher, load_teacher
 from ..store.views import ViewPolicy
+from .pixels import PixelStream, ViewBatches, dali_device
+from .teachers import Teacher, load_teacher
 
 
 @dataclass
@@ -112,7 +111,8 @@ def open_or_create(cfg: ExtractConfig, teacher: Teacher, manifest: Manifest, loc
     return Store.create(location, info, manifest, cfg.seeds, overwrite=cfg.overwrite, occupancy=occupancy)
 
 
-def _split(items: list, rank: int, world: int) -> list:
+def split_shards(items: list, rank: int, world: int) -> list:
+    """Rank ``rank`` of ``world``'s contiguous part of ``items`` (sizes differ by at most one)."""
     n = len(items)
     return items[rank * n // world:(rank + 1) * n // world]
 
@@ -152,7 +152,7 @@ def extract(cfg: ExtractConfig, teacher: Teacher | None = None) -> ExtractResult
 
         done = store.done()[: cfg.seeds]
         todo = [(s, k) for s in range(cfg.seeds) for k in range(store.num_shards) if not done[s, k]]
-        mine = _split(todo, d.rank, d.world)
+        mine = split_shards(todo, d.rank, d.world)
         result = _run(cfg, store, manifest, teacher, mine, d)
         result.already_done = int(done.sum())
         result.ignored = list(manifest.ignored)

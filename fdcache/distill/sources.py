@@ -6,9 +6,7 @@ Epoch ``e`` of an offline run replays seed ``e mod S`` of the store (``S``: its 
 first ``seeds`` of them: a store's seeds ``0..S-1`` are exactly the store an extract with
 ``--seeds S`` makes, so one store serves every smaller S); an online run draws
 seed ``e`` (fresh views every epoch, as online FD). Sample order is a permutation keyed by
-``(run_seed, epoch)``; rank ``r`` of ``W`` takes every ``W``-th sample, cut to whole batches so
-all ranks run the same number of steps and the union of the ranks' ``k``-th batches is the
-``k``-th global batch of a 1-process run with ``W`` times the batch.
+``(run_seed, epoch)``, each rank takes its slice (:mod:`fdcache.sampling`).
 """
 
 from __future__ import annotations
@@ -17,18 +15,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..sampling import epoch_order, rank_slice
 from ..store.reader import TargetReader
 from ..store.views import ViewPolicy, sample_view
-
-
-def epoch_order(run_seed: int, epoch: int, eligible: np.ndarray) -> np.ndarray:
-    key = np.random.SeedSequence([int(run_seed), int(epoch), 0x5EED]).generate_state(2, np.uint64)
-    return eligible[np.random.Generator(np.random.Philox(key=key)).permutation(len(eligible))]
-
-
-def rank_slice(order: np.ndarray, rank: int, world: int, batch_size: int) -> np.ndarray:
-    per_rank = len(order) // world // batch_size * batch_size
-    return order[rank::world][:per_rank]
 
 
 @dataclass

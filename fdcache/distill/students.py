@@ -70,7 +70,7 @@ def build_student(name: str, teacher_dim: int, *, resolution: int | None = None,
 
     model_name, kw = PRESETS.get(name, (name, {}))
     if not timm.is_model(model_name):
-        from .teachers import suggest
+        from ..models import suggest
 
         raise FdcacheError(f"unknown student {name!r}{suggest(name, [*PRESETS, *timm.list_models()])}: "
                            "give fd-tiny, fd-small or a timm model name (timm.list_models())")

@@ -10,7 +10,6 @@ store's seed ``e mod S``; ``--online`` runs the teacher on the same pixels inste
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
@@ -23,14 +22,13 @@ from ..config import TrainConfig
 from ..engine import Engine, FitResult
 from ..errors import FdcacheError, StoreError, StoreMismatchError, TrainError
 from ..kernels import fd_loss
-from .loader import Batch, batches, resolve_workers
 from ..store.manifest import index, require_unchanged
+from ..store.store import Store
+from .loader import Batch, batches, resolve_workers
 from .pixels import dali_device
 from .sources import TrainSource
-from ..store.store import Store
 from .students import build_student, check_token_layout, export_state_dict, resize_token_grid
 from .teachers import load_teacher
-
 
 _log = logging.getLogger(__name__)
 _log.setLevel(logging.WARNING)  # loading open_clip raises the root logger's level to ERROR

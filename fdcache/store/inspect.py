@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import StoreError, VerifyError
-from .audit import audit, repair as apply_repairs
+from .audit import audit
+from .audit import repair as apply_repairs
 from .manifest import compare_files
 from .store import Store
 

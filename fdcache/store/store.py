@@ -23,8 +23,21 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from ..codecs.spec import CodecSpec
 from ..errors import StoreDataError, StoreError, StoreMismatchError
-from .layout import (BINDING, CREATING, REPLACING, FORMAT_VERSION, MANIFEST_FIELDS, OLD_FORMATS, ArrayDecl, Shards,
-                     StoreInfo, decode_paths, encode_paths, shard_key, store_arrays)
+from .layout import (
+    BINDING,
+    CREATING,
+    FORMAT_VERSION,
+    MANIFEST_FIELDS,
+    OLD_FORMATS,
+    REPLACING,
+    ArrayDecl,
+    Shards,
+    StoreInfo,
+    decode_paths,
+    encode_paths,
+    shard_key,
+    store_arrays,
+)
 from .location import Location, Occupancy
 from .manifest import Manifest
 from .views import sample_views

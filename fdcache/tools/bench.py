@@ -29,10 +29,9 @@ import torch
 
 from ..codecs import CodecSpec
 from ..distill.extract import ExtractConfig, extract
-from ..samples import make_image_folder
-from ..distill.students import build_student
 from ..distill.teachers import load_teacher
-from ..distill.train import TrainConfig, DistillTask
+from ..distill.train import DistillTask, TrainConfig
+from ..samples import make_image_folder
 
 MODES = ("ceiling", "offline", "online", "teacher", "extract")
 

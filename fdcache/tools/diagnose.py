@@ -85,8 +85,8 @@ def load_subject(name: str, pretrained: str | None = None, *, resolution: int | 
 def load_run(path: Path, label: str | None = None) -> Subject:
     """An ``fdcache train`` student export or a ``finetune``/``flyp``/``wise`` export.
     The one place that knows the run-directory formats."""
-    from ..tune.classifiers import load_export
     from ..exports import CONFIG, read_json
+    from ..tune.classifiers import load_export
 
     label = label or path.name
     if read_json(path / CONFIG).get("fdcache", {}).get("export", {}).get("kind") == "student":

@@ -13,15 +13,15 @@ def quickstart(workdir: str | Path | None, images: int, say: Callable) -> Path:
     """Make images, extract with a tiny random teacher, inspect, verify, distill a tiny
     student, fine-tune and evaluate it; then FLYP on the tiny CLIP and a WiSE-FT sweep.
     Re-running into the same ``workdir`` replaces its runs (``overwrite``). Returns it."""
+    from ..distill.extract import ExtractConfig, extract
+    from ..distill.train import TrainConfig, train
+    from ..models import TINY_TEACHER
+    from ..samples import make_image_folder
+    from ..store.inspect import inspect_store, verify_store
+    from ..tables import store_table
     from ..tune.classifiers import load_export
     from ..tune.evaluate import evaluate
-    from ..distill.extract import ExtractConfig, extract
     from ..tune.finetune import finetune, make_config
-    from ..store.inspect import inspect_store, verify_store
-    from ..samples import make_image_folder
-    from ..tables import store_table
-    from ..distill.teachers import TINY_TEACHER
-    from ..distill.train import TrainConfig, train
     from ..tune.wise import wise
 
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fdcache-quickstart-"))

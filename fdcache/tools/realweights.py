@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import FdcacheError, RealWeightsError
+from ..errors import RealWeightsError
 
 TIMM_NAME = "vit_small_patch14_dinov2"
 ONNX_BACKBONE_OUTPUT = "/backbone/layernorm/Add_1_output_0"  # final LayerNorm of the backbone

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import FdcacheError
-from ..distill.teachers import create_openclip, create_timm, openclip_name, parse_teacher_name
+from ..models import create_openclip, create_timm, openclip_name, parse_teacher_name
 
 TEMPLATES = ("openai", "simple")
 NO_DROP_PATH = ("open_clip's CLIP towers have no drop path; use --drop-path 0, or the timm form of the "

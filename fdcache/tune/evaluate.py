@@ -14,11 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .classifiers import ModelSpec, ZeroShotClassifier, templates_of, tokenizer_of, zeroshot_weights
-from ..distributed import Dist
-from ..engine import amp_dtype
+from ..distributed import Dist, amp_dtype
 from ..errors import FdcacheError
 from ..progress import Progress
+from .classifiers import ModelSpec, ZeroShotClassifier, templates_of, tokenizer_of, zeroshot_weights
 from .imagefolder import LabeledImages, classnames_for, eval_loader, eval_transform, find_classes
 
 TOPK = (1, 5)

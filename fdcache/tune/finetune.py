@@ -26,12 +26,11 @@ import torch
 import torch.nn.functional as F
 
 from .. import distributed
-from .classifiers import ModelSpec, init_model, save_export, templates_of, tokenizer_of
 from ..config import FinetuneConfig
 from ..engine import Engine, FitResult
 from ..errors import DataError, FdcacheError, FinetuneError
-from .imagefolder import (EpochSampler, LabeledImages, classnames_for, find_classes, train_loader,
-                          train_transform)
+from .classifiers import ModelSpec, init_model, save_export, templates_of, tokenizer_of
+from .imagefolder import EpochSampler, LabeledImages, classnames_for, find_classes, train_loader, train_transform
 
 PRESET_DIR = Path(__file__).parents[1] / "presets"
 

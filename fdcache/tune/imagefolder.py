@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import DataError
-from ..distill.sources import epoch_order, rank_slice
+from ..sampling import epoch_order, rank_slice
 
 
 def find_classes(root: str | Path) -> list[str]:

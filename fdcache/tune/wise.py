@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .classifiers import read_clip_rest, read_export, save_export
 from ..errors import FdcacheError
+from .classifiers import read_clip_rest, read_export, save_export
 
 
 def interpolate(zeroshot: dict, finetuned: dict, alpha: float) -> dict:
@@ -76,8 +76,8 @@ def sweep(zeroshot: str | Path, finetuned: str | Path, alphas: list[float], out:
           workers: int = 4, device: str = "auto", progress: bool = False) -> list[tuple[float, Path, dict | None]]:
     """``fdcache wise``: write each alpha's export and, with ``data``, evaluate it there.
     Returns (alpha, export, results or None) per alpha."""
-    from .classifiers import load_export
     from ..distributed import Dist, device_for
+    from .classifiers import load_export
     from .evaluate import evaluate
 
     dev = device_for(Dist(), device)

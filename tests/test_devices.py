@@ -4,6 +4,7 @@ that DALI outputs are not copied again, and that loader workers overlap the step
 import contextlib
 import dataclasses
 import importlib
+import os
 import time
 from pathlib import Path
 

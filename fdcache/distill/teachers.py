@@ -17,8 +17,10 @@ import torch
 from torch import nn
 
 from ..errors import TeacherError
-from ..models import create_openclip, create_timm, openclip_name, parse_teacher_name
+from ..models import TINY_TEACHER, create_openclip, create_timm, openclip_name, parse_teacher_name
 from ..store.layout import TeacherSpec
+
+__all__ = ["TINY_TEACHER", "Teacher", "TeacherSpec", "load_teacher", "weights_sha256"]
 
 
 def weights_sha256(module: nn.Module) -> str:

@@ -26,6 +26,8 @@ from fdcache.cli.common import (
 
 from fdcache.config import TrainConfig, option_default
 
+__all__ = ["app", "main"]
+
 app = typer.Typer(
     name="fdcache", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="Cache a CLIP teacher's feature maps once; train feature-distillation students fast.")

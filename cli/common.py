@@ -15,6 +15,9 @@ from rich.console import Console
 from fdcache.codecs.spec import BUILTIN
 from fdcache.errors import FdcacheError, Interrupted
 
+__all__ = ["Codec", "Amp", "Device", "LossImpl", "value_of", "out", "err", "JSON_HELP", "write_json",
+           "handles_errors", "is_main"]
+
 # Target codecs, from the codec name registry (imports no torch, so --help stays fast).
 Codec = Enum("Codec", {name.replace("-", "_"): name for name in BUILTIN}, type=str)
 

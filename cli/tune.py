@@ -11,6 +11,8 @@ from typing import Optional
 import typer
 from fdcache.cli.common import JSON_HELP, Amp, Device, handles_errors, is_main, out, value_of, write_json
 
+__all__ = ["eval_", "wise", "plot", "register"]
+
 
 def _preset_values(name: str) -> dict:
     """A preset's values, read without importing the training code (help stays fast)."""

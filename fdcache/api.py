@@ -9,6 +9,8 @@ from pathlib import Path
 
 from .errors import FdcacheError
 
+__all__ = ["extract", "train", "score", "finetune", "flyp", "evaluate", "wise", "open_store"]
+
 
 def _config(cls, cfg, options: dict):
     if cfg is not None:

@@ -10,6 +10,9 @@ from dataclasses import asdict, dataclass, field
 from .options import require
 from .store.views import ViewPolicy
 
+__all__ = ["DEFAULT_STUDENT", "RunOptions", "ScheduleOptions", "OptimOptions", "option_default",
+           "TrainConfig", "FinetuneConfig"]
+
 DEFAULT_STUDENT = "beit_base_patch16_224"  # FD's ViT-B/16 (shared relative position bias)
 
 

@@ -13,6 +13,8 @@ import torch.distributed as dist
 
 from .errors import FdcacheError
 
+__all__ = ["Dist", "TIMEOUT", "init", "device_for", "ddp", "amp_dtype"]
+
 
 @dataclass(frozen=True)
 class Dist:

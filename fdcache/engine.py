@@ -34,6 +34,9 @@ from . import distributed
 from .errors import FdcacheError, Interrupted
 from .progress import Progress
 
+__all__ = ["cosine_schedule", "rng_state", "set_rng_state", "atomic_save", "RUN_FILES", "run_files",
+           "clear_run", "truncate_log", "resume_command", "stop_on_signals", "Task", "FitResult", "Engine"]
+
 
 # -- small shared pieces --------------------------------------------------------------
 def cosine_schedule(optimizer, total_steps: int, warmup_steps: int, warmup_lr: float, min_lr: float):

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+__all__ = ["FdcacheError", "DataError", "BadImageError", "StoreMismatchError", "StoreError",
+           "StoreDataError", "StoreLockedError", "ConfigError", "TeacherError", "VerifyError", "TrainError",
+           "FinetuneError", "RealWeightsError", "Interrupted"]
+
 
 class FdcacheError(Exception):
     """Base class; the CLI turns it into a one-paragraph message and exit code 2."""

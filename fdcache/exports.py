@@ -37,6 +37,10 @@ from torch import nn
 
 from .errors import FdcacheError
 
+__all__ = ["CONFIG", "OPENCLIP_CONFIG", "DROP_ARGS", "read_json", "write_json", "update_fdcache_block",
+           "timm_model_args", "write_timm_config", "write_openclip_config", "write_openclip_with_head",
+           "TIMM_CLIP_ARCHS", "timm_form_of_openclip", "openclip_to_timm_state", "write_timm_from_openclip"]
+
 CONFIG = "config.json"
 OPENCLIP_CONFIG = "open_clip_config.json"
 DROP_ARGS = ("drop_rate", "drop_path_rate", "attn_drop_rate", "proj_drop_rate", "pos_drop_rate",

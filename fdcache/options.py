@@ -7,6 +7,8 @@ import numbers
 
 from .errors import ConfigError
 
+__all__ = ["require"]
+
 
 def require(cfg, *, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),
             optional_positive: tuple[str, ...] = ()) -> None:

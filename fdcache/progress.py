@@ -11,6 +11,8 @@ import time
 
 from rich.console import Console
 
+__all__ = ["Progress"]
+
 
 class Progress:
     """``update(completed=None, advance=0, **fields)``; fields (loss, img/s) are shown after

@@ -10,6 +10,8 @@ import platform
 import sys
 from pathlib import Path
 
+__all__ = ["PACKAGES", "versions", "record_run"]
+
 PACKAGES = ("fdcache", "torch", "torchvision", "timm", "open_clip_torch", "zarr", "numcodecs", "triton",
             "nvidia-dali-cuda130", "numpy")
 

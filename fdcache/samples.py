@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+__all__ = ["make_image_folder"]
+
 
 def _image(rng: np.random.Generator, w: int, h: int) -> Image.Image:
     small = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)

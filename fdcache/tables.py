@@ -7,6 +7,8 @@ import json
 
 from rich.table import Table
 
+__all__ = ["evals_table", "store_table", "bench_table", "diagnose_table"]
+
 
 def evals_table(evals: dict, title: str = "evaluation") -> Table:
     """``{weights: {set: {"n", "top1", "top5"}}}`` as rows."""

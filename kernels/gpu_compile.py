@@ -22,6 +22,8 @@ import torch
 
 from . import loss
 
+__all__ = ["Compiled", "ptxas_path", "compile_forward", "compile_backward", "compile_all"]
+
 _TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int8: "*i8"}
 
 

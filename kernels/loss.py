@@ -24,6 +24,9 @@ import torch.nn.functional as F
 
 from fdcache.codecs.int8 import dequantize_int8
 
+__all__ = ["MAX_D", "triton_available", "fd_loss_reference", "ONE_BLOCK_MAX", "LOOP_BLOCK", "BWD_BLOCK",
+           "BWD_WARPS", "launch_config", "scale_grad_", "fd_loss"]
+
 try:
     import triton
     import triton.language as tl

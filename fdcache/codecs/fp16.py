@@ -7,6 +7,8 @@ import torch
 
 from .spec import ArraySpec, Codec, register
 
+__all__ = ["Fp16"]
+
 
 class Fp16(Codec):
     name = "fp16"

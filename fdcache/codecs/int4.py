@@ -16,6 +16,8 @@ import torch
 
 from .spec import ArraySpec, Codec, register
 
+__all__ = ["dither", "quantize_int4", "dequantize_int4", "Int4"]
+
 _MASK = 0xFFFFFFFF
 
 

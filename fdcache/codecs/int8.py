@@ -13,6 +13,8 @@ import torch
 
 from .spec import ArraySpec, Codec, register
 
+__all__ = ["quantize_int8", "dequantize_int8", "Int8"]
+
 
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``q`` int8 ``[..., D]`` and ``qparams`` float32 ``[..., 2]`` = (scale, offset)."""

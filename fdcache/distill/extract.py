@@ -30,6 +30,9 @@ from ..store.views import ViewPolicy
 from .pixels import PixelStream, ViewBatches, dali_device
 from .teachers import Teacher, load_teacher
 
+__all__ = ["ExtractConfig", "ExtractResult", "shard_batches", "open_or_create", "split_shards", "extract",
+           "teacher_device", "HostCopy"]
+
 
 @dataclass
 class ExtractConfig:

@@ -23,6 +23,8 @@ from ..errors import FdcacheError
 from .pixels import explain_decode_failure, pixel_pipeline
 from .sources import TrainSource
 
+__all__ = ["Batch", "resolve_workers", "build_pipeline", "batches"]
+
 
 @dataclass
 class Batch:
@@ -65,7 +67,7 @@ def build_pipeline(source: TrainSource, *, resolution: int, mean, std, device: s
     extra.append((types.INT64, 0))
     return pixel_pipeline(source, batch_size=source.batch_size, resolution=resolution, mean=mean, std=std,
                           device=device, num_threads=num_threads, device_id=device_id, prefetch=prefetch,
-                          parallel=parallel, py_workers=py_workers, batch=True, batch_info=True, extra=extra)
+                          parallel=parallel, py_workers=py_workers, batch_info=True, extra=extra)
 
 
 def batches(source: TrainSource, **pipeline_kw) -> Iterator[Batch]:

@@ -22,6 +22,10 @@ from PIL import Image, ImageOps
 
 from ..errors import BadImageError, DataError
 
+__all__ = ["PLACEHOLDER", "PLACEHOLDER_WINDOW", "ViewBatches", "dali_device", "pixel_pipeline",
+           "pixel_graph", "find_undecodable", "PixelStream", "explain_decode_failure", "load_oriented_rgb",
+           "reference_pixels"]
+
 
 def _placeholder_png() -> np.ndarray:
     buf = io.BytesIO()
@@ -81,15 +85,12 @@ def dali_device(device: torch.device | str) -> dict:
 def pixel_pipeline(source: Callable, *, batch_size: int, resolution: int,
                    mean: Sequence[float], std: Sequence[float], device: str = "cpu",
                    num_threads: int = 4, device_id: int | None = None, prefetch: int = 2,
-                   parallel: bool = False, py_workers: int = 2, batch: bool = True, batch_info: bool = False,
-                   extra=()):
-    """The one DALI pipeline builder (extraction and training). ``source`` yields (encoded,
-    windows, flips, *extra): per batch (``source(iteration)``, see :class:`ViewBatches`) or,
-    with ``batch=False``, per sample (training's ``sample_info`` callbacks). ``extra`` lists
-    (DALI dtype, ndim) of outputs passed through beside the images (to the GPU on "gpu").
-    ``batch_info``: a per-batch source is called with DALI's ``BatchInfo`` (epoch and
-    iteration), as training's batch source needs.
-    mean/std are in [0, 1] units."""
+                   parallel: bool = False, py_workers: int = 2, batch_info: bool = False, extra=()):
+    """The one DALI pipeline builder (extraction and training). ``source(iteration)`` yields a
+    batch (encoded, windows, flips, *extra) (see :class:`ViewBatches`); with ``batch_info`` it
+    is called with DALI's ``BatchInfo`` (epoch and iteration), as training's source needs.
+    ``extra`` lists (DALI dtype, ndim) of outputs passed through beside the images (to the GPU
+    on "gpu"). mean/std are in [0, 1] units."""
     from nvidia.dali import fn, pipeline_def, types
 
     if device not in ("cpu", "gpu"):
@@ -103,8 +104,8 @@ def pixel_pipeline(source: Callable, *, batch_size: int, resolution: int,
                   py_num_workers=py_workers, py_start_method="spawn")
     def pipe():
         outs = fn.external_source(
-            source=source, num_outputs=3 + len(extra), batch=batch, parallel=parallel,
-            **({"batch_info": True} if batch and batch_info else {}),
+            source=source, num_outputs=3 + len(extra), batch=True, parallel=parallel,
+            **({"batch_info": True} if batch_info else {}),
             dtype=[types.UINT8, types.INT32, types.INT32, *(d for d, _ in extra)],
             ndim=[1, 1, 0, *(n for _, n in extra)])
         images = pixel_graph(outs[0], outs[1], outs[2], resolution=resolution, mean=mean, std=std,

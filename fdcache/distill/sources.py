@@ -19,6 +19,8 @@ from ..sampling import epoch_order, rank_slice
 from ..store.reader import TargetReader
 from ..store.views import ViewPolicy, sample_view
 
+__all__ = ["TrainSource"]
+
 
 @dataclass
 class TrainSource:

@@ -17,8 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import DEFAULT_STUDENT  # noqa: F401 (declared with the configs)
 from ..errors import ConfigError, FdcacheError
+
+__all__ = ["PRESETS", "fd_options", "StudentSpec", "FDStudent", "build_student", "check_token_layout",
+           "resize_token_grid", "export_state_dict"]
 
 # Small configs for tests, quickstart and CPU benchmarks (random init; same code path).
 PRESETS = {

@@ -30,6 +30,8 @@ from .sources import TrainSource
 from .students import build_student, check_token_layout, export_state_dict, resize_token_grid
 from .teachers import load_teacher
 
+__all__ = ["DistillTask", "offline_targets", "train"]
+
 _log = logging.getLogger(__name__)
 _log.setLevel(logging.WARNING)  # loading open_clip raises the root logger's level to ERROR
 

@@ -14,6 +14,8 @@ import torch
 
 from .store import Store
 
+__all__ = ["StoreDataset"]
+
 
 class StoreDataset(torch.utils.data.Dataset):
     def __init__(self, url: str, seed: int = 0, decode: bool = True, threads: int | None = None):

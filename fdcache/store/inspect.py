@@ -12,6 +12,8 @@ from .audit import repair as apply_repairs
 from .manifest import compare_files
 from .store import Store
 
+__all__ = ["inspect_store", "verify_store"]
+
 
 def inspect_store(url: str) -> dict:
     """Everything ``fdcache inspect`` prints, as a JSON-ready dict."""

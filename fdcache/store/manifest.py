@@ -28,6 +28,9 @@ from PIL import Image
 
 from ..errors import BadImageError, DataError, StoreMismatchError
 
+__all__ = ["IMAGE_EXTENSIONS", "PIXELS_ENV", "Manifest", "read_size", "file_crc32c", "index", "FileChanges",
+           "compare_files", "require_unchanged"]
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".jp2")
 _SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that transpose the image
 PIXELS_ENV = "FDCACHE_MAX_IMAGE_PIXELS"  # raises PIL's decompression-bomb limit (0: none)

@@ -34,6 +34,8 @@ from ..errors import StoreDataError, StoreError
 from .layout import Shards, shard_key
 from .location import Location
 
+__all__ = ["Layout", "TargetReader"]
+
 _EMPTY = np.uint64(2**64 - 1)  # index entry of a chunk that was never written
 _MAX_OPEN = 128  # shard files kept open per reader
 

@@ -13,6 +13,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+__all__ = ["View", "ViewPolicy", "sample_view", "sample_views"]
+
 
 class View(NamedTuple):
     """A crop window in pixels of the EXIF-oriented source image, and a horizontal flip."""

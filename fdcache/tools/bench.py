@@ -33,6 +33,8 @@ from ..distill.teachers import load_teacher
 from ..distill.train import DistillTask, TrainConfig
 from ..samples import make_image_folder
 
+__all__ = ["MODES", "BenchConfig", "flops", "run_bench", "diagnose", "plot"]
+
 MODES = ("ceiling", "offline", "online", "teacher", "extract")
 
 

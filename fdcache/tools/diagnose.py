@@ -33,6 +33,9 @@ from torch import nn
 from ..errors import DataError, FdcacheError, TeacherError
 from ..store.manifest import IMAGE_EXTENSIONS
 
+__all__ = ["RANDOM", "Subject", "Diagnosis", "load_subject", "load_run", "attention_maps", "patch_distances",
+           "split_prefix", "layer_stats", "list_images", "diagnose", "pair_weights", "run", "plot"]
+
 RANDOM = "random-init"  # a --pretrained value: seeded random weights for that model
 
 

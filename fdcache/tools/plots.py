@@ -9,6 +9,8 @@ from pathlib import Path
 
 from ..errors import FdcacheError
 
+__all__ = ["WISE_RESULTS", "read_log", "run_curves", "wise_sweep", "plot_path", "bench_figure"]
+
 WISE_RESULTS = "wise.json"
 
 

@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+__all__ = ["quickstart"]
+
 
 def quickstart(workdir: str | Path | None, images: int, say: Callable) -> Path:
     """Make images, extract with a tiny random teacher, inspect, verify, distill a tiny

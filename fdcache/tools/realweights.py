@@ -24,6 +24,9 @@ import torch.nn.functional as F
 
 from ..errors import RealWeightsError
 
+__all__ = ["TIMM_NAME", "ONNX_BACKBONE_OUTPUT", "onnx_path", "resample_grid", "convert", "build_timm",
+           "onnx_backbone_tokens", "check_against_onnx", "save"]
+
 TIMM_NAME = "vit_small_patch14_dinov2"
 ONNX_BACKBONE_OUTPUT = "/backbone/layernorm/Add_1_output_0"  # final LayerNorm of the backbone
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet, as the wheel's preprocessing

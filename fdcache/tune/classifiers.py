@@ -27,6 +27,10 @@ from torch import nn
 from ..errors import FdcacheError
 from ..models import create_openclip, create_timm, openclip_name, parse_teacher_name
 
+__all__ = ["TEMPLATES", "NO_DROP_PATH", "ModelSpec", "templates_of", "tokenizer_of", "zeroshot_weights",
+           "CLIPImageClassifier", "SharedState", "ZeroShotClassifier", "read_student", "build", "init_model",
+           "save_export", "library_forms", "read_clip_rest", "read_export", "load_export"]
+
 TEMPLATES = ("openai", "simple")
 NO_DROP_PATH = ("open_clip's CLIP towers have no drop path; use --drop-path 0, or the timm form of the "
                 "model (e.g. --model timm:vit_base_patch16_clip_224)")

@@ -20,6 +20,8 @@ from ..progress import Progress
 from .classifiers import ModelSpec, ZeroShotClassifier, templates_of, tokenizer_of, zeroshot_weights
 from .imagefolder import LabeledImages, classnames_for, eval_loader, eval_transform, find_classes
 
+__all__ = ["TOPK", "head_for", "evaluate_set", "set_names", "evaluate", "evaluate_run"]
+
 TOPK = (1, 5)
 
 

@@ -32,6 +32,8 @@ from ..errors import DataError, FdcacheError, FinetuneError
 from .classifiers import ModelSpec, init_model, save_export, templates_of, tokenizer_of
 from .imagefolder import EpochSampler, LabeledImages, classnames_for, find_classes, train_loader, train_transform
 
+__all__ = ["PRESET_DIR", "preset_names", "load_preset", "make_config", "FinetuneTask", "finetune"]
+
 PRESET_DIR = Path(__file__).parents[1] / "presets"
 
 

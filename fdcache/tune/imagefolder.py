@@ -24,6 +24,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..errors import DataError
 from ..sampling import epoch_order, rank_slice
 
+__all__ = ["find_classes", "classnames_for", "LabeledImages", "EpochSampler", "train_loader",
+           "ignore_interrupts", "eval_loader", "train_transform", "eval_transform"]
+
 
 def find_classes(root: str | Path) -> list[str]:
     root = Path(root)

@@ -13,6 +13,8 @@ from pathlib import Path
 from ..errors import FdcacheError
 from .classifiers import read_clip_rest, read_export, save_export
 
+__all__ = ["interpolate", "wise", "sweep"]
+
 
 def interpolate(zeroshot: dict, finetuned: dict, alpha: float) -> dict:
     if set(zeroshot) != set(finetuned):

@@ -92,7 +92,10 @@ def wise(zeroshot: str | Path, finetuned: str | Path, alphas, out: str | Path, *
 
 
 def open_store(url: str):
-    """An existing store (:class:`fdcache.store.store.Store`): ``info``, ``manifest()``, the reader."""
+    """An existing store (:class:`fdcache.store.store.Store`): ``info``, ``manifest()``, ``reader()``.
+
+    Args:
+        url: a path, ``file://`` URL or fsspec URL (``s3://bucket/prefix/teacher.zarr``)."""
     from .store.store import Store
 
     return Store.open(str(url))

@@ -160,9 +160,21 @@ class TargetReader:
         return zarr.open_array(self.location.zarr_store(), path="views", mode="r")[seed]
 
     def read(self, seed: int, indices, out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-        """``out``: arrays to fill (from :meth:`empty`), reused across calls by a caller that
-        copies each batch away (DALI does): a fresh 50 MB array costs a page fault per 4 KiB
-        on first touch, about as much as reading the data."""
+        """The stored arrays of samples ``indices`` of ``seed``: ``{name: [len(indices), *shape]}``
+        in the requested order (duplicates allowed), crc32c checked; a skipped sample (an
+        unreadable image) reads as zeros.
+
+        Args:
+            seed: the augmentation seed (``0 <= seed < num_seeds``).
+            indices: sample indices (any int sequence or array), each in a done shard.
+            out: arrays to fill (from :meth:`empty`), reused across calls by a caller that
+                copies each batch away (DALI does): a fresh 50 MB array costs a page fault per
+                4 KiB on first touch, about as much as reading the data.
+
+        Raises:
+            StoreError: a seed or index out of range, or a shard not extracted yet.
+            StoreDataError: data of a done shard is missing or fails its checksum (names the
+                seed, shard and samples, and the repair)."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         self._check(seed, idx)
         if out is None:

@@ -1,5 +1,6 @@
 """Store integrity (issue 10): nothing lost, nothing silent, crash-safe at every step."""
 
+import asyncio
 import os
 import shutil
 import socket
@@ -79,6 +80,19 @@ class Faults:
         return op
 
 
+def _settle() -> None:
+    """Let the writes zarr still has in flight finish: a failed write fails its ``gather`` at
+    once while its siblings run on in zarr's event loop, and the "same command again" must
+    start after them, as a new process would (else it races a write of the failed run)."""
+    from zarr.core.sync import sync
+
+    async def rest():
+        me = asyncio.current_task()
+        await asyncio.gather(*(t for t in asyncio.all_tasks() if t is not me), return_exceptions=True)
+
+    sync(rest())
+
+
 def _run_store_step(c, teacher, manifest, monkeypatch, at):
     """The store part of an extract command with the ``at``-th write failing; True if it failed."""
     with monkeypatch.context() as m:
@@ -87,6 +101,8 @@ def _run_store_step(c, teacher, manifest, monkeypatch, at):
             open_or_create(c, teacher, manifest)
         except (StoreError, OSError):
             return True
+        finally:
+            _settle()
     return False
 
 

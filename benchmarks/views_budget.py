@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import statistics
 import subprocess
@@ -185,12 +186,17 @@ def main():
     ap.add_argument("--ft-epochs", type=int, default=4)
     ap.add_argument("--ft-batch", type=int, default=15)
     ap.add_argument("--ft-lr", type=float, default=2e-3, help="fine-tune lr per 512 images")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="DALI threads per command, and OMP_NUM_THREADS (torch's): on the shared 2-core machine "
+                         "torch at one thread trained the tiny student 10x faster than at two (50.8 vs 5.0 img/s, "
+                         "load average 7.6: OpenMP's workers wait on each other)")
     ap.add_argument("--plan", action="store_true", help="print the plan and its time estimate, then exit")
     ap.add_argument("--measure", action="store_true", help="time the teacher and one epoch of each student "
                     "first (WORK/rates.json), then plan with those rates")
     ap.add_argument("--report", action="store_true", help="only write the table and plot from results.jsonl")
     args = ap.parse_args()
 
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by every fdcache command below
     w = args.work.resolve()
     w.mkdir(parents=True, exist_ok=True)
     res_file = w / "results.jsonl"
@@ -199,7 +205,7 @@ def main():
         return
     # What every finished run depends on: a resumed WORK must keep it (the grid may grow).
     fixed = {k: v for k, v in vars(args).items() if k not in ("work", "teacher_ckpt", "fmnist", "seeds", "run_seeds",
-                                                               "students", "codecs", "plan", "measure", "report")}
+                                                               "students", "codecs", "plan", "measure", "report", "threads")}
     fixed_file = w / "settings.json"
     if fixed_file.exists() and json.loads(fixed_file.read_text()) != fixed:
         sys.exit(f"{w} holds runs made with other settings ({fixed_file.read_text().strip()}): use another --work")
@@ -228,7 +234,7 @@ def main():
             return
         marker = store.with_suffix(f".{nseeds}s.done")
         run(fd + ["extract", str(w / folder), "--out", str(store), *teacher, "--seeds", str(nseeds), "--codec", codec,
-                  *extra, "--batch-size", "64", "--threads", "2", "--device", "cpu"],
+                  *extra, "--batch-size", "64", "--threads", str(args.threads), "--device", "cpu"],
             log, times, f"extract.{store.name}.{nseeds}s", marker)
         marker.touch()
 
@@ -240,7 +246,7 @@ def main():
                      "--student", name, *[f for k, v in opts.items() for f in ("--student-arg", f"{k}={v}")],
                      "--resolution", str(args.resolution), "--batch-size", str(args.batch), "--lr", str(args.lr),
                      "--warmup-epochs", "2", "--drop-path", str(args.drop_path), "--seed", str(seed), *when,
-                     "--save-every", "50", "--threads", "2", "--device", "cpu", *extra]
+                     "--save-every", "50", "--threads", str(args.threads), "--device", "cpu", *extra]
 
     held = w / "stores" / "heldout-fp16.zarr"
     extract("heldout", held, "fp16", args.heldout_seeds, ["--global-seed", "1"])
@@ -327,7 +333,7 @@ def one_run(w, args, key, st, arm: Arm, seed, held, fp16_train, extract, train_c
     score_json = out.parent / f"{out.name}.score.json"
     run(fd + ["score", str(out), "--cache", str(held), "--train-cache", str(stores / f"{fp16_train.name}.zarr"),
               "--train-seed", "0", "--probe-train", str(w / "train"), "--probe-val", str(w / "heldout"),
-              "--threads", "2", "--device", "cpu", "--json", str(score_json)], log, times, f"{key}.score", score_json)
+              "--threads", str(args.threads), "--device", "cpu", "--json", str(score_json)], log, times, f"{key}.score", score_json)
     ft = out.parent / f"{out.name}-ft"
     ft_done = ft / "model.json"
     run(fd + ["finetune", "--student-run", str(out), "--out", str(ft), "--preset", "fd-finetune-vit-b16",

@@ -273,10 +273,12 @@ def main():
     times["teacher_flops"] = flops
     failed: list[str] = []
     fp16_train = StoreSpec("fp16")  # its seed 0 is the train-store loss of every arm
-    # fp16 and online first (the replay curve), then the other codecs: a run cut short still
-    # has the curve for every student and run seed.
-    order = [(phase, seed, st, arm) for phase in (0, 1) for seed in run_seeds for st, arms in plan.items()
-             for arm in arms if (arm.store.codec != "fp16") == phase]
+    # fp16 and online first (the replay curve), then the other codecs; within them arm by arm,
+    # every run seed of an arm before the next arm, online first, then from the most replayed:
+    # a run cut short has the line to reach and the ends of the curve with their spreads.
+    order = [(phase, seed, st, arm) for phase in (0, 1) for st, arms in plan.items()
+             for arm in sorted(arms, key=lambda a: (not a.online, a.seeds_used))
+             for seed in run_seeds if (arm.store.codec != "fp16") == phase]
     for _, seed, st, arm in order:
         key = f"{st}/{arm.label.replace(' ', '')}/seed{seed}"
         if any(r["key"] == key for r in results(res_file)):

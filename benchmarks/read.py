@@ -55,7 +55,8 @@ def build(url: str, codec: CodecSpec, x: torch.Tensor, shard: int, manifest: Man
         manifest = Manifest(root=Path(url).parent, paths=[f"c/{i}.jpg" for i in range(n)],
                             labels=np.zeros(n, np.int32), widths=np.full(n, 256, np.int32),
                             heights=np.full(n, 256, np.int32), sizes=np.ones(n, np.int64), mtimes=np.ones(n, np.int64))
-    t = TeacherSpec("timm", "bench", None, 0, 224, 16, tokens, 1, dim, (0.5,) * 3, (0.25,) * 3, "0" * 64)
+    side = int(np.sqrt(tokens - 1))  # CLS + a square grid of 16 px patches (197 tokens: 224 px)
+    t = TeacherSpec("timm", "bench", None, 0, 16 * side, 16, tokens, 1, dim, (0.5,) * 3, (0.25,) * 3, "0" * 64)
     info = StoreInfo(t, ViewPolicy(), codec, 0, shard, n, manifest.fingerprint())
     store = Store.create(url, info, manifest, 1, overwrite=True)
     for k in range(store.num_shards):

@@ -58,6 +58,7 @@ def extract(
     init_seed: int = typer.Option(0, rich_help_panel="Teacher", help="Seed of --random-init weights (recorded in the store)."),
     seeds: int = typer.Option(1, rich_help_panel="Views and storage", help="Augmentation seeds (views per image); raise later to append."),
     resolution: Optional[int] = typer.Option(None, rich_help_panel="Teacher", help="Teacher input size (default: the model's)."),
+    teacher_arg: list[str] = typer.Option([], rich_help_panel="Teacher", help="timm option for a timm: teacher, key=value (repeatable; recorded in the store), e.g. window_size=14."),
     codec: Codec = typer.Option(Codec.fp16, rich_help_panel="Views and storage", help="Target codec: fp16 (lossless vs the teacher), int8 (per-token scale/offset), int4, int4-dither (4-bit, groups of 32)."),
     compressor: str = typer.Option("none", rich_help_panel="Views and storage", help="Lossless compressor under the codec: none or zstd (saves 6-8%, reads 3-6x slower)."),
     batch_size: int = typer.Option(64, rich_help_panel="Performance", help="Teacher batch size."),
@@ -80,7 +81,7 @@ def extract(
 
     cfg = ExtractConfig(data=str(data), out=out_, teacher=teacher, pretrained=pretrained,
                         random_init=random_init, init_seed=init_seed, resolution=resolution,
-                        seeds=seeds, codec=value_of(codec), compressor=compressor, policy=views, batch_size=batch_size,
+                        teacher_args=_overrides(teacher_arg, "--teacher-arg"), seeds=seeds, codec=value_of(codec), compressor=compressor, policy=views, batch_size=batch_size,
                         shard_size=shard_size, global_seed=global_seed,
                         file_list=str(file_list) if file_list else None, skip_bad=skip_bad,
                         overwrite=overwrite, num_threads=threads, device=value_of(device),
@@ -98,12 +99,13 @@ def extract(
                       "or an undecodable name): " + "; ".join(r.ignored[:5]), highlight=False)
 
 
-def _overrides(items: list[str]) -> dict:
+def _overrides(items: list[str], option: str = "--student-arg") -> dict:
+    """``key=value`` options as a dict, values parsed as JSON where they are (``depths=[2,2,6,2]``)."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise typer.BadParameter(f"--student-arg wants key=value, got {item!r}")
+            raise typer.BadParameter(f"{option} wants key=value, got {item!r}")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -125,7 +127,8 @@ def train(
     pretrained: Optional[str] = typer.Option(None, rich_help_panel="Online teacher (--online)", help="--online: teacher weights tag or path."),
     random_init: bool = typer.Option(False, "--random-init", rich_help_panel="Online teacher (--online)", help="--online: seeded random teacher."),
     init_seed: int = typer.Option(0, rich_help_panel="Online teacher (--online)", help="--online: seed of --random-init teacher weights."),
-    student: str = typer.Option(T("student"), rich_help_panel="Student", help="timm ViT name (FD's ViT-B/16 = beit_base_patch16_224 with shared rel-pos bias), or fd-tiny / fd-small."),
+    teacher_arg: list[str] = typer.Option([], rich_help_panel="Online teacher (--online)", help="--online: timm option for the teacher, key=value (repeatable)."),
+    student: str = typer.Option(T("student"), rich_help_panel="Student", help="timm ViT name (FD's ViT-B/16 = beit_base_patch16_224 with shared rel-pos bias), swin_* / swinv2_* (last-stage grid), or fd-tiny / fd-small."),
     student_arg: list[str] = typer.Option([], rich_help_panel="Student", help="timm option for the student, key=value (repeatable), e.g. depth=6."),
     resolution: Optional[int] = typer.Option(None, rich_help_panel="Student", help="Student input size (default: the teacher's)."),
     epochs: Optional[int] = typer.Option(None, rich_help_panel="Schedule and optimizer", help="Epochs (epoch e replays the store's seed e mod S)."),
@@ -138,7 +141,7 @@ def train(
     weight_decay: float = typer.Option(T("weight_decay"), rich_help_panel="Schedule and optimizer", help="AdamW weight decay (timm's no-decay groups)."),
     clip_grad: float = typer.Option(T("clip_grad"), rich_help_panel="Schedule and optimizer", help="Gradient-norm clip (0: off)."),
     drop_path: float = typer.Option(T("drop_path"), rich_help_panel="Student", help="Stochastic depth rate."),
-    layer_scale: float = typer.Option(T("layer_scale"), rich_help_panel="Student", help="Layer-scale init (0: none)."),
+    layer_scale: float = typer.Option(T("layer_scale"), rich_help_panel="Student", help="Layer-scale init (0: none; ViT/BEiT: timm's Swin and SwinV2 have none)."),
     ema_decay: Optional[float] = typer.Option(None, rich_help_panel="Schedule and optimizer", help="Keep an EMA of the weights (timm ModelEmaV3)."),
     loss_impl: LossImpl = typer.Option(LossImpl.auto, rich_help_panel="Performance", help="FD loss: auto is Triton on CUDA, PyTorch otherwise."),
     amp: Amp = typer.Option(Amp.auto, rich_help_panel="Performance", help="Autocast: auto is bf16 on CUDA, none on CPU."),
@@ -165,7 +168,8 @@ def train(
 
     cfg = TrainConfig(
         out=str(out_), data=str(data) if data else None, cache=cache, online=online, teacher=teacher,
-        pretrained=pretrained, random_init=random_init, init_seed=init_seed, student=student,
+        pretrained=pretrained, random_init=random_init, init_seed=init_seed,
+        teacher_args=_overrides(teacher_arg, "--teacher-arg"), student=student,
         student_overrides=_overrides(student_arg), resolution=resolution, drop_path=drop_path,
         layer_scale=layer_scale or None, epochs=epochs, steps=steps, batch_size=batch_size,
         accum_steps=accum_steps, base_lr=lr, warmup_epochs=warmup_epochs, warmup_steps=warmup_steps,

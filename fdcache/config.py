@@ -80,6 +80,7 @@ class TrainConfig(RunOptions, ScheduleOptions, OptimOptions):
     pretrained: str | None = None  # online: teacher weights tag or path
     random_init: bool = False  # online: seeded random teacher
     init_seed: int = 0  # online: seed of the random teacher's weights
+    teacher_args: dict = field(default_factory=dict)  # online: timm options of the teacher
     student: str = DEFAULT_STUDENT  # timm ViT name, or fd-tiny / fd-small
     student_overrides: dict = field(default_factory=dict)  # timm options for the student
     resolution: int | None = None  # student input size (default: the teacher's)

@@ -167,6 +167,6 @@ def create_timm(model_name: str, pretrained: str | None, **kw):
         if local:
             raise TeacherError(f"--pretrained {pretrained}: not a checkpoint timm {model_name!r} can load "
                                f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from e
-        if not isinstance(e, (RuntimeError, AssertionError)):
+        if not isinstance(e, (RuntimeError, AssertionError, TypeError)):
             raise
-        raise TeacherError(f"cannot create timm model {full!r}: {str(e)[:300]}") from e
+        raise TeacherError(f"cannot create timm model {full!r}{' with ' + str(kw) if kw else ''}: {str(e)[:300]}") from e

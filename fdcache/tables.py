@@ -26,8 +26,12 @@ def store_table(r: dict) -> Table:
     t = r["teacher"]
     table = Table(title=f"fdcache store {r['store']}", show_header=False)
     table.add_row("teacher", t["label"])
-    table.add_row("feature map", f"{t['tokens']} tokens ({t['prefix_tokens']} prefix) x {t['dim']} dims, "
-                  f"patch {t['patch']}, {t['layer']} layer, post-norm={t['post_norm']}")
+    g = r["grid"]
+    table.add_row("feature map", f"{t['tokens']} tokens = {g['prefix_tokens']} prefix + {g['rows']}x{g['cols']} grid "
+                  f"({g['stride_px']:g} px per token, patch {t['patch']}) x {t['dim']} dims, {t['layer']} layer, "
+                  f"post-norm={t['post_norm']}")
+    if t.get("model_args"):
+        table.add_row("teacher options", json.dumps(t["model_args"]))
     table.add_row("weights sha256", t["weights_sha256"][:16] + "...")
     table.add_row("shape [S, N, L, D]", str(list(r["shape"].values())))
     table.add_row("view policy", json.dumps(r["view_policy"]))

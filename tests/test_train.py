@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from fdcache.codecs import CodecSpec
 from fdcache.distill.extract import ExtractConfig, extract
-from fdcache.distill.students import build_student, resize_token_grid
+from fdcache.distill.students import build_student
+from fdcache.distill.tokens import resize_token_grid
 from fdcache.distill.train import DistillTask, TrainConfig, TrainError, train
 from fdcache.errors import FdcacheError, StoreError, StoreMismatchError
 from fdcache.models import TINY_TEACHER
@@ -168,12 +169,12 @@ def test_token_grid_mismatch_is_refused_or_resampled(store, tmp_path):
 
 def test_resize_token_grid_keeps_cls_and_interpolates_patches():
     x = torch.arange(2 * 17 * 3, dtype=torch.float32).reshape(2, 17, 3)
-    y = resize_token_grid(x, prefix=1, tokens_out=37)
+    y = resize_token_grid(x, 1, (4, 4), (6, 6))
     assert y.shape == (2, 37, 3) and torch.equal(y[:, 0], x[:, 0])
-    same = resize_token_grid(x, prefix=1, tokens_out=17)
+    same = resize_token_grid(x, 1, (4, 4), (4, 4))
     assert same is x
     const = torch.ones(1, 1 + 16, 4) * 5
-    assert torch.allclose(resize_token_grid(const, 1, 1 + 36), torch.full((1, 37, 4), 5.0))
+    assert torch.allclose(resize_token_grid(const, 1, (4, 4), (6, 6)), torch.full((1, 37, 4), 5.0))
 
 
 def test_non_finite_loss_stops_with_the_step_and_a_checkpoint(image_root, tmp_path):

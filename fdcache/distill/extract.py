@@ -43,6 +43,7 @@ class ExtractConfig:
     random_init: bool = False
     init_seed: int = 0
     resolution: int | None = None
+    teacher_args: dict = field(default_factory=dict)  # timm options of the teacher (recorded in the store)
     seeds: int = 1
     codec: CodecSpec | str = field(default_factory=CodecSpec)  # a name ("int8") or a spec
     policy: ViewPolicy | str = field(default_factory=ViewPolicy)  # "rrc", "full" or a policy
@@ -125,7 +126,8 @@ def extract(cfg: ExtractConfig, teacher: Teacher | None = None) -> ExtractResult
     device = distributed.device_for(d, cfg.device)
     if teacher is None:
         teacher = load_teacher(cfg.teacher, cfg.pretrained, random_init=cfg.random_init,
-                               resolution=cfg.resolution, init_seed=cfg.init_seed, device=device)
+                               resolution=cfg.resolution, init_seed=cfg.init_seed, model_args=cfg.teacher_args,
+                               device=device)
     else:
         teacher = teacher.to(device)
 

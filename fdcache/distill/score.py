@@ -35,6 +35,7 @@ from ..store.manifest import index
 from ..store.store import Store
 from .pixels import PixelStream, ViewBatches, dali_device
 from .students import FDStudent, StudentSpec, build_student
+from .tokens import flat_tokens
 from .train import offline_targets
 
 __all__ = ["TrainedStudent", "LossScore", "ProbeScore", "ScoreResult", "load_trained_student", "store_loss",
@@ -150,7 +151,7 @@ def store_loss(student: TrainedStudent, store: str, *, seeds: list[int] | None =
         for k, images in stream:
             idx = rows[k * batch_size:(k + 1) * batch_size]
             stored = {n: torch.from_numpy(v).to(device) for n, v in reader.read(s, idx).items()}
-            targets, qparams = offline_targets(codec, stored, t, student.spec.tokens)
+            targets, qparams = offline_targets(codec, stored, t, student.spec)
             pred = student.model(images.to(device))
             per_token = fd_loss(pred, targets, qparams=qparams, reduction="none", impl=loss_impl)
             seed_sum += float(per_token.double().mean(dim=-1).sum())
@@ -174,7 +175,7 @@ def probe_features(student: TrainedStudent, folder: str, *, batch_size: int = 64
     backbone, prefix = student.model.backbone, student.spec.prefix_tokens
     feats = []
     for _, images in _views_stream(files, rows, views, student.spec, batch_size, device, threads):
-        feats.append(backbone.forward_features(images.to(device))[:, prefix:].mean(dim=1).double().cpu())
+        feats.append(flat_tokens(backbone.forward_features(images.to(device)))[:, prefix:].mean(dim=1).double().cpu())
     return torch.cat(feats), torch.from_numpy(m.labels.astype(np.int64)), list(m.classes)
 
 

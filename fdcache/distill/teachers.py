@@ -2,8 +2,10 @@
 
 Feature map = the last transformer block's tokens after the model's final norm (CLIP
 ``ln_post``), CLS (and any other prefix tokens) included, before the projection, as in
-FD's reference code. A :class:`TeacherSpec` describes it and is stored in the cache, so a
-cache can only be read with the teacher that wrote it.
+FD's reference code. Hierarchical timm models (Swin, SwinV2) give their last stage's
+``[B, H, W, C]`` grid after their final norm, flattened row-major to ``[B, H * W, C]``
+(:mod:`.tokens`). A :class:`TeacherSpec` describes it, grid included, and is stored in the
+cache, so a cache can only be read with the teacher that wrote it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 from ..errors import TeacherError
 from ..models import TINY_TEACHER, create_openclip, create_timm, openclip_name, parse_teacher_name
 from ..store.layout import TeacherSpec
+from .tokens import flat_tokens, token_layout
 
 __all__ = ["TINY_TEACHER", "Teacher", "TeacherSpec", "load_teacher", "weights_sha256"]
 
@@ -49,8 +52,8 @@ class Teacher(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.is_cuda:
             with torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16):
-                return self._fn(self.model, images)
-        return self._fn(self.model, images)
+                return flat_tokens(self._fn(self.model, images))
+        return flat_tokens(self._fn(self.model, images))
 
 
 def _openclip_tokens(visual, x):
@@ -76,10 +79,12 @@ def _seeded(seed: int | None):
 
 
 def load_teacher(name: str, pretrained: str | None = None, *, random_init: bool = False,
-                 resolution: int | None = None, init_seed: int = 0,
+                 resolution: int | None = None, init_seed: int = 0, model_args: dict | None = None,
                  device: str | torch.device = "cpu") -> Teacher:
     """Build the teacher. ``pretrained`` is an open_clip tag (``openai``), a timm tag, or a
-    local checkpoint path; without it ``random_init=True`` must be said explicitly."""
+    local checkpoint path; without it ``random_init=True`` must be said explicitly.
+    ``model_args``: timm options (``window_size=14``; small ``depths`` for tests), recorded
+    in the spec."""
     hub = name.startswith("hf-hub:")
     if hub and (pretrained is not None or random_init):
         raise TeacherError(f"teacher {name!r} brings its own weights from the Hub: drop --pretrained/--random-init")
@@ -89,6 +94,10 @@ def load_teacher(name: str, pretrained: str | None = None, *, random_init: bool 
     if pretrained is not None and random_init:
         raise TeacherError("--pretrained and --random-init exclude each other")
     source, model_name = parse_teacher_name(name)
+    model_args = dict(model_args or {})
+    if model_args and source != "timm":
+        raise TeacherError(f"--teacher-arg {', '.join(model_args)}: only timm teachers take model options "
+                           f"(open_clip's architectures are named configs); {name!r} is an open_clip model")
     if source == "openclip":
         model_name = openclip_name(model_name, pretrained)
     local = pretrained is not None and os.path.exists(pretrained)
@@ -96,25 +105,23 @@ def load_teacher(name: str, pretrained: str | None = None, *, random_init: bool 
         if source == "openclip":
             features, fn, mean, std, patch = _build_openclip(model_name, pretrained, resolution)
         else:
-            features, fn, mean, std, patch = _build_timm(model_name, pretrained, local, resolution)
+            features, fn, mean, std, patch = _build_timm(model_name, pretrained, resolution, model_args)
     features.eval().requires_grad_(False)
     if resolution is not None and (resolution < patch or resolution % patch):
         raise TeacherError(f"--resolution {resolution}: {name} needs a multiple of its patch size {patch}")
     res = resolution or _native_resolution(features)
+    trunk = getattr(features, "trunk", features)  # open_clip's timm towers: the timm model
     with torch.no_grad():
         probe = fn(features, torch.zeros(1, 3, res, res))
-    if probe.ndim != 3:
-        raise TeacherError(f"teacher {name!r} returns features of shape {tuple(probe.shape)}; "
-                           "only token maps [B, L, D] (ViT-style) are supported")
-    tokens, dim = probe.shape[1], probe.shape[2]
-    grid = (res // patch) ** 2
+    rows, cols, prefix = token_layout(trunk, probe, res, patch, f"teacher {name!r}", TeacherError)
+    tokens, dim = prefix + rows * cols, probe.shape[-1]
     spec = TeacherSpec(
         source=source, name=model_name,
         pretrained=(Path(pretrained).name if local else "hf-hub" if hub else pretrained),
         init_seed=init_seed if random_init else None, resolution=res, patch=patch,
-        tokens=tokens, prefix_tokens=tokens - grid, dim=dim,
+        tokens=tokens, prefix_tokens=prefix, dim=dim,
         mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std),
-        weights_sha256=weights_sha256(features))
+        weights_sha256=weights_sha256(features), rows=rows, cols=cols, model_args=model_args)
     teacher = Teacher(features, fn, spec)
     return teacher.to(device)
 
@@ -145,8 +152,8 @@ def _build_openclip(model_name, pretrained, resolution):
     raise TeacherError(f"{model_name}: image tower {type(visual).__name__} is not a ViT")
 
 
-def _build_timm(model_name, pretrained, local, resolution):
-    kw = {"num_classes": 0}
+def _build_timm(model_name, pretrained, resolution, model_args):
+    kw = {"num_classes": 0, **model_args}
     if resolution:
         kw["img_size"] = resolution
     model = create_timm(model_name, pretrained, **kw)

@@ -27,8 +27,9 @@ from ..store.store import Store
 from .loader import Batch, batches, resolve_workers
 from .pixels import dali_device
 from .sources import TrainSource
-from .students import build_student, check_token_layout, export_state_dict, resize_token_grid
+from .students import build_student, export_state_dict
 from .teachers import load_teacher
+from .tokens import check_token_layout, resize_token_grid
 
 __all__ = ["DistillTask", "offline_targets", "train"]
 
@@ -118,7 +119,7 @@ class DistillTask:
         self.store = self.codec = None
         self.teacher = self._given_teacher or load_teacher(
             cfg.teacher, cfg.pretrained, random_init=cfg.random_init, init_seed=cfg.init_seed,
-            resolution=cfg.resolution, device=self.device)
+            resolution=cfg.resolution, model_args=cfg.teacher_args, device=self.device)
         self.tspec = self.teacher.spec
         self.manifest = index(cfg.data)
         good = np.flatnonzero(~self.manifest.bad).astype(np.int64)
@@ -136,7 +137,7 @@ class DistillTask:
         self.model, self.sspec = build_student(cfg.student, t.dim, resolution=res, drop_path=cfg.drop_path,
                                                layer_scale=cfg.layer_scale, overrides=cfg.student_overrides,
                                                seed=cfg.seed)
-        check_token_layout(self.sspec, t.tokens, t.prefix_tokens, cfg.resize_targets)
+        check_token_layout(self.sspec, t, cfg.resize_targets)
         if cfg.online and res != t.resolution:
             raise FdcacheError(f"--online needs the student's resolution ({res}) to equal the teacher's "
                                f"({t.resolution}): both read the same pixels")
@@ -204,11 +205,9 @@ class DistillTask:
         if self.teacher is not None:
             scale, shift = self._renorm
             targets = self.teacher(images * scale + shift)
-            if targets.shape[1] != self.sspec.tokens:
-                targets = resize_token_grid(targets, self.tspec.prefix_tokens, self.sspec.tokens)
-            return targets, None
+            return resize_token_grid(targets, self.tspec.prefix_tokens, self.tspec.grid, self.sspec.grid), None
         stored = {k: v.to(self.device, non_blocking=True) for k, v in batch.stored.items()}
-        return offline_targets(self.codec, stored, self.tspec, self.sspec.tokens)
+        return offline_targets(self.codec, stored, self.tspec, self.sspec)
 
     def loss(self, batch: Batch, forward) -> torch.Tensor:
         """FD's loss of one micro-batch; ``forward`` is the engine's student call (DDP,
@@ -255,13 +254,14 @@ class DistillTask:
         return path
 
 
-def offline_targets(codec, stored: dict, tspec, tokens: int):
+def offline_targets(codec, stored: dict, tspec, sspec):
     """(targets, qparams) for ``fd_loss`` from a batch's stored arrays: the codec's loss
-    inputs, or, when the student makes ``tokens`` != the teacher's, the decoded map with its
-    patch grid resampled (CLS kept). Training and ``fdcache score`` both use it."""
-    if tspec.tokens == tokens:
+    inputs, or, when the student's grid (``sspec``) differs from the teacher's (``tspec``,
+    as recorded in the store), the decoded map with its grid resampled to the student's
+    (prefix tokens kept). Training and ``fdcache score`` both use it."""
+    if tspec.grid == sspec.grid:
         return codec.loss_inputs(stored)
-    return resize_token_grid(codec.decode(stored), tspec.prefix_tokens, tokens), None
+    return resize_token_grid(codec.decode(stored), tspec.prefix_tokens, tspec.grid, sspec.grid), None
 
 
 def train(cfg: TrainConfig, announce=None) -> TrainResult:

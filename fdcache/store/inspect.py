@@ -37,6 +37,8 @@ def inspect_store(url: str) -> dict:
         "arrays": {a.name: {"dtype": str(a.dtype), "per_sample_shape": list(a.shape)} for a in store.array_specs()},
         "global_seed": info.global_seed,
         "shape": {"seeds": store.num_seeds, "samples": info.num_samples, "tokens": t.tokens, "dim": t.dim},
+        "grid": {"prefix_tokens": t.prefix_tokens, "rows": t.rows, "cols": t.cols,
+                 "stride_px": t.resolution / t.rows},
         "shard_size": info.shard_size,
         "classes": len(store.classes()),
         "manifest_sha256": info.manifest_sha256,

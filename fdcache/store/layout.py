@@ -21,8 +21,9 @@ only (DALI's spawned source workers load the reader, and with it this module, wi
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -49,7 +50,16 @@ FIXED_ENTRIES = ("zarr.json", "views", "skipped", "done", "manifest")
 @dataclass(frozen=True)
 class TeacherSpec:
     """The teacher a store was made with; stored in the binding, so a store can only be read
-    against the teacher that wrote it."""
+    against the teacher that wrote it.
+
+    Its map is ``prefix_tokens`` (CLS, registers) followed by a ``rows x cols`` token grid in
+    row-major order: ``tokens = prefix_tokens + rows * cols``. A ViT's grid is
+    ``resolution // patch`` square; a hierarchical model's (Swin: ``[B, H, W, C]``, no prefix)
+    is its last stage's. Stores written before grids were recorded lack ``rows``/``cols``: the
+    square ViT grid is derived, and ``to_dict`` leaves the grid out whenever it is that one,
+    so those bindings stay byte-identical and compare equal to a request for the same teacher.
+    ``model_args``: timm options the teacher was built with (``--teacher-arg``), left out when
+    there are none."""
 
     source: str  # "openclip" | "timm"
     name: str
@@ -65,10 +75,32 @@ class TeacherSpec:
     weights_sha256: str
     layer: str = "final"
     post_norm: bool = True
+    rows: int | None = None  # token grid; None: the square ViT grid resolution // patch
+    cols: int | None = None
+    model_args: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.rows is None or self.cols is None:
+            side = self.resolution // self.patch
+            object.__setattr__(self, "rows", side)
+            object.__setattr__(self, "cols", side)
+        # As JSON keeps them (tuples become lists), so a request equals the store it wrote.
+        object.__setattr__(self, "model_args", json.loads(json.dumps(self.model_args)))
+        if self.rows * self.cols + self.prefix_tokens != self.tokens:
+            raise ValueError(f"teacher {self.name}: {self.tokens} tokens is not {self.prefix_tokens} prefix + "
+                             f"a {self.rows}x{self.cols} grid")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.rows, self.cols
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        if self.rows == self.cols == self.resolution // self.patch:
+            del d["rows"], d["cols"]
+        if not self.model_args:
+            del d["model_args"]
         return d
 
     @classmethod
@@ -142,10 +174,10 @@ class StoreInfo:
     def differences(self, other: "StoreInfo") -> list[str]:
         """What differs between two bindings, named field by field."""
         out = []
-        a, b = self.teacher.to_dict(), other.teacher.to_dict()
+        a, b = asdict(self.teacher), asdict(other.teacher)  # every field, grids derived where unrecorded
         for k in a:
-            if a[k] != b.get(k):
-                out.append(f"teacher.{k}: store has {a[k]!r}, requested {b.get(k)!r}")
+            if a[k] != b[k]:
+                out.append(f"teacher.{k}: store has {a[k]!r}, requested {b[k]!r}")
         for name in ("policy", "codec"):
             x, y = getattr(self, name).to_dict(), getattr(other, name).to_dict()
             if x != y:

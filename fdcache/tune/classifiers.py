@@ -156,27 +156,32 @@ class ZeroShotClassifier(nn.Module):
 # -- building -----------------------------------------------------------------------------
 def _student_kwargs(kwargs: dict, name: str, drop_path: float) -> dict:
     """FD's fine-tuning form of an exported student: mean pooling + fc_norm, drop path, and
-    (BEiT) one relative position bias per block instead of the shared one."""
+    (BEiT) one relative position bias per block instead of the shared one. Swin and SwinV2
+    keep their own head: the mean of the final-normed last-stage grid (FD's SwinV2 form)."""
     kw = dict(kwargs)
     for k in ("pretrained_cfg_overlay", "num_classes"):
         kw.pop(k, None)
     kw["drop_path_rate"] = drop_path
     if name.startswith("beit"):
         kw.update(use_shared_rel_pos_bias=False, use_rel_pos_bias=True, use_fc_norm=True, global_pool="avg")
+    elif name.startswith("swin"):
+        kw.update(global_pool="avg")
     else:
         kw.update(global_pool="avg", fc_norm=True)
     return kw
 
 
-def _student_state(state: dict, depth: int) -> dict:
+def _student_state(state: dict, model: nn.Module) -> dict:
     """Copy the shared rel-pos bias table into every block (BEiT's fine-tuning conversion);
-    the final norm is replaced by fc_norm after pooling."""
+    a final norm the classifier replaces by fc_norm after pooling goes (Swin keeps it)."""
     state = dict(state)
     table = state.pop("rel_pos_bias.relative_position_bias_table", None)
     state.pop("rel_pos_bias.relative_position_index", None)
     if table is not None:
-        for i in range(depth):
+        for i in range(len(model.blocks)):
             state[f"blocks.{i}.attn.relative_position_bias_table"] = table.clone()
+    if "norm.weight" in model.state_dict():
+        return state
     return {k: v for k, v in state.items() if not k.startswith("norm.")}
 
 
@@ -210,7 +215,7 @@ def build(spec: ModelSpec, *, pretrained: str | None = None, student: str | None
         model = create_timm(spec.name, pretrained, num_classes=n, **spec.timm_kwargs)
         if student is not None:
             _, state = read_student(student)
-            state = _student_state(state, len(model.blocks))
+            state = _student_state(state, model)
             try:
                 missing, unexpected = model.load_state_dict(state, strict=False)
             except RuntimeError as e:

@@ -13,6 +13,7 @@ from fdcache.cli.app import app
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from fdcache.distill.pixels import reference_pixels
 from fdcache.distill.students import build_student
 from fdcache.distill.teachers import load_teacher
 from fdcache.distill.tokens import resize_token_grid
@@ -59,8 +60,18 @@ def test_a_swin_teacher_store_records_its_grid_and_inspect_shows_it(swin_store):
     assert info["shape"]["tokens"] == 4 and info["shape"]["dim"] == 192
     assert info["teacher"]["model_args"] == SWIN_ARGS
     assert "0 prefix + 2x2 grid (32 px per token" in _cli("inspect", swin_store).output
-    spec = Store.open(str(swin_store)).info.teacher
-    assert (spec.rows, spec.cols, spec.prefix_tokens, spec.tokens) == (2, 2, 0, 4)
+    store = Store.open(str(swin_store))
+    t = store.info.teacher
+    assert (t.rows, t.cols, t.prefix_tokens, t.tokens) == (2, 2, 0, 4)
+    # The stored map, reshaped by its recorded grid, is the teacher's [H, W, C] last stage
+    # recomputed from the file and the recorded view.
+    teacher = load_teacher(f"timm:{SWIN}", random_init=True, resolution=64, model_args=SWIN_ARGS)
+    i = 5
+    px = reference_pixels(store.manifest().abspath(i), store.views(0)[i], 64, t.mean, t.std)
+    with torch.no_grad():
+        ref = teacher.model.forward_features(torch.from_numpy(px)[None])[0]
+    got = store.read(0, i, i + 1)[0][t.prefix_tokens:].reshape(t.rows, t.cols, t.dim)
+    torch.testing.assert_close(got, ref.half().float(), rtol=2e-3, atol=2e-3)
 
 
 def test_a_swin_teachers_map_is_its_last_stage_flattened_row_major():
@@ -184,3 +195,11 @@ def test_a_distilled_deit_has_two_prefix_tokens_and_a_cls_student_is_refused(ima
         DistillTask(TrainConfig(out=str(tmp_path / "r"), online=True, teacher="timm:deit_tiny_distilled_patch16_224",
                                 random_init=True, teacher_args={"depth": 1}, resolution=32, data=str(image_root),
                                 student="fd-tiny", steps=1, batch_size=4, progress=False))
+
+
+def test_swin_students_take_fds_drop_path_and_a_head_from_the_last_stage_width():
+    model, spec = build_student(SWINV2, 96, resolution=64, overrides=SWIN_ARGS, drop_path=0.2, layer_scale=0.1)
+    last = model.backbone.layers[3].blocks[-1]
+    assert last.drop_path1.drop_prob == pytest.approx(0.2)  # timm's linear ramp ends at --drop-path
+    assert model.head.in_features == 192 and spec.dim == 192 and spec.grid == (2, 2)
+    assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 4, 96)

@@ -4,32 +4,24 @@ library errors (:class:`fdcache.errors.FdcacheError`) become a message and an ex
 from __future__ import annotations
 
 import functools
-import json
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
-from fdcache.cli.common import (
-    JSON_HELP,
-    Amp,
-    Codec,
-    Device,
-    LossImpl,
-    err,
-    handles_errors,
-    is_main,
-    out,
-    value_of,
-    write_json,
-)
 
+from fdcache.cli.common import (JSON_HELP, Amp, Codec, Compressor, Device, FdcacheGroup, LossImpl, Views, err,
+                                existing_dir, existing_file, handles_errors, is_main, json_output, out, output_dir,
+                                output_file, path_argument, path_option, store_input, store_output, tag_or_file,
+                                value_of, write_json)
 from fdcache.config import TrainConfig, option_default
+from fdcache.options import parse_overrides
+from fdcache.errors import ConfigError
 
 __all__ = ["app", "main"]
 
 app = typer.Typer(
-    name="fdcache", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    name="fdcache", cls=FdcacheGroup, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="Cache a CLIP teacher's feature maps once; train feature-distillation students fast.")
 
 
@@ -50,22 +42,22 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 @app.command()
 @handles_errors
 def extract(
-    data: Path = typer.Argument(..., rich_help_panel="Input", help="Image folder (ImageFolder layout root/<class>/<image>)."),
-    out_: str = typer.Option(..., "--out", "-o", rich_help_panel="Views and storage", help="Store path or fsspec URL (Zarr v3 group)."),
+    data: Path = path_argument(existing_dir, "DATA", rich_help_panel="Input", help="Image folder (ImageFolder layout root/<class>/<image>)."),
+    out_: str = path_option(store_output, ..., "--out", "-o", rich_help_panel="Views and storage", help="Store path or fsspec URL (Zarr v3 group)."),
     teacher: str = typer.Option(..., rich_help_panel="Teacher", help="open_clip name (ViT-B-16), openclip:<name> or timm:<name>."),
-    pretrained: Optional[str] = typer.Option(None, rich_help_panel="Teacher", help="open_clip/timm weight tag (openai) or a local checkpoint path."),
+    pretrained: Optional[str] = path_option(tag_or_file, None, rich_help_panel="Teacher", help="open_clip/timm weight tag (openai) or a local checkpoint path."),
     random_init: bool = typer.Option(False, "--random-init", rich_help_panel="Teacher", help="Seeded random teacher (tests, benchmarks)."),
     init_seed: int = typer.Option(0, rich_help_panel="Teacher", help="Seed of --random-init weights (recorded in the store)."),
     seeds: int = typer.Option(1, rich_help_panel="Views and storage", help="Augmentation seeds (views per image); raise later to append."),
     resolution: Optional[int] = typer.Option(None, rich_help_panel="Teacher", help="Teacher input size (default: the model's)."),
-    teacher_arg: list[str] = typer.Option([], rich_help_panel="Teacher", help="timm option for a timm: teacher, key=value (repeatable; recorded in the store), e.g. window_size=14."),
+    teacher_arg: list[str] = typer.Option([], metavar="KEY=VALUE", rich_help_panel="Teacher", help="timm option for a timm: teacher, key=value (repeatable; recorded in the store), e.g. window_size=14."),
     codec: Codec = typer.Option(Codec.fp16, rich_help_panel="Views and storage", help="Target codec: fp16 (lossless vs the teacher), int8 (per-token scale/offset), int4, int4-dither (4-bit, groups of 32)."),
-    compressor: str = typer.Option("none", rich_help_panel="Views and storage", help="Lossless compressor under the codec: none or zstd (saves 6-8%, reads 3-6x slower)."),
+    compressor: Compressor = typer.Option(Compressor.none, rich_help_panel="Views and storage", help="Lossless compressor under the codec: none or zstd (saves 6-8%, reads 3-6x slower)."),
     batch_size: int = typer.Option(64, rich_help_panel="Performance", help="Teacher batch size."),
     shard_size: int = typer.Option(128, rich_help_panel="Views and storage", help="Samples per shard (the unit of writing and resuming)."),
     global_seed: int = typer.Option(0, rich_help_panel="Views and storage", help="Seed of the view generator."),
-    views: str = typer.Option("rrc", rich_help_panel="Views and storage", help="View policy: rrc (RandomResizedCrop 0.08-1 + flip, as FD) or full."),
-    file_list: Optional[Path] = typer.Option(None, rich_help_panel="Input", help="Text file of 'relative/path \\[label]' lines under DATA instead of an ImageFolder."),
+    views: Views = typer.Option(Views.rrc, rich_help_panel="Views and storage", help="View policy: rrc (RandomResizedCrop 0.08-1 + flip, as FD) or full."),
+    file_list: Optional[Path] = path_option(existing_file, None, rich_help_panel="Input", help="Text file of 'relative/path \\[label]' lines under DATA instead of an ImageFolder."),
     skip_bad: bool = typer.Option(False, rich_help_panel="Input", help="Record unreadable images as skipped instead of stopping."),
     overwrite: bool = typer.Option(False, rich_help_panel="Views and storage", help="Replace an existing fdcache store (never a folder of other files)."),
     threads: int = typer.Option(4, rich_help_panel="Performance", help="DALI decoder threads."),
@@ -81,8 +73,9 @@ def extract(
 
     cfg = ExtractConfig(data=str(data), out=out_, teacher=teacher, pretrained=pretrained,
                         random_init=random_init, init_seed=init_seed, resolution=resolution,
-                        teacher_args=_overrides(teacher_arg, "--teacher-arg"), seeds=seeds, codec=value_of(codec), compressor=compressor, policy=views, batch_size=batch_size,
-                        shard_size=shard_size, global_seed=global_seed,
+                        teacher_args=parse_overrides(teacher_arg, "--teacher-arg"), seeds=seeds,
+                        codec=value_of(codec), compressor=value_of(compressor), policy=value_of(views),
+                        batch_size=batch_size, shard_size=shard_size, global_seed=global_seed,
                         file_list=str(file_list) if file_list else None, skip_bad=skip_bad,
                         overwrite=overwrite, num_threads=threads, device=value_of(device),
                         progress=sys.stderr.isatty())
@@ -99,37 +92,23 @@ def extract(
                       "or an undecodable name): " + "; ".join(r.ignored[:5]), highlight=False)
 
 
-def _overrides(items: list[str], option: str = "--student-arg") -> dict:
-    """``key=value`` options as a dict, values parsed as JSON where they are (``depths=[2,2,6,2]``)."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise typer.BadParameter(f"{option} wants key=value, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 T = functools.partial(option_default, TrainConfig)
 
 
 @app.command()
 @handles_errors
 def train(
-    out_: Path = typer.Option(..., "--out", "-o", rich_help_panel="Run", help="Run directory: log.jsonl, checkpoints/, config.json + model.safetensors (timm local-dir)."),
-    cache: Optional[str] = typer.Option(None, rich_help_panel="Data", help="Store made by fdcache extract (offline distillation)."),
-    data: Optional[Path] = typer.Option(None, rich_help_panel="Data", help="Image folder (default for --cache: the one recorded in the store)."),
+    out_: Path = path_option(output_dir, ..., "--out", "-o", rich_help_panel="Run", help="Run directory: log.jsonl, checkpoints/, config.json + model.safetensors (timm local-dir)."),
+    cache: Optional[str] = path_option(store_input, None, rich_help_panel="Data", help="Store made by fdcache extract (offline distillation)."),
+    data: Optional[Path] = path_option(existing_dir, None, rich_help_panel="Data", help="Image folder (default for --cache: the one recorded in the store)."),
     online: bool = typer.Option(False, "--online", rich_help_panel="Online teacher (--online)", help="Run the teacher in the loop instead of reading a store (baseline)."),
     teacher: Optional[str] = typer.Option(None, rich_help_panel="Online teacher (--online)", help="--online: teacher, as for extract."),
-    pretrained: Optional[str] = typer.Option(None, rich_help_panel="Online teacher (--online)", help="--online: teacher weights tag or path."),
+    pretrained: Optional[str] = path_option(tag_or_file, None, rich_help_panel="Online teacher (--online)", help="--online: teacher weights tag or path."),
     random_init: bool = typer.Option(False, "--random-init", rich_help_panel="Online teacher (--online)", help="--online: seeded random teacher."),
     init_seed: int = typer.Option(0, rich_help_panel="Online teacher (--online)", help="--online: seed of --random-init teacher weights."),
-    teacher_arg: list[str] = typer.Option([], rich_help_panel="Online teacher (--online)", help="--online: timm option for the teacher, key=value (repeatable)."),
+    teacher_arg: list[str] = typer.Option([], metavar="KEY=VALUE", rich_help_panel="Online teacher (--online)", help="--online: timm option for the teacher, key=value (repeatable)."),
     student: str = typer.Option(T("student"), rich_help_panel="Student", help="timm ViT name (FD's ViT-B/16 = beit_base_patch16_224 with shared rel-pos bias), swin_* / swinv2_* (last-stage grid), or fd-tiny / fd-small."),
-    student_arg: list[str] = typer.Option([], rich_help_panel="Student", help="timm option for the student, key=value (repeatable), e.g. depth=6."),
+    student_arg: list[str] = typer.Option([], metavar="KEY=VALUE", rich_help_panel="Student", help="timm option for the student, key=value (repeatable), e.g. depth=6."),
     resolution: Optional[int] = typer.Option(None, rich_help_panel="Student", help="Student input size (default: the teacher's)."),
     epochs: Optional[int] = typer.Option(None, rich_help_panel="Schedule and optimizer", help="Epochs (epoch e replays the store's seed e mod S)."),
     steps: Optional[int] = typer.Option(None, rich_help_panel="Schedule and optimizer", help="Optimizer steps (instead of --epochs)."),
@@ -169,15 +148,15 @@ def train(
     cfg = TrainConfig(
         out=str(out_), data=str(data) if data else None, cache=cache, online=online, teacher=teacher,
         pretrained=pretrained, random_init=random_init, init_seed=init_seed,
-        teacher_args=_overrides(teacher_arg, "--teacher-arg"), student=student,
-        student_overrides=_overrides(student_arg), resolution=resolution, drop_path=drop_path,
-        layer_scale=layer_scale or None, epochs=epochs, steps=steps, batch_size=batch_size,
+        teacher_args=parse_overrides(teacher_arg, "--teacher-arg"), student=student,
+        student_overrides=parse_overrides(student_arg), resolution=resolution, drop_path=drop_path,
+        layer_scale=layer_scale, epochs=epochs, steps=steps, batch_size=batch_size,
         accum_steps=accum_steps, base_lr=lr, warmup_epochs=warmup_epochs, warmup_steps=warmup_steps,
-        weight_decay=weight_decay, clip_grad=clip_grad or None, ema_decay=ema_decay, loss_impl=value_of(loss_impl),
+        weight_decay=weight_decay, clip_grad=clip_grad, ema_decay=ema_decay, loss_impl=value_of(loss_impl),
         amp=value_of(amp), compile=compile_, seed=seed, resize_targets=resize_targets, allow_partial=allow_partial,
-        seeds_used=seeds_used, resume=resume, overwrite=overwrite, save_every=save_every, run_steps=run_steps, log_every=log_every,
-        tensorboard=tensorboard, num_threads=threads, loader_workers=loader_workers, device=value_of(device),
-        progress=sys.stderr.isatty())
+        seeds_used=seeds_used, resume=resume, overwrite=overwrite, save_every=save_every, run_steps=run_steps,
+        log_every=log_every, tensorboard=tensorboard, num_threads=threads, loader_workers=loader_workers,
+        device=value_of(device), progress=sys.stderr.isatty())
     r = run(cfg, announce=lambda text: err.print(text, highlight=False))
     if is_main():
         last = f"{r.losses[-1]:.4f}" if r.losses else "-"
@@ -191,25 +170,25 @@ def train(
 def bench(
     student: str = typer.Option(..., rich_help_panel="Models", help="Student (as for train), e.g. beit_base_patch16_224 or fd-tiny."),
     teacher: str = typer.Option(..., rich_help_panel="Models", help="Teacher (as for extract)."),
-    pretrained: Optional[str] = typer.Option(None, rich_help_panel="Models", help="Teacher weights tag or path."),
+    pretrained: Optional[str] = path_option(tag_or_file, None, rich_help_panel="Models", help="Teacher weights tag or path."),
     random_init: bool = typer.Option(False, "--random-init", rich_help_panel="Models", help="Seeded random teacher."),
     resolution: Optional[int] = typer.Option(None, rich_help_panel="Models", help="Input size for both models (default: the teacher's)."),
-    batch_size: int = typer.Option(32, rich_help_panel="Measurement"),
+    batch_size: int = typer.Option(32, rich_help_panel="Measurement", help="Images per step, for every mode."),
     steps: int = typer.Option(10, rich_help_panel="Measurement", help="Timed steps per mode and repeat."),
     warmup: int = typer.Option(2, rich_help_panel="Measurement", help="Untimed steps before each measurement."),
     repeats: int = typer.Option(3, rich_help_panel="Measurement", help="Interleaved repeats (median and spread are reported)."),
-    cache: Optional[str] = typer.Option(None, rich_help_panel="Measurement", help="Use this store for offline mode instead of building one."),
-    data: Optional[Path] = typer.Option(None, rich_help_panel="Measurement", help="Image folder (default: synthetic images)."),
-    student_arg: list[str] = typer.Option([], rich_help_panel="Models", help="timm option for the student, key=value (repeatable)."),
+    cache: Optional[str] = path_option(store_input, None, rich_help_panel="Measurement", help="Use this store for offline mode instead of building one."),
+    data: Optional[Path] = path_option(existing_dir, None, rich_help_panel="Measurement", help="Image folder (default: synthetic images)."),
+    student_arg: list[str] = typer.Option([], metavar="KEY=VALUE", rich_help_panel="Models", help="timm option for the student, key=value (repeatable)."),
     codec: Codec = typer.Option(Codec.fp16, rich_help_panel="Measurement", help="Codec of the store built for offline mode."),
     loss_impl: LossImpl = typer.Option(LossImpl.auto, rich_help_panel="Performance", help="FD loss implementation."),
     amp: Amp = typer.Option(Amp.auto, rich_help_panel="Performance", help="Autocast dtype."),
     threads: int = typer.Option(4, rich_help_panel="Performance", help="DALI threads."),
-    loader_workers: int = typer.Option(0, rich_help_panel="Performance", help="DALI parallel external-source workers."),
+    loader_workers: str = typer.Option(T("loader_workers"), rich_help_panel="Performance", help="DALI parallel external-source worker processes (0: in-process; auto: on with CUDA)."),
     modes: str = typer.Option(",".join(("ceiling", "offline", "online", "teacher", "extract")), rich_help_panel="Measurement",
                               help="Comma-separated subset of ceiling,offline,online,teacher,extract."),
-    json_out: Optional[str] = typer.Option(None, "--json", metavar="FILE", rich_help_panel="Output", help=JSON_HELP),
-    plot_out: Optional[Path] = typer.Option(None, "--plot", rich_help_panel="Output", help="Write a PNG of the ratios here (needs matplotlib)."),
+    json_out: Optional[str] = path_option(json_output, None, "--json", rich_help_panel="Output", help=JSON_HELP),
+    plot_out: Optional[Path] = path_option(output_file, None, "--plot", rich_help_panel="Output", help="Write a PNG of the ratios here (needs matplotlib)."),
 ):
     """Throughput of offline vs online distillation vs the synthetic ceiling (interleaved)."""
     from fdcache.tables import bench_table
@@ -217,12 +196,13 @@ def bench(
 
     chosen = tuple(m.strip() for m in modes.split(",") if m.strip())
     unknown = set(chosen) - set(MODES)
-    if unknown:
-        raise typer.BadParameter(f"unknown mode(s) {sorted(unknown)}; choose from {MODES}")
+    if unknown or not chosen:
+        raise ConfigError(f"{modes!r} names no mode or an unknown one (--modes): give a comma-separated subset "
+                          f"of {','.join(MODES)}")
     cfg = BenchConfig(student=student, teacher=teacher, pretrained=pretrained, random_init=random_init,
                       resolution=resolution, batch_size=batch_size, steps=steps, warmup=warmup,
                       repeats=repeats, cache=cache, data=str(data) if data else None,
-                      student_overrides=_overrides(student_arg), codec=value_of(codec), loss_impl=value_of(loss_impl), amp=value_of(amp),
+                      student_overrides=parse_overrides(student_arg), codec=value_of(codec), loss_impl=value_of(loss_impl), amp=value_of(amp),
                       threads=threads, loader_workers=loader_workers, modes=chosen)
     r = run_bench(cfg, log=lambda m: err.print(m, highlight=False))
     out.print(bench_table(r, MODES))
@@ -238,8 +218,8 @@ def bench(
 
 @app.command("inspect")
 @handles_errors
-def inspect_(store: str = typer.Argument(..., help="Store path or URL."),
-             as_json: Optional[str] = typer.Option(None, "--json", metavar="FILE", help=JSON_HELP)):
+def inspect_(store: str = path_argument(store_input, "STORE", help="Store path or URL."),
+             as_json: Optional[str] = path_option(json_output, None, "--json", help=JSON_HELP)):
     """Teacher, shapes, codec, bytes per sample-view, compression ratio, completeness."""
     from fdcache.store.inspect import inspect_store
     from fdcache.tables import store_table
@@ -254,8 +234,8 @@ def inspect_(store: str = typer.Argument(..., help="Store path or URL."),
 
 @app.command()
 @handles_errors
-def verify(store: str = typer.Argument(..., help="Store path or URL."),
-           data: Optional[Path] = typer.Option(None, help="Image folder, if moved or copied since extraction."),
+def verify(store: str = path_argument(store_input, "STORE", help="Store path or URL."),
+           data: Optional[Path] = path_option(existing_dir, None, help="Image folder, if moved or copied since extraction."),
            files: bool = typer.Option(True, "--files/--no-files", help="Check that the images still match (--no-files: skip)."),
            content: bool = typer.Option(False, help="Compare every image's crc32c with the manifest (reads every file)."),
            repair: bool = typer.Option(False, help="Un-mark damaged shards so the same extract command recomputes them.")):
@@ -275,20 +255,20 @@ def verify(store: str = typer.Argument(..., help="Store path or URL."),
 @app.command()
 @handles_errors
 def score(
-    run: Path = typer.Argument(..., help="An fdcache train run directory (its checkpoints/last.pt: the student with its FD head)."),
-    cache: str = typer.Option(..., rich_help_panel="Held-out loss", help="Store of held-out images (views the run never saw), same teacher as the run's."),
-    seed: list[int] = typer.Option([], rich_help_panel="Held-out loss", help="Seeds of --cache to score (repeatable; default: all)."),
-    train_cache: Optional[str] = typer.Option(None, rich_help_panel="Train-store loss", help="The run's own store: its loss there, and the gap held-out - train."),
-    train_seed: list[int] = typer.Option([0], rich_help_panel="Train-store loss", help="Seeds of --train-cache to score (repeatable; default 0, which every replay factor trained on)."),
+    run: Path = path_argument(existing_dir, "RUN", help="An fdcache train run directory (its checkpoints/last.pt: the student with its FD head)."),
+    cache: str = path_option(store_input, ..., rich_help_panel="Held-out loss", help="Store of held-out images (views the run never saw), same teacher as the run's."),
+    seed: list[int] = typer.Option([], metavar="SEED", rich_help_panel="Held-out loss", help="Seeds of --cache to score (repeatable; default: all)."),
+    train_cache: Optional[str] = path_option(store_input, None, rich_help_panel="Train-store loss", help="The run's own store: its loss there, and the gap held-out - train."),
+    train_seed: list[int] = typer.Option([0], metavar="SEED", rich_help_panel="Train-store loss", help="Seeds of --train-cache to score (repeatable; default 0, which every replay factor trained on)."),
     limit: Optional[int] = typer.Option(None, rich_help_panel="Held-out loss", help="Score at most the first N samples of each seed (both stores)."),
-    probe_train: Optional[Path] = typer.Option(None, rich_help_panel="Linear probe", help="Labelled image folder the probe is fitted on (whole images)."),
-    probe_val: Optional[Path] = typer.Option(None, rich_help_panel="Linear probe", help="Labelled image folder the probe's top-1 is read on."),
+    probe_train: Optional[Path] = path_option(existing_dir, None, rich_help_panel="Linear probe", help="Labelled image folder the probe is fitted on (whole images)."),
+    probe_val: Optional[Path] = path_option(existing_dir, None, rich_help_panel="Linear probe", help="Labelled image folder the probe's top-1 is read on."),
     probe_l2: float = typer.Option(1e-4, rich_help_panel="Linear probe", help="L2 weight of the logistic regression (standardized features)."),
-    batch_size: int = typer.Option(64, rich_help_panel="Performance"),
+    batch_size: int = typer.Option(64, rich_help_panel="Performance", help="Sample-views per forward pass."),
     threads: int = typer.Option(2, rich_help_panel="Performance", help="DALI threads."),
     loss_impl: LossImpl = typer.Option(LossImpl.auto, rich_help_panel="Performance", help="FD loss: auto is Triton on CUDA, PyTorch otherwise."),
     device: Device = typer.Option(Device.auto, rich_help_panel="Performance", help="Where the student runs."),
-    json_out: Optional[str] = typer.Option(None, "--json", metavar="FILE", rich_help_panel="Output", help=JSON_HELP),
+    json_out: Optional[str] = path_option(json_output, None, "--json", rich_help_panel="Output", help=JSON_HELP),
 ):
     """A train run's student on data it never saw: held-out FD loss, the train - held-out gap, linear probe top-1.
 
@@ -317,18 +297,18 @@ def score(
 @app.command()
 @handles_errors
 def diagnose(
-    models: list[str] = typer.Argument(..., help="Models: ViT-B-16, timm:<name> (as extract --teacher names them), or an fdcache run directory (train student or fine-tuned export)."),
-    data: Path = typer.Option(..., help="Folder of images (searched recursively; --images of them, evenly spaced in name order)."),
-    pretrained: list[str] = typer.Option([], help="Weights of the named models: tag, local path, or random-init; once for all, or once per named model in order."),
+    models: list[str] = typer.Argument(..., metavar="MODEL...", help="Models: ViT-B-16, timm:<name> (as extract --teacher names them), or an fdcache run directory (train student or fine-tuned export)."),
+    data: Path = path_option(existing_dir, ..., help="Folder of images (searched recursively; --images of them, evenly spaced in name order)."),
+    pretrained: list[str] = path_option(tag_or_file, [], help="Weights of the named models: tag, local path, or random-init; once for all, or once per named model in order."),
     random_init: bool = typer.Option(False, "--random-init", help="Seeded random weights for every named model."),
     init_seed: int = typer.Option(0, help="Seed of random-init weights."),
     resolution: Optional[int] = typer.Option(None, help="Input size of the named models (default: the model's)."),
-    label: list[str] = typer.Option([], help="Legend name per model (repeatable, in order)."),
+    label: list[str] = typer.Option([], metavar="NAME", help="Legend name per model (repeatable, in order)."),
     images: int = typer.Option(32, help="Images to average over (0: all)."),
-    batch_size: int = typer.Option(16),
+    batch_size: int = typer.Option(16, help="Images per forward pass."),
     device: Device = typer.Option(Device.auto, help="Where the models run."),
-    json_out: Optional[Path] = typer.Option(None, "--json", metavar="FILE", help="Write per-layer, per-head figures as JSON here."),
-    plot_out: Optional[Path] = typer.Option(None, "--plot", help="Write the per-layer head scatter as PNG (needs matplotlib)."),
+    json_out: Optional[Path] = path_option(output_file, None, "--json", help="Write per-layer, per-head figures as JSON here."),
+    plot_out: Optional[Path] = path_option(output_file, None, "--plot", help="Write the per-layer head scatter as PNG (needs matplotlib)."),
 ):
     """FD's attention diagnostics: attention distance and head diversity per layer and head.
 
@@ -351,7 +331,7 @@ register(app)
 
 @app.command()
 @handles_errors
-def quickstart(workdir: Optional[Path] = typer.Option(None, help="Where to put images, store and runs (default: a temp dir)."),
+def quickstart(workdir: Optional[Path] = path_option(output_dir, None, help="Where to put images, store and runs (default: a temp dir)."),
                images: int = typer.Option(24, help="Synthetic images to generate.")):
     """The whole path in miniature on CPU (a minute or two): make images, extract with a tiny
     random teacher, inspect, verify, distill a tiny student, fine-tune it and evaluate; then

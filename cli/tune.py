@@ -9,7 +9,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from fdcache.cli.common import JSON_HELP, Amp, Device, handles_errors, is_main, out, value_of, write_json
+
+from fdcache.cli.common import (JSON_HELP, Amp, Device, Head, Templates, classnames_arg, existing_dir, existing_path,
+                                handles_errors, is_main, json_output, out, output_dir, output_file, path_argument,
+                                path_option, tag_or_file, value_of, write_json)
+from fdcache.errors import ConfigError
 
 __all__ = ["eval_", "wise", "plot", "register"]
 
@@ -37,20 +41,20 @@ def _tune_command(mode: str, default_preset: str, doc: str):
     finetune_only = {"hidden": mode == "flyp"}  # flyp's help lists only what flyp uses
 
     def command(
-        out_: Optional[Path] = typer.Option(None, "--out", "-o", rich_help_panel="Run", help="Run directory: log.jsonl, checkpoints/, config.json, model.safetensors (+ model_ema), init/. Required."),
-        data: Optional[Path] = typer.Option(None, rich_help_panel="Run", help="Training image folder (root/<class>/<image>). Required."),
-        val: list[Path] = typer.Option([], rich_help_panel="Run", help="Eval image folder, after each epoch and at the end (repeatable: a val set and its shifts)."),
+        out_: Optional[Path] = path_option(output_dir, None, "--out", "-o", rich_help_panel="Run", help="Run directory (needed unless --print-config): log.jsonl, checkpoints/, config.json, model.safetensors (+ model_ema), init/."),
+        data: Optional[Path] = path_option(existing_dir, None, rich_help_panel="Run", help="Training image folder, root/<class>/<image> (needed unless --print-config)."),
+        val: list[Path] = path_option(existing_dir, [], rich_help_panel="Run", help="Eval image folder, after each epoch and at the end (repeatable: a val set and its shifts)."),
         preset: str = typer.Option(default_preset, rich_help_panel="Run", help=("Recipe: ft-clip-vit-b16, ft-clip-vit-l14, fd-finetune-vit-b16" if mode == "finetune" else "Recipe: flyp-imagenet") + " (fdcache/presets/*.json); flags override it."),
         print_config: bool = typer.Option(False, "--print-config", rich_help_panel="Run", help="Print the resolved configuration (the preset, then the flags given) as JSON and exit."),
         model: Optional[str] = typer.Option(None, **pd("model"), rich_help_panel="Model", help="open_clip name (ViT-B-16)" + (" or timm:<name>." if mode == "finetune" else ".")),
-        pretrained: Optional[str] = typer.Option(None, **pd("pretrained"), rich_help_panel="Model", help="Weight tag (openai) or local checkpoint path."),
+        pretrained: Optional[str] = path_option(tag_or_file, None, **pd("pretrained"), rich_help_panel="Model", help="Weight tag (openai) or local checkpoint path."),
         random_init: Optional[bool] = typer.Option(None, "--random-init", rich_help_panel="Model", help="Seeded random weights (tests, smoke runs)."),
         init_seed: Optional[int] = typer.Option(None, rich_help_panel="Model", help="Seed of --random-init weights."),
-        student_run: Optional[Path] = typer.Option(None, "--student-run", "--student", **finetune_only, rich_help_panel="Model", help="finetune: an fdcache train --out directory instead of --model."),
+        student_run: Optional[Path] = path_option(existing_dir, None, "--student-run", "--student", **finetune_only, rich_help_panel="Model", help="finetune: start from a distilled student (the --out folder of its train run) instead of --model."),
         resolution: Optional[int] = typer.Option(None, **pd("resolution"), rich_help_panel="Model", help="Input size (default: the model's / the preset's)."),
-        classnames: Optional[str] = typer.Option(None, **pd("classnames"), rich_help_panel="Model", help="Class names for prompts and matching: folder, imagenet, or a JSON/text file."),
-        templates: Optional[str] = typer.Option(None, **pd("templates"), rich_help_panel="Model", help="Prompt templates: openai (80) or simple (open_clip's)."),
-        head: Optional[str] = typer.Option(None, **finetune_only, **pd("head"), rich_help_panel="Model", help="finetune: fresh (FT-CLIP, mean-pooled tokens) or zeroshot (head from the text tower; writes init/ for WiSE-FT)."),
+        classnames: Optional[str] = path_option(classnames_arg, None, **pd("classnames"), rich_help_panel="Model", help="Class names for prompts and matching: folder, imagenet, or a JSON/text file."),
+        templates: Optional[Templates] = typer.Option(None, **pd("templates"), rich_help_panel="Model", help="Prompt templates: openai (80) or simple (open_clip's)."),
+        head: Optional[Head] = typer.Option(None, **finetune_only, **pd("head"), rich_help_panel="Model", help="finetune: fresh (FT-CLIP, mean-pooled tokens) or zeroshot (head from the text tower; writes init/ for WiSE-FT)."),
         epochs: Optional[int] = typer.Option(None, **pd("epochs"), rich_help_panel="Schedule and optimizer", help="Epochs."),
         steps: Optional[int] = typer.Option(None, rich_help_panel="Schedule and optimizer", help="Optimizer steps (instead of --epochs)."),
         batch_size: Optional[int] = typer.Option(None, **pd("batch_size"), rich_help_panel="Schedule and optimizer", help="Images per rank per micro-batch."),
@@ -93,18 +97,19 @@ def _tune_command(mode: str, default_preset: str, doc: str):
                      "--mixup": mixup, "--cutmix": cutmix, "--auto-augment": auto_augment, "--reprob": reprob}
             wrong = [k for k, v in given.items() if v is not None]
             if wrong:
-                raise typer.BadParameter(f"{', '.join(wrong)}: fdcache finetune options; flyp trains both towers with "
-                                         "the CLIP loss (see fdcache flyp --help)")
+                raise ConfigError(f"fdcache finetune options given to flyp ({', '.join(wrong)}): flyp trains both "
+                                  "towers with the CLIP loss; see fdcache flyp --help")
         if not print_config:
             for name, value in (("--out", out_), ("--data", data)):
                 if value is None:
-                    raise typer.BadParameter(f"{name} is required (or --print-config to only print the settings)")
+                    raise ConfigError(f"a required option is missing ({name}): give it, or --print-config to only "
+                                      "print the settings")
         cfg = make_config(
             preset or None, mode=mode, out=str(out_) if out_ else "", data=str(data) if data else "",
             val=[str(v) for v in val] or None,
             model=model, pretrained=pretrained, random_init=random_init, init_seed=init_seed,
             student_run=str(student_run) if student_run else None, resolution=resolution, classnames=classnames,
-            templates=templates, head=head, epochs=epochs, steps=steps, batch_size=batch_size,
+            templates=value_of(templates), head=value_of(head), epochs=epochs, steps=steps, batch_size=batch_size,
             accum_steps=accum_steps, base_lr=lr, lr_batch=lr_batch, warmup_epochs=warmup_epochs,
             warmup_steps=warmup_steps, warmup_lr=warmup_lr, min_lr=min_lr, weight_decay=weight_decay,
             layer_decay=layer_decay, drop_path=drop_path, clip_grad=clip_grad, ema_decay=ema_decay,
@@ -130,28 +135,28 @@ def _tune_command(mode: str, default_preset: str, doc: str):
 
 @handles_errors
 def eval_(
-    data: list[Path] = typer.Option(..., help="Eval image folder (repeatable: a val set and its distribution shifts)."),
-    run: Optional[Path] = typer.Option(None, help="Output of fdcache finetune / flyp / wise (holds model.json)."),
+    data: list[Path] = path_option(existing_dir, ..., help="Eval image folder (repeatable: a val set and its distribution shifts)."),
+    run: Optional[Path] = path_option(existing_dir, None, help="Output of fdcache finetune / flyp / wise (holds model.json)."),
     model: Optional[str] = typer.Option(None, help="Or: zero-shot evaluation of an open_clip model (ViT-B-16)."),
-    pretrained: Optional[str] = typer.Option(None, help="--model weights: tag (openai) or local path."),
+    pretrained: Optional[str] = path_option(tag_or_file, None, help="--model weights: tag (openai) or local path."),
     random_init: bool = typer.Option(False, "--random-init", help="--model with seeded random weights."),
     resolution: Optional[int] = typer.Option(None, help="--model input size."),
-    templates: str = typer.Option("openai", help="--model prompt templates: openai or simple."),
-    classnames: str = typer.Option("folder", help="Class names: folder, imagenet, or a JSON/text file."),
+    templates: Templates = typer.Option(Templates.openai, help="--model prompt templates: openai or simple."),
+    classnames: str = path_option(classnames_arg, "folder", help="Class names: folder, imagenet, or a JSON/text file."),
     ema: bool = typer.Option(True, "--ema/--no-ema", help="Use model_ema.safetensors when the run kept an EMA."),
     crop_pct: Optional[float] = typer.Option(None, help="Centre-crop fraction (default: the run's)."),
-    batch_size: int = typer.Option(128),
+    batch_size: int = typer.Option(128, help="Images per forward pass."),
     workers: int = typer.Option(4, help="DataLoader worker processes."),
     amp: Amp = typer.Option(Amp.auto, help="Autocast: auto is bf16 on CUDA, none on CPU."),
     device: Device = typer.Option(Device.auto, help="Where to evaluate."),
-    json_out: Optional[str] = typer.Option(None, "--json", metavar="FILE", help=JSON_HELP),
+    json_out: Optional[str] = path_option(json_output, None, "--json", help=JSON_HELP),
 ):
     """Top-1 / top-5 on one or more image folders (classifier head, or zero-shot for CLIP models)."""
     from fdcache.tables import evals_table
     from fdcache.tune.evaluate import evaluate_run
 
     report = evaluate_run([str(p) for p in data], run=str(run) if run else None, model=model, pretrained=pretrained,
-                          random_init=random_init, resolution=resolution, templates=templates,
+                          random_init=random_init, resolution=resolution, templates=value_of(templates),
                           classnames=classnames, ema=ema, crop_pct=crop_pct, batch_size=batch_size,
                           workers=workers, amp=value_of(amp), device=value_of(device), progress=True)
     if report is None:  # not rank 0
@@ -167,18 +172,18 @@ def eval_(
 
 @handles_errors
 def wise(
-    zeroshot: Path = typer.Option(..., help="Zero-shot end: a run's init/ directory (or any export of the same model)."),
-    finetuned: Path = typer.Option(..., help="Fine-tuned end: the run's --out directory."),
-    alpha: list[float] = typer.Option([0.5], help="Mixing weight of the fine-tuned model (repeatable for a sweep)."),
-    out_: Path = typer.Option(..., "--out", "-o", help="Writes OUT/alpha-<a>/ per alpha."),
-    data: list[Path] = typer.Option([], help="Evaluate each alpha on these folders too (repeatable)."),
-    classnames: str = typer.Option("folder", help="Class names for --data: folder, imagenet, or a file."),
+    zeroshot: Path = path_option(existing_dir, ..., help="Zero-shot end: a run's init/ directory (or any export of the same model)."),
+    finetuned: Path = path_option(existing_dir, ..., help="Fine-tuned end: the run's --out directory."),
+    alpha: list[float] = typer.Option([0.5], metavar="ALPHA", help="Mixing weight of the fine-tuned model, in [0, 1] (repeatable for a sweep)."),
+    out_: Path = path_option(output_dir, ..., "--out", "-o", help="Writes OUT/alpha-<a>/ per alpha."),
+    data: list[Path] = path_option(existing_dir, [], help="Evaluate each alpha on these folders too (repeatable)."),
+    classnames: str = path_option(classnames_arg, "folder", help="Class names for --data: folder, imagenet, or a file."),
     ema: bool = typer.Option(True, "--ema/--no-ema", help="Fine-tuned end: EMA weights when kept."),
-    batch_size: int = typer.Option(128),
-    workers: int = typer.Option(4),
+    batch_size: int = typer.Option(128, help="Images per forward pass (with --data)."),
+    workers: int = typer.Option(4, help="DataLoader worker processes (with --data)."),
     device: Device = typer.Option(Device.auto, help="Where to evaluate."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace alpha-<a>/ exports already in --out."),
-    json_out: Optional[str] = typer.Option(None, "--json", metavar="FILE", help=JSON_HELP),
+    json_out: Optional[str] = path_option(json_output, None, "--json", help=JSON_HELP),
 ):
     """WiSE-FT: (1 - alpha) * zero-shot + alpha * fine-tuned weights, for one alpha or a sweep."""
     from fdcache.tables import evals_table
@@ -199,8 +204,8 @@ def wise(
 
 @handles_errors
 def plot(
-    path: Path = typer.Argument(..., help="A train/finetune/flyp --out directory, a wise --out directory (evaluated with --data), or a wise --json file."),
-    out_: Optional[Path] = typer.Option(None, "--out", "-o", help="PNG to write (default: curves.png / wise.png beside the input)."),
+    path: Path = path_argument(existing_path, "PATH", help="A train/finetune/flyp --out directory, a wise --out directory (evaluated with --data), or a wise --json file."),
+    out_: Optional[Path] = path_option(output_file, None, "--out", "-o", help="PNG to write (default: curves.png / wise.png beside the input)."),
 ):
     """Draw a run's loss/lr (and evaluation) curves from log.jsonl, or a WiSE-FT sweep as ID vs OOD top-1 (needs matplotlib: the plot extra)."""
     from fdcache.tools.plots import plot_path

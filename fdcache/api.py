@@ -1,6 +1,8 @@
 """The Python API behind ``from fdcache import ...``: one function per command, each taking
-its config object or the same options as keywords (the CLI's names, with ``_``), so a
-notebook and the CLI run the same library call."""
+its config object or the same options as keywords: the CLI's names with ``_`` (``lr``,
+``threads``, ``student_arg=["depth=6"]``) or the config's fields (``base_lr``,
+``num_threads``, ``student_overrides={"depth": 6}``), so a notebook and the CLI run the same
+library call."""
 
 from __future__ import annotations
 
@@ -8,6 +10,19 @@ from dataclasses import fields
 from pathlib import Path
 
 from .errors import FdcacheError
+from .options import CLI_NAMES, parse_overrides
+
+
+def _fields(options: dict) -> dict:
+    """Keyword options with the CLI's names (``lr``, ``threads``, ``student_arg``, ``views``)
+    as config fields (``base_lr``, ``num_threads``, ``student_overrides``, ``policy``)."""
+    out = {}
+    for key, value in options.items():
+        name = CLI_NAMES.get(key, key)
+        if name in out:
+            raise FdcacheError(f"{key} and {name} are the same option: give one")
+        out[name] = parse_overrides(value) if name == "student_overrides" else value
+    return out
 
 __all__ = ["extract", "train", "score", "finetune", "flyp", "evaluate", "wise", "open_store"]
 
@@ -17,6 +32,7 @@ def _config(cls, cfg, options: dict):
         if options:
             raise FdcacheError(f"give a {cls.__name__} or keyword options, not both")
         return cfg
+    options = _fields(options)
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(options) - known)
     if unknown:
@@ -54,7 +70,7 @@ def _finetune(mode: str, cfg, preset: str | None, options: dict):
     from .tune.finetune import make_config
 
     if cfg is None:
-        cfg = make_config(preset, mode=mode, **options)
+        cfg = make_config(preset, mode=mode, **_fields(options))
     elif options or preset:
         raise FdcacheError("give a FinetuneConfig or preset/keyword options, not both")
     if cfg.mode != mode:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from .errors import ConfigError
 from .options import require
 from .store.views import ViewPolicy
 
@@ -97,13 +98,20 @@ class TrainConfig(RunOptions, ScheduleOptions, OptimOptions):
     check_data: bool = True  # check the image folder still matches the store's manifest
 
     def __post_init__(self):
-        require(self, positive=("batch_size", "accum_steps", "lr_batch", "save_every", "num_threads"),
-                optional_positive=("epochs", "steps", "run_steps", "resolution", "log_every", "seeds_used"),
-                non_negative=("warmup_steps", "seed", "global_seed", "init_seed"))
+        require(self)
+        # 0 turns these off, from the CLI and the API alike.
+        self.layer_scale = self.layer_scale or None
+        self.clip_grad = self.clip_grad or None
+        given = [flag for flag, v in (("--teacher", self.teacher), ("--pretrained", self.pretrained),
+                                      ("--random-init", self.random_init)) if v]
+        if given and not self.online:
+            raise ConfigError(f"options of the online teacher without --online ({', '.join(given)}): a store's "
+                              "teacher is the one it was extracted with; drop them, or add --online")
         if self.epochs is not None and self.steps is not None:
-            from .errors import ConfigError
-
-            raise ConfigError(f"give --epochs or --steps, not both (got {self.epochs} and {self.steps})")
+            raise ConfigError(f"--epochs {self.epochs} and --steps {self.steps} both given (--epochs, --steps): "
+                              "give one, not both")
+        if self.epochs is None and self.steps is None:
+            raise ConfigError("no run length (--epochs, --steps): give --epochs N or --steps N")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -149,9 +157,7 @@ class FinetuneConfig(RunOptions, ScheduleOptions, OptimOptions):
     workers: int = 4
 
     def __post_init__(self):
-        require(self, positive=("batch_size", "accum_steps", "lr_batch", "save_every", "eval_batch_size"),
-                optional_positive=("epochs", "steps", "run_steps", "resolution", "log_every"),
-                non_negative=("warmup_steps", "workers", "seed", "init_seed"))
+        require(self)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+import zipfile
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,11 +32,12 @@ import numpy as np
 import torch
 
 from . import distributed
-from .errors import FdcacheError, Interrupted
+from .errors import FdcacheError, Interrupted, cause_of
 from .progress import Progress
 
 __all__ = ["cosine_schedule", "rng_state", "set_rng_state", "atomic_save", "RUN_FILES", "run_files",
-           "clear_run", "truncate_log", "resume_command", "stop_on_signals", "Task", "FitResult", "Engine"]
+           "clear_run", "resume_checkpoint", "CHECKPOINT_KEYS", "load_checkpoint", "truncate_log", "resume_command",
+           "stop_on_signals", "Task", "FitResult", "Engine"]
 
 
 # -- small shared pieces --------------------------------------------------------------
@@ -64,12 +66,22 @@ def set_rng_state(state: dict) -> None:
 
 
 def atomic_save(obj, path: Path) -> Path:
-    """``torch.save`` to a temporary name, then rename: a crash leaves the old file whole."""
+    """``torch.save`` to a temporary name, then rename: a crash leaves the old file whole. A
+    failed write (a full disk, a quota) removes the temporary file and is a named error; the
+    previous checkpoint stays as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:  # a Python file: a failed write keeps its OSError (ENOSPC, EDQUOT, EFBIG)
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch reports a failed write as RuntimeError, the OSError inside
+        tmp.unlink(missing_ok=True)
+        os_error = next((x for x in (e, e.__context__, e.__cause__) if isinstance(x, OSError)), None)
+        why = os_error.strerror or str(os_error) if os_error is not None else cause_of(e)
+        raise FdcacheError(f"writing the checkpoint failed: {why} ({path}): free disk space (or raise the quota), "
+                           "then resume; the previous checkpoint, if any, is unchanged") from e
     return path
 
 
@@ -96,6 +108,42 @@ def clear_run(out: Path, patterns) -> list[Path]:
         if d != out and d.is_dir() and not any(d.iterdir()):
             d.rmdir()
     return gone
+
+
+def resume_checkpoint(out: Path, patterns) -> Path:
+    """``OUT/checkpoints/last.pt`` of the run ``--resume`` continues, checked cheaply before
+    any model is built: it exists, and its archive index reads (torch checkpoints are zip
+    archives; an empty, cut-short or foreign file has no index). ``patterns``: the run's files."""
+    out = Path(out)
+    last = out / "checkpoints" / "last.pt"
+    if not last.exists():
+        if not run_files(out, patterns):
+            raise FdcacheError(f"there is no run to resume in {out} (--resume): start it without --resume "
+                               "(or give the --out of the run to continue)")
+        raise FdcacheError(f"the run in {out} stopped before its first checkpoint ({last} is missing) (--resume): "
+                           "start it again without --resume, adding --overwrite to replace what it left")
+    try:
+        with zipfile.ZipFile(last) as z:
+            z.namelist()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise FdcacheError(f"the checkpoint is unreadable: {cause_of(e)} ({last}): restore it from a copy, or start "
+                           "the run again without --resume (--overwrite replaces what the old run left)") from None
+    return last
+
+
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "ema", "step", "rng", "world", "config")
+
+
+def load_checkpoint(path: Path, fix: str) -> dict:
+    """A checkpoint :class:`Engine` wrote, as a dict. An empty, cut-short or foreign file is a
+    named error saying ``fix``."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # EOFError (empty), RuntimeError (cut-short zip), UnpicklingError (not one)
+        raise FdcacheError(f"the checkpoint is unreadable: {cause_of(e)} ({path}): {fix}") from None
+    if not isinstance(ck, dict) or any(k not in ck for k in CHECKPOINT_KEYS):
+        raise FdcacheError(f"the file is not an fdcache checkpoint (no {', '.join(CHECKPOINT_KEYS)}) ({path}): {fix}")
+    return ck
 
 
 def truncate_log(path: Path, step: int) -> None:
@@ -289,34 +337,35 @@ class Engine:
         return path
 
     def load(self, path: Path) -> None:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+        """Load a checkpoint of this run; an empty, truncated or foreign file is a named error."""
+        ck = load_checkpoint(path, "restore it from a copy, or start the run again without --resume (--overwrite "
+                                   "replaces what the old run left)")
         self.task.check_resume(ck, path)
         if ck["world"] != self.dist.world:
             raise FdcacheError(f"checkpoint {path} ran on {ck['world']} rank(s), now {self.dist.world}: "
                                "resume with the same world size (the data order depends on it)")
-        self.model.load_state_dict(ck["model"])
-        self.optimizer.load_state_dict(ck["optimizer"])
-        self.scheduler.load_state_dict(ck["scheduler"])
-        self.scaler.load_state_dict(ck["scaler"])
-        if self.ema is not None and ck["ema"] is not None:
-            self.ema.load_state_dict(ck["ema"])
-        self.step = ck["step"]
-        set_rng_state(ck["rng"])
+        try:
+            self.model.load_state_dict(ck["model"])
+            self.optimizer.load_state_dict(ck["optimizer"])
+            self.scheduler.load_state_dict(ck["scheduler"])
+            self.scaler.load_state_dict(ck["scaler"])
+            if self.ema is not None and ck["ema"] is not None:
+                self.ema.load_state_dict(ck["ema"])
+            self.step = int(ck["step"])
+            set_rng_state(ck["rng"])
+        except Exception as e:  # another model or optimizer: shapes, keys, groups
+            raise FdcacheError(f"the checkpoint does not fit this run ({cause_of(e)}) ({path}): resume with "
+                               "the options it was started with (OUT/config.json lists them)") from None
 
     def begin(self) -> bool:
         """``--resume``: load ``OUT/checkpoints/last.pt`` and drop log records past it. A fresh
         run into an OUT that holds a run is refused unless ``--overwrite`` (which removes only
         fdcache's files of that run). True when this is a fresh start."""
         patterns = RUN_FILES + tuple(self.task.outputs)
-        last = self.out / "checkpoints" / "last.pt"
         if self.out.exists() and not self.out.is_dir():
-            raise FdcacheError(f"--out {self.out} is a file, not a run directory: choose another --out")
+            raise FdcacheError(f"{self.out} is a file, not a run directory (--out): choose another --out")
         if self.cfg.resume:
-            if not last.exists():
-                raise FdcacheError(f"--resume: no checkpoint at {last} (that run stopped before its first "
-                                   "save): start it again without --resume, adding --overwrite to replace "
-                                   "what it left")
-            self.load(last)
+            self.load(resume_checkpoint(self.out, patterns))
             if self.dist.is_main:
                 truncate_log(self.out / "log.jsonl", self.step)
         else:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["FdcacheError", "DataError", "BadImageError", "StoreMismatchError", "StoreError",
+__all__ = ["FdcacheError", "DataError", "BadImageError", "ImageRefusedError", "StoreMismatchError", "StoreError",
            "StoreDataError", "StoreLockedError", "ConfigError", "TeacherError", "VerifyError", "TrainError",
-           "FinetuneError", "RealWeightsError", "Interrupted"]
+           "FinetuneError", "RealWeightsError", "Interrupted", "cause_of"]
 
 
 class FdcacheError(Exception):
@@ -23,6 +23,14 @@ class BadImageError(DataError):
     def __init__(self, message: str, paths: list[str] = ()):
         super().__init__(message)
         self.paths = list(paths)
+
+
+class ImageRefusedError(BadImageError):
+    """An image fdcache's decoders do not agree on (:mod:`fdcache.images`); ``reason`` says why."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}", [str(path)])
+        self.reason = reason
 
 
 class StoreMismatchError(FdcacheError):
@@ -85,3 +93,17 @@ class Interrupted(FdcacheError):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.exit_code = 128 + signum
+
+
+_NOISE = ("Critical error in pipeline", "Current pipeline object is no longer valid", "C++ context:")
+
+
+def cause_of(e: BaseException) -> str:
+    """The line of a library's error that names the problem. DALI's text is many lines (the
+    operator, the pipeline definition's traceback, then the cause after ``encountered:``);
+    torch's often ends with the reason. What is kept stays on one line, at most 300 chars."""
+    text = str(e)
+    if "encountered:" in text:
+        text = text.rsplit("encountered:", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(_NOISE)]
+    return "; ".join(lines)[:300] if lines else type(e).__name__

@@ -37,7 +37,7 @@ from torch import nn
 
 from .errors import FdcacheError
 
-__all__ = ["CONFIG", "OPENCLIP_CONFIG", "DROP_ARGS", "read_json", "write_json", "update_fdcache_block",
+__all__ = ["CONFIG", "OPENCLIP_CONFIG", "DROP_ARGS", "save_weights", "read_json", "write_json", "update_fdcache_block",
            "timm_model_args", "write_timm_config", "write_openclip_config", "write_openclip_with_head",
            "TIMM_CLIP_ARCHS", "timm_form_of_openclip", "openclip_to_timm_state", "write_timm_from_openclip"]
 
@@ -45,6 +45,30 @@ CONFIG = "config.json"
 OPENCLIP_CONFIG = "open_clip_config.json"
 DROP_ARGS = ("drop_rate", "drop_path_rate", "attn_drop_rate", "proj_drop_rate", "pos_drop_rate",
              "patch_drop_rate", "drop_block_rate", "pretrained_cfg_overlay")
+
+
+def save_weights(state: dict, path: str | Path) -> Path:
+    """``safetensors.torch.save_file``, then the mode every other file of a run gets (0666
+    less the umask): safetensors writes its files readable by their owner only (0600)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    os.chmod(path, 0o666 & ~_umask())
+    return path
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (``os.umask`` can only set it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def read_json(path: Path) -> dict:
@@ -133,14 +157,11 @@ def write_openclip_with_head(out: str | Path, spec, state: dict, clip_rest: dict
 
         logits = F.normalize(model.encode_image(x), dim=-1) @ head["weight"].T + head["bias"]
     """
-    from safetensors.torch import save_file
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     clip = {k: v for k, v in state.items() if k.startswith("visual.")} | dict(clip_rest)
-    save_file({k: v.contiguous() for k, v in clip.items()}, str(out / "open_clip_model.safetensors"))
-    save_file({"weight": state["head.weight"].contiguous(), "bias": state["head.bias"].contiguous()},
-              str(out / "head.safetensors"))
+    save_weights(clip, out / "open_clip_model.safetensors")
+    save_weights({"weight": state["head.weight"], "bias": state["head.bias"]}, out / "head.safetensors")
     write_openclip_config(out, spec.name, spec.resolution, spec.mean, spec.std)
     return out
 
@@ -200,7 +221,6 @@ def write_timm_from_openclip(out: str | Path, spec, state: dict, ema_state: dict
     cannot express the tower). ``check``: the fdcache model holding ``state``; its output on
     a probe image must match the converted model's, or the export is refused."""
     import timm
-    from safetensors.torch import save_file
 
     form = timm_form_of_openclip(spec.name, spec.resolution, len(spec.classnames))
     if form is None:
@@ -213,10 +233,9 @@ def write_timm_from_openclip(out: str | Path, spec, state: dict, ema_state: dict
         _same_outputs(check, model, spec.resolution)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    save_weights(model.state_dict(), out / "model.safetensors")
     if ema_state is not None:
-        save_file({k: v.contiguous() for k, v in openclip_to_timm_state(ema_state, model).items()},
-                  str(out / "model_ema.safetensors"))
+        save_weights(openclip_to_timm_state(ema_state, model), out / "model_ema.safetensors")
     write_timm_config(out, model, args, mean=spec.mean, std=spec.std, crop_pct=spec.crop_pct,
                       label_names=spec.classnames)
     return out

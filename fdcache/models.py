@@ -12,7 +12,7 @@ import socket
 import warnings
 from pathlib import Path
 
-from .errors import TeacherError
+from .errors import TeacherError, cause_of
 
 __all__ = ["CONFIG_DIR", "TINY_TEACHER", "create_openclip", "create_timm", "openclip_name", "parse_teacher_name",
            "register_configs", "suggest"]
@@ -139,7 +139,7 @@ def create_openclip(model_name: str, pretrained: str | None, resolution: int | N
     except Exception as e:  # a local file that is no checkpoint raises pickle/zip/key errors
         if pretrained is not None and os.path.isfile(pretrained):
             raise TeacherError(f"--pretrained {pretrained}: not a checkpoint open_clip {model_name!r} can "
-                               f"load ({type(e).__name__}: {str(e).splitlines()[0][:300]})") from e
+                               f"load ({type(e).__name__}: {cause_of(e)})") from e
         if not isinstance(e, RuntimeError):
             raise
         raise TeacherError(f"cannot load {label}: {str(e)[:300]}"
@@ -166,7 +166,7 @@ def create_timm(model_name: str, pretrained: str | None, **kw):
     except Exception as e:
         if local:
             raise TeacherError(f"--pretrained {pretrained}: not a checkpoint timm {model_name!r} can load "
-                               f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from e
+                               f"({type(e).__name__}: {cause_of(e)})") from e
         if not isinstance(e, (RuntimeError, AssertionError, TypeError)):
             raise
         raise TeacherError(f"cannot create timm model {full!r}{' with ' + str(kw) if kw else ''}: {str(e)[:300]}") from e

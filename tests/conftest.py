@@ -136,3 +136,15 @@ def synthetic_store(url, codec=None, *, samples=10, shard_size=4, seeds=2, token
                     v[skip[a:b]] = 0  # as extract records unreadable images
                 store.write_shard(s, k, enc, skip[a:b])
     return Store.open(str(url)), truth
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_store, tmp_path_factory) -> Path:
+    """A finished 2-step fd-tiny train run with a checkpoint and its export (read-only: copy
+    it to change it)."""
+    from fdcache.distill.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("run") / "student"
+    train(TrainConfig(out=str(out), cache=str(tiny_store), student="fd-tiny", steps=2, batch_size=4,
+                      warmup_steps=1, loss_impl="torch", progress=False, num_threads=1))
+    return out

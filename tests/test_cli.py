@@ -81,7 +81,7 @@ def test_extract_bad_options_exit_non_zero_with_a_message(image_root, tmp_path, 
 
 def test_extract_of_a_missing_folder_exits_2(tmp_path):
     r = run("extract", tmp_path / "none", "--out", tmp_path / "s.zarr", "--teacher", TINY_TEACHER, "--random-init")
-    assert r.exit_code == 2 and "does not exist" in r.output
+    assert r.exit_code == 2 and "no such folder" in r.output
 
 
 def test_verify_exits_1_naming_the_problem(image_root, tmp_path):

@@ -246,7 +246,7 @@ def test_eval_of_a_class_the_model_never_saw_is_refused(folder, tmp_path):
     model, spec = init_model(model=TINY_TEACHER, pretrained=None, random_init=True, student=None,
                              kind="classifier", classnames=["a", "b"], head="fresh", templates="simple",
                              resolution=None, drop_path=0.0)
-    with pytest.raises(FdcacheError, match="not among them"):
+    with pytest.raises(FdcacheError, match="does not know"):
         evaluate(model, spec, [str(folder)], workers=0)
 
 

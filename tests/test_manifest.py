@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from fdcache.errors import BadImageError, DataError
-from fdcache.store.manifest import compare_files, file_crc32c, index, read_size
+from fdcache.images import read_size
+from fdcache.store.manifest import compare_files, file_crc32c, index
 
 
 def test_indexes_an_image_folder_with_labels_and_oriented_sizes(image_root):
@@ -84,7 +85,7 @@ def test_fingerprint_binds_content_and_first_difference_names_the_file(images):
 
 
 def test_missing_and_empty_folders_are_clear_errors(tmp_path):
-    with pytest.raises(DataError, match="does not exist"):
+    with pytest.raises(DataError, match="no such image folder"):
         index(tmp_path / "nope")
     with pytest.raises(DataError, match="no class sub-folders"):
         index(tmp_path)

@@ -60,13 +60,12 @@ class ExtractConfig:
     progress: bool = True
 
     def __post_init__(self):
-        require(self, positive=("seeds", "batch_size", "shard_size", "num_threads", "writers"),
-                optional_positive=("resolution",), non_negative=("global_seed", "init_seed"))
+        require(self)
         try:  # names become specs here, and only here
             self.codec = CodecSpec.of(self.codec, self.compressor)
             self.policy = ViewPolicy(kind=self.policy) if isinstance(self.policy, str) else self.policy
         except ValueError as e:
-            raise ConfigError(f"--codec/--compressor/--views: {e}") from None
+            raise ConfigError(f"{e} (--codec, --compressor or --views): choose one that --help lists") from None
         self.compressor = self.codec.compressor
 
 

@@ -102,5 +102,6 @@ def batches(source: TrainSource, **pipeline_kw) -> Iterator[Batch]:
 def _explain(source: TrainSource, epoch: int, step: int, err: RuntimeError) -> Exception:
     """Name the image DALI could not decode: it is in this batch or one prefetched after it."""
     rows = source.order(epoch)[step * source.batch_size:(step + 3) * source.batch_size]
-    return explain_decode_failure([source.files[int(i)] for i in rows], err, f"epoch {epoch} batch {step}",
-                                  fix="Remove or fix them (fdcache verify checks a store's folder), then resume.")
+    items = [(source.files[int(i)], v) for i, v in zip(rows, source.views_of(epoch, rows))]
+    return explain_decode_failure(items, err, f"epoch {epoch} batch {step}",
+                                  fix="remove or fix them (fdcache verify checks a store's folder), then resume")

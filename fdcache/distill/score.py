@@ -29,7 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ConfigError, DataError, FdcacheError, StoreMismatchError
+from ..engine import load_checkpoint
+from ..errors import ConfigError, DataError, FdcacheError, StoreMismatchError, cause_of
+from ..options import check
 from ..kernels import fd_loss
 from ..store.manifest import index
 from ..store.store import Store
@@ -96,19 +98,23 @@ def load_trained_student(run: str | Path, device: str | torch.device = "cpu") ->
     if not path.is_file():
         raise FdcacheError(f"{run}: no checkpoint at {path}; score needs a finished (or checkpointed) "
                            "fdcache train run directory")
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    ck = load_checkpoint(path, "score needs the --out folder of an fdcache train run with an intact checkpoint")
     try:
         cfg, teacher, student = ck["config"], ck["teacher"], ck["student"]
     except KeyError:
         raise FdcacheError(f"{path} is not an fdcache train checkpoint (no teacher/student record); "
                            "score reads train runs, not fine-tuning runs") from None
-    model, spec = build_student(cfg["student"], teacher["dim"], resolution=student["resolution"],
-                                drop_path=cfg["drop_path"], layer_scale=cfg["layer_scale"],
-                                overrides=cfg.get("student_overrides") or {}, seed=cfg["seed"])
-    state, ema = ck["model"], ck.get("ema") is not None
-    if ema:  # timm ModelEmaV3 keeps the averaged model under "module."
-        state = {k.removeprefix("module."): v for k, v in ck["ema"].items()}
-    model.load_state_dict(state)
+    try:
+        model, spec = build_student(cfg["student"], teacher["dim"], resolution=student["resolution"],
+                                    drop_path=cfg["drop_path"], layer_scale=cfg["layer_scale"],
+                                    overrides=cfg.get("student_overrides") or {}, seed=cfg["seed"])
+        state, ema = ck["model"], ck.get("ema") is not None
+        if ema:  # timm ModelEmaV3 keeps the averaged model under "module."
+            state = {k.removeprefix("module."): v for k, v in ck["ema"].items()}
+        model.load_state_dict(state)
+    except (KeyError, RuntimeError) as e:
+        raise FdcacheError(f"the checkpoint does not rebuild its student ({cause_of(e)}) ({path}): score needs "
+                           "the --out folder of an intact fdcache train run") from None
     return TrainedStudent(str(run), model.to(device).eval(), spec, teacher, cfg, int(ck["step"]), ema)
 
 
@@ -225,9 +231,16 @@ def score(run: str, cache: str, *, train_cache: str | None = None, train_seeds: 
     """Held-out loss on ``cache`` (its ``seeds``, default all), train-store loss on ``train_cache``
     (``train_seeds``, default seed 0; None: all) and the gap, and the linear probe when both
     probe folders are given. ``limit``: at most N samples per seed of each store."""
+    check(seed=seeds, train_seed=train_seeds, limit=limit, probe_l2=probe_l2, batch_size=batch_size, threads=threads)
     if (probe_train is None) != (probe_val is None):
         raise ConfigError("give both --probe-train and --probe-val, or neither")
     student = load_trained_student(run, device)
+    for store in (cache, train_cache):  # every input opened before the work
+        if store is not None:
+            Store.open(store)
+    for folder in (probe_train, probe_val):
+        if folder is not None:
+            index(folder)
     kw = dict(limit=limit, batch_size=batch_size, threads=threads, loss_impl=loss_impl, device=device)
     held = store_loss(student, cache, seeds=seeds, **kw)
     result = ScoreResult(run=str(run), steps=student.steps, heldout=held, config=student.config)

@@ -81,6 +81,15 @@ class TrainSource:
                 c["views"] = self.reader.views(seed)
         return c
 
+    def views_of(self, epoch: int, idx: np.ndarray) -> np.ndarray:
+        """The views ``[len(idx), 5]`` (y, x, h, w, flip) of samples ``idx`` in ``epoch``:
+        recorded in the store (offline), or drawn here (online)."""
+        c = self._epoch(epoch)
+        if self.offline:
+            return c["views"][idx]
+        return np.array([sample_view(self.global_seed, c["seed"], int(i), int(self.widths[i]),
+                                     int(self.heights[i]), self.policy) for i in idx], np.int32).reshape(-1, 5)
+
     def __call__(self, info):
         epoch = self.start_epoch + info.epoch_idx
         c = self._epoch(epoch)
@@ -88,11 +97,7 @@ class TrainSource:
         if j + self.batch_size > len(c["order"]):
             raise StopIteration
         idx = c["order"][j:j + self.batch_size]
-        if self.offline:
-            views = c["views"][idx]
-        else:
-            views = np.array([sample_view(self.global_seed, c["seed"], int(i), int(self.widths[i]),
-                                          int(self.heights[i]), self.policy) for i in idx], np.int32)
+        views = self.views_of(epoch, idx)
         encoded = [np.fromfile(self.files[i], dtype=np.uint8) for i in idx]
         windows = np.ascontiguousarray(views[:, [1, 0, 3, 2]], dtype=np.int32)  # (x, y, w, h)
         flips = np.ascontiguousarray(views[:, 4], dtype=np.int32)

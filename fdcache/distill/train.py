@@ -19,7 +19,7 @@ import torch
 
 from .. import distributed
 from ..config import TrainConfig
-from ..engine import Engine, FitResult
+from ..engine import RUN_FILES, Engine, FitResult, resume_checkpoint
 from ..errors import FdcacheError, StoreError, StoreMismatchError, TrainError
 from ..kernels import fd_loss
 from ..store.manifest import index, require_unchanged
@@ -57,6 +57,8 @@ class DistillTask:
         # Drop path draws from the global generator: seed it so runs (and resumes) repeat.
         torch.manual_seed(cfg.seed * 1000 + d.rank)
         self.out = Path(cfg.out)
+        if cfg.resume:  # checked before anything is built
+            resume_checkpoint(self.out, RUN_FILES + self.outputs)
         if cfg.online == bool(cfg.cache):
             raise FdcacheError("give exactly one of --cache STORE (offline) or --online --teacher T")
         if cfg.online:
@@ -68,7 +70,7 @@ class DistillTask:
         if first == 0:
             raise FdcacheError(f"{len(self.eligible[self.source.seed_of(0) if self.store else 0])} samples "
                                f"cannot fill one batch of {cfg.batch_size} x {self.dist.world} rank(s)")
-        total = sum(self.micro_batches(e) for e in range(cfg.epochs)) if cfg.epochs and not cfg.steps else None
+        total = self.total_micro(cfg.epochs) if cfg.epochs and not cfg.steps else None
         self.engine = Engine(self, self.model, cfg, d, self.device, micro_per_epoch=first, total_micro=total)
 
     # -- data ----------------------------------------------------------------------
@@ -99,7 +101,7 @@ class DistillTask:
                                  f"grow it (re-run fdcache extract with --seeds {cfg.seeds_used}) or use fewer")
             seeds = cfg.seeds_used
         epochs_needed = cfg.epochs
-        needed = sorted({e % seeds for e in range(epochs_needed)}) if epochs_needed else list(range(seeds))
+        needed = list(range(min(epochs_needed, seeds))) if epochs_needed else list(range(seeds))
         done = store.done()
         self.eligible = {s: store.eligible(s) for s in range(seeds)}
         missing = [f"seed {s}: {int(done[s].sum())}/{done.shape[1]} shards" for s in needed if not done[s].all()]
@@ -165,6 +167,13 @@ class DistillTask:
     def micro_batches(self, epoch: int) -> int:
         """Micro-batches per rank in ``epoch`` (epochs differ only with --allow-partial)."""
         return self.source.samples_per_epoch(epoch) // self.cfg.batch_size
+
+    def total_micro(self, epochs: int) -> int:
+        """Micro-batches per rank in ``epochs`` epochs: epoch ``e`` replays seed ``e mod S``, so
+        one cycle of the seeds is counted and repeated (any number of epochs, no loop over them)."""
+        cycle = [self.micro_batches(e) for e in range(min(epochs, self.source.num_seeds))]
+        full, rest = divmod(epochs, len(cycle))
+        return full * sum(cycle) + sum(cycle[:rest])
 
     def position(self, micro_done: int) -> tuple[int, int]:
         """(epoch, samples to skip in it) after ``micro_done`` micro-batches."""
@@ -235,9 +244,7 @@ class DistillTask:
         ``model.safetensors`` + ``config.json`` (architecture, the arguments that rebuild it,
         ``num_classes=0``, the student's own mean/std), so that
         ``timm.create_model("local-dir:OUT", pretrained=True)`` loads it without fdcache."""
-        from safetensors.torch import save_file
-
-        from ..exports import update_fdcache_block, write_timm_config
+        from ..exports import save_weights, update_fdcache_block, write_timm_config
         from .students import PRESETS, fd_options
 
         ema = self.engine.ema
@@ -246,7 +253,7 @@ class DistillTask:
         kwargs = (dict(kw) | fd_options(name, self.cfg.drop_path, self.cfg.layer_scale) | self.cfg.student_overrides
                   | {"img_size": self.sspec.resolution, "num_classes": 0})
         path = self.out / "model.safetensors"
-        save_file(export_state_dict(model), str(path))
+        save_weights(export_state_dict(model), path)
         write_timm_config(self.out, model.backbone, kwargs, mean=self.sspec.mean, std=self.sspec.std)
         update_fdcache_block(self.out, export={"kind": "student", "student": self.cfg.student,
                                                "teacher": self.tspec.to_dict(), "steps": self.engine.step,

@@ -77,7 +77,7 @@ def verify_store(url: str, data: str | Path | None = None, check_files: bool = T
         if manifest is not None and not manifest.root.is_dir():
             problems.append(f"image folder {manifest.root} not found (pass --data to point at it)")
         elif manifest is not None:
-            changes = compare_files(manifest, content=content)
+            changes = compare_files(manifest, content=content, headers="all")
             refusals = changes.refusals
             problems += [f"dataset: {c}" for c in refusals[:20]]
             if len(refusals) > 20:

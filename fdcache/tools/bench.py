@@ -28,7 +28,10 @@ from pathlib import Path
 import torch
 
 from ..codecs import CodecSpec
+from ..options import require
 from ..distill.extract import ExtractConfig, extract
+from ..store.manifest import index
+from ..store.store import Store
 from ..distill.teachers import load_teacher
 from ..distill.train import DistillTask, TrainConfig
 from ..samples import make_image_folder
@@ -57,11 +60,12 @@ class BenchConfig:
     loss_impl: str = "auto"
     amp: str = "auto"
     threads: int = 4
-    loader_workers: int = 0
+    loader_workers: int | str = "auto"
     modes: tuple[str, ...] = MODES
     workdir: str | None = None
 
     def __post_init__(self):
+        require(self)
         self.codec = CodecSpec.of(self.codec)
 
 
@@ -126,6 +130,10 @@ def _train_step(trainer: DistillTask, stream) -> float:
 
 
 def run_bench(cfg: BenchConfig, log=print) -> dict:
+    if cfg.cache:  # the inputs first: a wrong one stops the bench before any model is loaded
+        Store.open(cfg.cache)
+    if cfg.data:
+        index(cfg.data)
     work = Path(cfg.workdir or tempfile.mkdtemp(prefix="fdcache-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from ..errors import DataError, FdcacheError, TeacherError
-from ..store.manifest import IMAGE_EXTENSIONS
+from ..options import check
+from ..images import IMAGE_EXTENSIONS, open_rgb
 
 __all__ = ["RANDOM", "Subject", "Diagnosis", "load_subject", "load_run", "attention_maps", "patch_distances",
            "split_prefix", "layer_stats", "list_images", "diagnose", "pair_weights", "run", "plot"]
@@ -195,7 +196,7 @@ def list_images(root: str | Path, limit: int | None) -> list[Path]:
 
 
 def _batches(paths: list[Path], subject: Subject, batch_size: int):
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     from ..tune.imagefolder import eval_transform
 
@@ -204,10 +205,12 @@ def _batches(paths: list[Path], subject: Subject, batch_size: int):
         out = []
         for p in paths[i:i + batch_size]:
             try:
-                with Image.open(p) as im:
-                    out.append(tf(im.convert("RGB")))
-            except (OSError, UnidentifiedImageError) as e:
+                img = Image.fromarray(open_rgb(p))  # the pixels DALI decodes (fdcache.images)
+            except DataError:
+                raise
+            except Exception as e:  # PIL raises many types for damaged files
                 raise DataError(f"cannot decode {p}: {e}; remove or replace the file") from None
+            out.append(tf(img))
         yield torch.stack(out)
 
 
@@ -273,6 +276,7 @@ def run(models: list[str], data: str | Path, *, pretrained: list[str] = (), rand
         batch_size: int = 16, device: str = "cpu", progress: bool = False,
         json_out: str | Path | None = None, plot_out: str | Path | None = None) -> list[Diagnosis]:
     """Diagnose each model on the same images; write the JSON and the plot when asked."""
+    check(resolution=resolution, init_seed=init_seed, images=images, batch_size=batch_size)
     if labels and len(labels) != len(models):
         raise FdcacheError(f"{len(labels)} --label value(s) for {len(models)} model(s)")
     paths = list_images(data, images)

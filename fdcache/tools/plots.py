@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from ..errors import FdcacheError
+from ..userfiles import read_json
 
 __all__ = ["WISE_RESULTS", "read_log", "run_curves", "wise_sweep", "plot_path", "bench_figure"]
 
@@ -115,8 +116,8 @@ def plot_path(path: str | Path, out: str | Path | None = None) -> Path:
     path = Path(path)
     sweep = path / WISE_RESULTS if path.is_dir() else path
     if sweep.is_file() and sweep.suffix == ".json":
-        data = json.loads(sweep.read_text())
-        if data.get("command") != "wise" or not data.get("results"):
+        data = read_json(sweep, "a WiSE-FT sweep", "PATH", "give the --json file or --out folder of fdcache wise")
+        if not isinstance(data, dict) or data.get("command") != "wise" or not data.get("results"):
             raise FdcacheError(f"{sweep} is not a WiSE-FT sweep with evaluations (fdcache wise ... --data DIR)")
         return wise_sweep(data["results"], out or (path if path.is_dir() else path.parent) / "wise.png")
     if path.is_dir() and (path / "log.jsonl").is_file():

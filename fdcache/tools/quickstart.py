@@ -25,7 +25,9 @@ def quickstart(workdir: str | Path | None, images: int, say: Callable) -> Path:
     from ..tune.evaluate import evaluate
     from ..tune.finetune import finetune, make_config
     from ..tune.wise import wise
+    from ..options import check
 
+    check(images=images)
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fdcache-quickstart-"))
     data, store = root / "images", str(root / "teacher.zarr")
     t0 = time.perf_counter()

@@ -24,12 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import FdcacheError
+from ..errors import FdcacheError, cause_of
 from ..models import create_openclip, create_timm, openclip_name, parse_teacher_name
+from ..userfiles import read_json
 
 __all__ = ["TEMPLATES", "NO_DROP_PATH", "ModelSpec", "templates_of", "tokenizer_of", "zeroshot_weights",
            "CLIPImageClassifier", "SharedState", "ZeroShotClassifier", "read_student", "build", "init_model",
-           "save_export", "library_forms", "read_clip_rest", "read_export", "load_export"]
+           "save_export", "library_forms", "read_clip_rest", "export_spec", "read_export", "load_export"]
 
 TEMPLATES = ("openai", "simple")
 NO_DROP_PATH = ("open_clip's CLIP towers have no drop path; use --drop-path 0, or the timm form of the "
@@ -192,12 +193,18 @@ def read_student(path: str | Path) -> tuple[dict, dict]:
 
     path = Path(path)
     run = path if path.is_dir() else path.parent
-    cfg = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+    cfg = read_json(run / "config.json", "a run's config.json", "--student-run",
+                    "give the --out folder of a finished fdcache train run") if (run / "config.json").is_file() else {}
     weights = run / "model.safetensors"
-    if cfg.get("fdcache", {}).get("export", {}).get("kind") != "student" or not weights.is_file():
+    if not isinstance(cfg, dict) or cfg.get("fdcache", {}).get("export", {}).get("kind") != "student" \
+            or not weights.is_file():
         raise FdcacheError(f"--student {path}: expected the --out directory of a finished fdcache train run "
                            "(config.json + model.safetensors)")
-    return {"timm_name": cfg["architecture"], "kwargs": dict(cfg.get("model_args", {}))}, load_file(str(weights))
+    try:
+        return {"timm_name": cfg["architecture"], "kwargs": dict(cfg.get("model_args", {}))}, load_file(str(weights))
+    except Exception as e:  # a damaged config.json, a cut-short weights file
+        raise FdcacheError(f"the student export in {run} is damaged ({cause_of(e)}) (--student-run): re-run its "
+                           "fdcache train, or give another run") from None
 
 
 def build(spec: ModelSpec, *, pretrained: str | None = None, student: str | None = None) -> nn.Module:
@@ -315,15 +322,15 @@ def save_export(out: str | Path, spec: ModelSpec, model: nn.Module | dict, ema: 
     recorded in ``model.json``, not a lost run."""
     import warnings
 
-    from safetensors.torch import save_file
+    from ..exports import save_weights
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = _cpu_state(model)
     ema_state = _cpu_state(ema) if ema is not None else None
-    save_file(state, str(out / "model.safetensors"))
+    save_weights(state, out / "model.safetensors")
     if ema_state is not None:
-        save_file(ema_state, str(out / "model_ema.safetensors"))
+        save_weights(ema_state, out / "model_ema.safetensors")
     meta = {"spec": spec.to_dict(), "ema": ema is not None, **(info or {})}
     (out / "model.json").write_text(json.dumps(meta, indent=2))
     rest = clip_rest if clip_rest is not None else getattr(model, "clip_rest", None)
@@ -384,16 +391,34 @@ def _cpu_state(model: nn.Module | dict) -> dict:
     return {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
 
 
+_EXPORT_FIX = "give the --out folder of fdcache finetune/flyp/wise (re-run it if its files were damaged)"
+
+
+def export_spec(path: str | Path) -> tuple[ModelSpec, dict]:
+    """(spec, model.json) of an export or run directory, without its weights."""
+    path = Path(path)
+    if not (path / "model.json").is_file():
+        raise FdcacheError(f"{path} holds no model.json: pass the --out directory of fdcache finetune/flyp/wise")
+    meta = read_json(path / "model.json", "an export's model.json", str(path), _EXPORT_FIX)
+    try:
+        return ModelSpec.from_dict(meta["spec"]), meta
+    except Exception as e:  # a model.json of another shape
+        raise FdcacheError(f"the export in {path} is damaged ({cause_of(e)}) ({path / 'model.json'}): "
+                           f"{_EXPORT_FIX}") from None
+
+
 def read_export(path: str | Path, ema: bool = True) -> tuple[ModelSpec, dict, dict, str]:
     """(spec, model.json, state dict, which weights file) of an export or run directory."""
     from safetensors.torch import load_file
 
     path = Path(path)
-    if not (path / "model.json").is_file():
-        raise FdcacheError(f"{path} holds no model.json: pass the --out directory of fdcache finetune/flyp/wise")
-    meta = json.loads((path / "model.json").read_text())
+    spec, meta = export_spec(path)
     file = "model_ema.safetensors" if ema and (path / "model_ema.safetensors").is_file() else "model.safetensors"
-    return ModelSpec.from_dict(meta["spec"]), meta, load_file(str(path / file)), file
+    try:
+        state = load_file(str(path / file))
+    except Exception as e:  # a missing or cut-short weights file
+        raise FdcacheError(f"the export in {path} is damaged ({cause_of(e)}) ({path / file}): {_EXPORT_FIX}") from None
+    return spec, meta, state, file
 
 
 def load_export(path: str | Path, ema: bool = True) -> tuple[nn.Module, ModelSpec, str]:

@@ -16,11 +16,12 @@ from torch import nn
 
 from ..distributed import Dist, amp_dtype
 from ..errors import FdcacheError
+from ..options import check
 from ..progress import Progress
 from .classifiers import ModelSpec, ZeroShotClassifier, templates_of, tokenizer_of, zeroshot_weights
 from .imagefolder import LabeledImages, classnames_for, eval_loader, eval_transform, find_classes
 
-__all__ = ["TOPK", "head_for", "evaluate_set", "set_names", "evaluate", "evaluate_run"]
+__all__ = ["TOPK", "eval_sets", "head_for", "evaluate_set", "set_names", "evaluate", "evaluate_run"]
 
 TOPK = (1, 5)
 
@@ -33,6 +34,26 @@ class _Columns(nn.Module):
 
     def forward(self, x):
         return self.model(x)[:, self.columns]
+
+
+def eval_sets(sets: list[str], classnames: str = "folder", model_classes=None,
+              option: str = "--data") -> list[tuple[str, list[str], list[str]]]:
+    """Check every eval folder before any work: class folders holding images, named as the
+    model's classes (``model_classes``; None: a CLIP model, any names). Returns (path,
+    class folders, class names) per set."""
+    out = []
+    for path in sets:
+        classes = find_classes(path)
+        names = classnames_for(classes, classnames)
+        if model_classes is not None:
+            missing = [n for n in names if n not in set(model_classes)]
+            if missing:
+                raise FdcacheError(f"the eval set {path} holds classes the model does not know, e.g. {missing[:3]} "
+                                   f"({option}): give a set whose classes are among the training set's (matched "
+                                   "by name; see --classnames)")
+        LabeledImages(path, None, classes=classes)  # no images: a named error now, not after training
+        out.append((str(path), classes, names))
+    return out
 
 
 def head_for(model: nn.Module, spec: ModelSpec, classnames: list[str]) -> nn.Module:
@@ -93,16 +114,16 @@ def evaluate(model: nn.Module, spec: ModelSpec, sets: list[str], *, classnames: 
              progress: bool = False) -> dict:
     """``{set name: {"top1", "top5", "n", ...}}`` for each image folder in ``sets``; ``progress``
     shows a bar per set (rank 0)."""
+    check(batch_size=batch_size, workers=workers, crop_pct=crop_pct)
     device = device or next(model.parameters()).device
     dtype = amp_dtype(amp, device)
     tf = eval_transform(spec.resolution, spec.mean, spec.std, crop_pct=crop_pct or spec.crop_pct)
     was = model.training
     model.eval()
     results = {}
+    checked = eval_sets(sets, classnames, None if spec.kind == "clip" else spec.classnames)
     try:
-        for name, path in zip(set_names(sets), sets):
-            classes = find_classes(path)
-            names = classnames_for(classes, classnames)
+        for name, (path, classes, names) in zip(set_names(sets), checked):
             classify = head_for(model, spec, names)
             ds = LabeledImages(path, tf, classes=classes)
             loader = eval_loader(ds, batch_size, workers, dist.rank if dist else 0, dist.world if dist else 1)
@@ -126,6 +147,7 @@ def evaluate_run(data: list[str], *, run: str | None = None, model: str | None =
     from .. import distributed
     from .classifiers import init_model, load_export
 
+    check(batch_size=batch_size, workers=workers, crop_pct=crop_pct, resolution=resolution)
     if (run is None) == (model is None):
         raise FdcacheError("give --run DIR (a fine-tuned export) or --model NAME (zero-shot)")
     d = distributed.init()

@@ -27,9 +27,10 @@ import torch.nn.functional as F
 
 from .. import distributed
 from ..config import FinetuneConfig
-from ..engine import Engine, FitResult
+from ..engine import RUN_FILES, Engine, FitResult, resume_checkpoint
 from ..errors import DataError, FdcacheError, FinetuneError
 from .classifiers import ModelSpec, init_model, save_export, templates_of, tokenizer_of
+from .evaluate import eval_sets
 from .imagefolder import EpochSampler, LabeledImages, classnames_for, find_classes, train_loader, train_transform
 
 __all__ = ["PRESET_DIR", "preset_names", "load_preset", "make_config", "FinetuneTask", "finetune"]
@@ -108,11 +109,21 @@ class FinetuneTask:
         self.dist = d = distributed.init()
         self.device = distributed.device_for(d, cfg.device)
         self.out = Path(cfg.out)
+        if cfg.resume:  # checked before anything is built
+            resume_checkpoint(self.out, RUN_FILES + self.outputs)
         classes = find_classes(cfg.data)
         self.classnames = classnames_for(classes, cfg.classnames)
         if len(self.classnames) < 2:
             raise FdcacheError(f"{cfg.data} has {len(self.classnames)} class folder(s); fine-tuning needs two or more")
         templates_of(cfg.templates)  # fail early on a bad name
+        if cfg.mode == "finetune" and cfg.auto_augment:
+            try:  # timm parses the policy when it builds the transform: build a small one now
+                train_transform("timm", 32, (0.5,) * 3, (0.5,) * 3, auto_augment=cfg.auto_augment)
+            except Exception as e:
+                raise FdcacheError(f"{cfg.auto_augment!r} is not a timm augmentation policy (--auto-augment): "
+                                   f"give one such as rand-m9-mstd0.5-inc1, or none ({e})") from None
+        # The eval sets are checked now, not after training (classes matched by name; a CLIP knows any).
+        eval_sets(cfg.val, cfg.classnames, None if cfg.mode == "flyp" else self.classnames, option="--val")
         kind = "clip" if cfg.mode == "flyp" else "classifier"
         self.model, self.spec = init_model(
             model=cfg.model, pretrained=cfg.pretrained, random_init=cfg.random_init, student=cfg.student_run,
@@ -123,7 +134,7 @@ class FinetuneTask:
             self._patch_embed().requires_grad_(False)
         # Drop path and mixup draw from the global generators: seed them so runs (and resumes) repeat.
         torch.manual_seed(cfg.seed * 1000 + d.rank)
-        np.random.seed(cfg.seed * 1000 + d.rank)
+        np.random.seed((cfg.seed * 1000 + d.rank) % 2**32)  # numpy's legacy seed is 32-bit
         self._setup_data(classes)
         self._setup_loss()
         per_epoch = self.sampler.per_epoch // cfg.batch_size  # micro-batches per rank

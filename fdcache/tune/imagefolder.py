@@ -22,16 +22,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import DataError
+from ..images import IMAGE_EXTENSIONS, open_rgb, require_image_folder
 from ..sampling import epoch_order, rank_slice
+from ..userfiles import read_text
 
 __all__ = ["find_classes", "classnames_for", "LabeledImages", "EpochSampler", "train_loader",
            "ignore_interrupts", "eval_loader", "train_transform", "eval_transform"]
 
 
 def find_classes(root: str | Path) -> list[str]:
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"image folder {root} does not exist")
+    root = require_image_folder(root)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(f"{root} has no class folders: expected root/<class>/<image> (ImageFolder layout)")
@@ -61,8 +61,9 @@ def classnames_for(classes: list[str], how: str = "folder") -> list[str]:
         return list(IMAGENET_CLASSNAMES)
     path = Path(how)
     if not path.is_file():
-        raise DataError(f"--classnames {how!r}: not 'folder', 'imagenet' or an existing file")
-    text = path.read_text()
+        raise DataError(f"no such class-names file {how!r} (--classnames): give folder, imagenet, or a JSON/text file")
+    text = read_text(path, "a class-names file", "--classnames", "give a JSON object {folder: name}, a JSON list, "
+                     "or one name per line")
     try:
         names = json.loads(text)
     except json.JSONDecodeError:
@@ -97,13 +98,13 @@ class LabeledImages(Dataset):
     """``ds[(epoch, i)] -> (image tensor, label, i)``; ``ds[i]`` means epoch 0."""
 
     def __init__(self, root: str | Path, transform, *, seed: int = 0, classes: list[str] | None = None):
-        from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+        from torchvision.datasets.folder import make_dataset
 
         self.root = Path(root)
         self.classes = classes or find_classes(self.root)
         try:
             self.samples = make_dataset(str(self.root), {c: i for i, c in enumerate(self.classes)},
-                                        extensions=IMG_EXTENSIONS, allow_empty=False)
+                                        extensions=IMAGE_EXTENSIONS, allow_empty=False)
         except FileNotFoundError as e:
             raise DataError(f"{self.root}: {e}") from None
         self.transform = transform
@@ -116,10 +117,11 @@ class LabeledImages(Dataset):
         epoch, i = key if isinstance(key, tuple) else (0, key)
         path, label = self.samples[i]
         try:
-            from PIL import Image, ImageOps
+            from PIL import Image
 
-            with Image.open(path) as im:
-                img = ImageOps.exif_transpose(im).convert("RGB")
+            img = Image.fromarray(open_rgb(path))  # the pixels DALI decodes (fdcache.images)
+        except DataError:
+            raise
         except Exception as e:  # PIL raises many types for damaged files
             raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}. Replace or remove the "
                             "file and restart (with --resume if a run was going)") from None

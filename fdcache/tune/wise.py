@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import FdcacheError
+from ..options import check
 from .classifiers import read_clip_rest, read_export, save_export
 
 __all__ = ["interpolate", "wise", "sweep"]
@@ -39,6 +40,7 @@ def wise(zeroshot: str | Path, finetuned: str | Path, alphas: list[float], out: 
     """Write ``out/alpha-<a>/`` (a loadable export) per alpha; returns their paths. An
     ``alpha-<a>`` folder that already exists is refused unless ``overwrite`` (which replaces
     only the export's own files there)."""
+    check(alpha=list(alphas))
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FdcacheError(f"--out {out} is a file, not a directory: choose another --out")
@@ -58,9 +60,6 @@ def wise(zeroshot: str | Path, finetuned: str | Path, alphas: list[float], out: 
     if diff:
         raise FdcacheError(f"{zeroshot} and {finetuned} differ in {diff}: interpolate a run with its own "
                            "init/ export (a zero-shot head or FLYP run writes OUT/init)")
-    bad = [a for a in alphas if not 0 <= a <= 1]
-    if bad:
-        raise FdcacheError(f"--alpha values must lie in [0, 1], got {bad}")
     paths = []
     rest = read_clip_rest(finetuned)  # a zero-shot head's text tower, for the open_clip form
     for alpha in alphas:
@@ -79,9 +78,13 @@ def sweep(zeroshot: str | Path, finetuned: str | Path, alphas: list[float], out:
     """``fdcache wise``: write each alpha's export and, with ``data``, evaluate it there.
     Returns (alpha, export, results or None) per alpha."""
     from ..distributed import Dist, device_for
-    from .classifiers import load_export
-    from .evaluate import evaluate
+    from .classifiers import export_spec, load_export
+    from .evaluate import eval_sets, evaluate
 
+    check(alpha=list(alphas), batch_size=batch_size, workers=workers)
+    if data:  # the eval sets are checked before any export is written
+        spec, _ = export_spec(finetuned)
+        eval_sets([str(x) for x in data], classnames, None if spec.kind == "clip" else spec.classnames)
     dev = device_for(Dist(), device)
     rows = []
     for a, p in zip(alphas, wise(zeroshot, finetuned, alphas, out, ema=ema, overwrite=overwrite)):

@@ -1,0 +1,127 @@
+"""What a run reads and writes besides the store: checkpoints (damaged, or cut short by a full
+disk), eval sets, outputs and their folders, file modes. Each problem is a named error with
+exit 2 before the work it would spoil, and nothing is left half-written."""
+
+import contextlib
+import os
+import resource
+import shutil
+import signal
+import stat
+
+import pytest
+from typer.testing import CliRunner
+
+from fdcache.cli.app import app
+from fdcache.distill.teachers import TINY_TEACHER
+from fdcache.errors import DataError
+from fdcache.samples import make_image_folder
+from fdcache.store.manifest import index
+
+
+def run(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def train_args(store, out, *extra):
+    return ["train", "--cache", store, "--student", "fd-tiny", "--steps", 2, "--batch-size", 4, "--threads", 1,
+            "--loss-impl", "torch", "--warmup-steps", 1, "--out", out, *extra]
+
+
+def one_error_line(r) -> str:
+    """The output holds one ``error:`` line (no traceback, no box); it is returned."""
+    lines = [line for line in r.output.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in r.output and "╭" not in r.output, r.output
+    return lines[0]
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "random"])
+def test_a_damaged_checkpoint_on_resume_is_a_named_error(tiny_run, tiny_store, tmp_path, damage):
+    out = shutil.copytree(tiny_run, tmp_path / "run")
+    ck = out / "checkpoints" / "last.pt"
+    good = ck.read_bytes()
+    ck.write_bytes({"empty": b"", "truncated": good[: len(good) // 2], "random": os.urandom(4096)}[damage])
+    r = run(*train_args(tiny_store, out, "--resume"))
+    assert r.exit_code == 2
+    line = one_error_line(r)
+    assert "checkpoint is unreadable" in line and str(ck) in line and "--overwrite" in line
+
+
+@contextlib.contextmanager
+def file_size_limit(nbytes: int):
+    """Writes past ``nbytes`` fail with EFBIG in this process, as on a full disk (a quota)."""
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, old[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_named_and_leaves_the_last_one_whole(tiny_store, tmp_path):
+    out = tmp_path / "run"
+    args = train_args(tiny_store, out, "--save-every", 1)
+    assert run(*args, "--run-steps", 1).exit_code == 0
+    ck = out / "checkpoints" / "last.pt"
+    before = ck.read_bytes()
+    with file_size_limit(len(before) // 2):
+        r = run(*args, "--resume")
+    assert r.exit_code == 2
+    line = one_error_line(r)
+    assert "writing the checkpoint failed: File too large" in line and "free disk space" in line and str(ck) in line
+    assert not list(out.rglob("*.tmp")) and ck.read_bytes() == before
+
+
+def test_resume_without_a_run_says_there_is_none(tiny_store, tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = run(*train_args(tiny_store, tmp_path / "empty", "--resume"))
+    assert r.exit_code == 2 and "there is no run to resume" in one_error_line(r)
+
+
+def test_a_file_given_as_an_image_folder_is_called_a_file(image_root, tmp_path):
+    a_file = next(image_root.rglob("*.jpg"))
+    r = run("finetune", "--model", TINY_TEACHER, "--random-init", "--data", a_file, "--out", tmp_path / "ft")
+    assert r.exit_code == 2 and "is a file, not a folder (--data)" in one_error_line(r)
+    with pytest.raises(DataError, match="is a file, not an image folder"):
+        index(a_file)
+
+
+@pytest.mark.parametrize("case", ["other classes", "no images"])
+def test_finetune_checks_its_val_sets_before_training(image_root, tmp_path, case):
+    val = tmp_path / "val"
+    if case == "other classes":
+        make_image_folder(val, classes=2, per_class=2)
+        for d in val.iterdir():
+            d.rename(val / f"other_{d.name}")
+    else:
+        (val / "class_000").mkdir(parents=True)
+    out = tmp_path / "ft"
+    r = run("finetune", "--model", TINY_TEACHER, "--random-init", "--templates", "simple", "--data", image_root,
+            "--val", val, "--steps", 2, "--batch-size", 4, "--workers", 0, "--out", out)
+    assert r.exit_code == 2 and str(val) in r.output, r.output
+    assert not (out / "log.jsonl").exists() and not (out / "checkpoints").exists()  # nothing trained
+
+
+@pytest.mark.parametrize("command", ["inspect", "eval", "bench"])
+@pytest.mark.parametrize("where", ["missing folder", "a folder"])
+def test_json_output_is_checked_before_the_work(tiny_store, image_root, tmp_path, command, where):
+    dest = tmp_path / "nowhere" / "r.json" if where == "missing folder" else tmp_path
+    args = {"inspect": ["inspect", tiny_store],
+            "eval": ["eval", "--model", TINY_TEACHER, "--random-init", "--data", image_root, "--workers", 0],
+            "bench": ["bench", "--student", "fd-tiny", "--teacher", TINY_TEACHER, "--random-init", "--steps", 1]}
+    r = run(*args[command], "--json", dest)
+    assert r.exit_code == 2
+    assert "(--json)" in one_error_line(r)  # and nothing else: no table, no "building a store"
+
+
+def test_exports_follow_the_umask_like_every_other_file(tiny_store, tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "run"
+        assert run(*train_args(tiny_store, out)).exit_code == 0
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(out).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()}
+    assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes

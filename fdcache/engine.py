@@ -33,10 +33,11 @@ import torch
 
 from . import distributed
 from .errors import FdcacheError, Interrupted, cause_of
+from .lock import AdvisoryLock
 from .progress import Progress
 
 __all__ = ["cosine_schedule", "rng_state", "set_rng_state", "atomic_save", "RUN_FILES", "run_files",
-           "clear_run", "resume_checkpoint", "CHECKPOINT_KEYS", "load_checkpoint", "truncate_log", "resume_command",
+           "clear_run", "run_lock", "resume_checkpoint", "CHECKPOINT_KEYS", "load_checkpoint", "truncate_log", "resume_command",
            "stop_on_signals", "Task", "FitResult", "Engine"]
 
 
@@ -108,6 +109,13 @@ def clear_run(out: Path, patterns) -> list[Path]:
         if d != out and d.is_dir() and not any(d.iterdir()):
             d.rmdir()
     return gone
+
+
+def run_lock(out: str | Path) -> AdvisoryLock:
+    """One writer per run directory: ``OUT.fdcache-lock`` beside it (:mod:`fdcache.lock`, as
+    stores have), so a second run into the same ``--out`` is refused naming the first, even
+    with ``--overwrite``; the file goes when its holder ends, a killed holder's lock with it."""
+    return AdvisoryLock.beside(out, f"the run directory {out}")
 
 
 def resume_checkpoint(out: Path, patterns) -> Path:
@@ -425,12 +433,23 @@ class Engine:
     def fit(self) -> FitResult:
         """Run (or resume) to ``total_steps`` (or ``run_steps`` more), then checkpoint and,
         when done, the task's export. SIGINT/SIGTERM: checkpoint after the step, then
-        :class:`Interrupted` naming the resume command."""
+        :class:`Interrupted` naming the resume command. The run directory has one writer:
+        rank 0 holds its lock (:func:`run_lock`) from the first look at ``OUT`` to the end."""
         cfg, d, task = self.cfg, self.dist, self.task
-        task.started(self.begin())
-        stop = self.total_steps if cfg.run_steps is None else min(self.total_steps, self.step + cfg.run_steps)
-        self.log = open(self.out / "log.jsonl", "a") if d.is_main else None
+        lock = run_lock(self.out)
+        error = None
+        if d.is_main:
+            try:
+                lock.__enter__()
+            except FdcacheError as e:
+                error = e
+        error = d.broadcast(error)
+        if error is not None:
+            raise error
         try:
+            task.started(self.begin())
+            stop = self.total_steps if cfg.run_steps is None else min(self.total_steps, self.step + cfg.run_steps)
+            self.log = open(self.out / "log.jsonl", "a") if d.is_main else None
             losses, seen, wait, signum, elapsed = self._loop(stop)
             ckpt = self.save()
             if signum is not None:
@@ -441,6 +460,7 @@ class Engine:
             if self.log is not None:
                 self.log.close()
                 self.log = None
+            lock.__exit__(None, None, None)
         d.barrier()
         return FitResult(out=str(self.out), steps=self.step, losses=losses,
                          images_per_s=seen / max(elapsed, 1e-9), data_wait_fraction=wait / max(elapsed, 1e-9),

@@ -19,7 +19,9 @@ from pathlib import Path
 
 from .errors import FdcacheError
 
-__all__ = ["AdvisoryLock"]
+__all__ = ["LOCK_SUFFIX", "AdvisoryLock"]
+
+LOCK_SUFFIX = ".fdcache-lock"  # the lock of a store or run directory X is the file X.fdcache-lock beside it
 
 
 class AdvisoryLock:
@@ -31,6 +33,13 @@ class AdvisoryLock:
         self.what, self.error = what, error
         self.fd = None
 
+    @classmethod
+    def beside(cls, target: str | os.PathLike, what: str, error: type[FdcacheError] = FdcacheError) -> "AdvisoryLock":
+        """The lock of the folder ``target``: ``TARGET.fdcache-lock`` next to it, in the same
+        file system (so it works on shared ones), outside the folder fdcache writes. The path is
+        resolved first, so ``.`` or a symlink to the folder finds the same lock."""
+        return cls(os.path.realpath(target) + LOCK_SUFFIX, what, error)
+
     def __enter__(self) -> "AdvisoryLock":
         if self.path is None:
             return self
@@ -40,10 +49,10 @@ class AdvisoryLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown holder"
+                holder = _holder(os.pread(fd, 4096, 0))
                 os.close(fd)
-                raise self.error(f"{self.what} is being written by another fdcache process ({holder}). "
-                                 "Wait for it to finish, or stop it; then re-run.") from None
+                raise self.error(f"{self.what} is being written by another fdcache process, {holder} "
+                                 f"({self.path}): wait for it to finish, or stop it; then re-run") from None
             try:
                 same = os.path.samestat(os.fstat(fd), os.stat(self.path))
             except FileNotFoundError:
@@ -65,3 +74,12 @@ class AdvisoryLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+
+
+def _holder(raw: bytes) -> str:
+    """``on HOST, pid N`` from a lock file's record (its writer may not have written it yet)."""
+    try:
+        rec = json.loads(raw.decode())
+        return f"on {rec['host']}, pid {rec['pid']}"
+    except (ValueError, KeyError, TypeError):
+        return "whose pid is not recorded yet"

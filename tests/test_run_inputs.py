@@ -7,6 +7,8 @@ import os
 import resource
 import shutil
 import signal
+import subprocess
+import sys
 import stat
 
 import pytest
@@ -125,3 +127,50 @@ def test_exports_follow_the_umask_like_every_other_file(tiny_store, tmp_path):
         os.umask(old)
     modes = {p.relative_to(out).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()}
     assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes
+
+
+# A train that pauses once it holds its run directory, until a line arrives on stdin.
+PAUSED_TRAIN = """
+import sys
+from fdcache.engine import Engine
+real = Engine._loop
+def held(self, stop):
+    print("holding", flush=True)
+    sys.stdin.readline()
+    return real(self, stop)
+Engine._loop = held
+from fdcache.cli.app import main
+sys.argv = ["fdcache", *sys.argv[1:]]
+main()
+"""
+
+
+def test_a_run_directory_has_one_writer_and_a_second_run_is_refused_naming_it(tiny_store, tmp_path):
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-c", PAUSED_TRAIN, *map(str, train_args(tiny_store, out))],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "holding"
+        before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+        r = run(*train_args(tiny_store, out, "--overwrite", "--seed", 5))  # even --overwrite waits its turn
+        line = one_error_line(r)
+        assert "being written by another fdcache process" in line and f"pid {first.pid}" in line, line
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    finally:
+        first.stdin.write("\n")
+        first.stdin.close()
+        _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err
+    assert (out / "model.safetensors").exists() and not (tmp_path / "run.fdcache-lock").exists()
+
+
+def test_a_killed_writer_leaves_no_lock_behind(tiny_store, tmp_path):
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from fdcache.engine import run_lock; "
+                               "run_lock(sys.argv[1]).__enter__(); print('held', flush=True); sys.stdin.read()",
+                               str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    holder.kill()  # SIGKILL: no clean-up ran
+    holder.wait()
+    assert run(*train_args(tiny_store, out)).exit_code == 0  # the kernel dropped its lock
+    assert not (tmp_path / "run.fdcache-lock").exists()  # and this run removed the file when it ended

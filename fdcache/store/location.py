@@ -18,12 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import StoreError, StoreLockedError
-from ..lock import AdvisoryLock
+from ..lock import LOCK_SUFFIX, AdvisoryLock
 from .layout import BINDING, CREATING, FIXED_ENTRIES, REPLACING, StoreInfo
 
 __all__ = ["LOCK_SUFFIX", "Location", "Occupancy", "is_partial"]
 
-LOCK_SUFFIX = ".fdcache-lock"
 # zarr's LocalStore writes <key>.<uuid hex>.partial, then renames it into place.
 _PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
 
@@ -69,8 +68,9 @@ class Location:
     def writer_lock(self) -> AdvisoryLock:
         """One writer per store: ``STORE.fdcache-lock`` next to the store (none for remote
         stores: object stores have no advisory locks)."""
-        path = None if self.remote else self.root.rstrip("/") + LOCK_SUFFIX
-        return AdvisoryLock(path, self.url, error=StoreLockedError)
+        if self.remote:
+            return AdvisoryLock(None, self.url, error=StoreLockedError)
+        return AdvisoryLock.beside(self.root, self.url, error=StoreLockedError)
 
     def keys(self, prefix: str = "") -> list[str]:
         """Every key under ``prefix`` (one recursive listing)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..engine import run_lock
 from ..errors import FdcacheError
 from ..options import check
 from .classifiers import read_clip_rest, read_export, save_export
@@ -44,30 +45,31 @@ def wise(zeroshot: str | Path, finetuned: str | Path, alphas: list[float], out: 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FdcacheError(f"--out {out} is a file, not a directory: choose another --out")
-    taken = [out / f"alpha-{a:.2f}" for a in alphas if (out / f"alpha-{a:.2f}").exists()]
-    if taken and not overwrite:
-        raise FdcacheError(f"{', '.join(map(str, taken[:3]))} already exist(s): pass --overwrite to replace "
-                           "those exports (only their files), or choose another --out")
-    run = Path(zeroshot).parent
-    if not Path(zeroshot).exists() and (run / "model.json").is_file():
-        raise FdcacheError(f"{zeroshot} does not exist: the run in {run} started from a fresh head, so it has "
-                           "no zero-shot end to interpolate with. WiSE-FT needs a run started with "
-                           "--head zeroshot, or an fdcache flyp run (both write OUT/init)")
-    zs_spec, _, zs_state, _ = read_export(zeroshot, ema=False)
-    ft_spec, _, ft_state, ft_file = read_export(finetuned, ema=ema)
-    same = ("kind", "source", "name", "resolution", "classnames", "head", "timm_kwargs")
-    diff = [f for f in same if getattr(zs_spec, f) != getattr(ft_spec, f)]
-    if diff:
-        raise FdcacheError(f"{zeroshot} and {finetuned} differ in {diff}: interpolate a run with its own "
-                           "init/ export (a zero-shot head or FLYP run writes OUT/init)")
-    paths = []
-    rest = read_clip_rest(finetuned)  # a zero-shot head's text tower, for the open_clip form
-    for alpha in alphas:
-        state = interpolate(zs_state, ft_state, alpha)
-        paths.append(save_export(Path(out) / f"alpha-{alpha:.2f}", ft_spec, state, clip_rest=rest,
-                                 info={"wise": {"alpha": alpha, "zeroshot": str(zeroshot),
-                                                "finetuned": str(finetuned), "finetuned_weights": ft_file}}))
-    return paths
+    with run_lock(out):  # one writer per --out, as for a training run
+        taken = [out / f"alpha-{a:.2f}" for a in alphas if (out / f"alpha-{a:.2f}").exists()]
+        if taken and not overwrite:
+            raise FdcacheError(f"{', '.join(map(str, taken[:3]))} already exist(s): pass --overwrite to replace "
+                               "those exports (only their files), or choose another --out")
+        run = Path(zeroshot).parent
+        if not Path(zeroshot).exists() and (run / "model.json").is_file():
+            raise FdcacheError(f"{zeroshot} does not exist: the run in {run} started from a fresh head, so it has "
+                               "no zero-shot end to interpolate with. WiSE-FT needs a run started with "
+                               "--head zeroshot, or an fdcache flyp run (both write OUT/init)")
+        zs_spec, _, zs_state, _ = read_export(zeroshot, ema=False)
+        ft_spec, _, ft_state, ft_file = read_export(finetuned, ema=ema)
+        same = ("kind", "source", "name", "resolution", "classnames", "head", "timm_kwargs")
+        diff = [f for f in same if getattr(zs_spec, f) != getattr(ft_spec, f)]
+        if diff:
+            raise FdcacheError(f"{zeroshot} and {finetuned} differ in {diff}: interpolate a run with its own "
+                               "init/ export (a zero-shot head or FLYP run writes OUT/init)")
+        paths = []
+        rest = read_clip_rest(finetuned)  # a zero-shot head's text tower, for the open_clip form
+        for alpha in alphas:
+            state = interpolate(zs_state, ft_state, alpha)
+            paths.append(save_export(Path(out) / f"alpha-{alpha:.2f}", ft_spec, state, clip_rest=rest,
+                                     info={"wise": {"alpha": alpha, "zeroshot": str(zeroshot),
+                                                    "finetuned": str(finetuned), "finetuned_weights": ft_file}}))
+        return paths
 
 
 

@@ -157,9 +157,7 @@ def test_a_run_directory_has_one_writer_and_a_second_run_is_refused_naming_it(ti
         assert "being written by another fdcache process" in line and f"pid {first.pid}" in line, line
         assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     finally:
-        first.stdin.write("\n")
-        first.stdin.close()
-        _, err = first.communicate(timeout=600)
+        _, err = first.communicate(input="\n", timeout=600)
     assert first.returncode == 0, err
     assert (out / "model.safetensors").exists() and not (tmp_path / "run.fdcache-lock").exists()
 

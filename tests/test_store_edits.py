@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from conftest import extract_tiny
-from fdcache.distill.train import TrainConfig, Trainer
+from fdcache.distill.train import TrainConfig, DistillTask
 from fdcache.errors import StoreMismatchError, VerifyError
 from fdcache.store.inspect import verify_store
 
@@ -41,7 +41,7 @@ def test_a_picture_replaced_by_one_of_another_pixel_size_is_found_from_its_heade
     same_bytes_other_pixels(victim)
     assert victim.stat().st_size == before
     with pytest.raises(StoreMismatchError, match=f"{victim.name}: .* pixels, .* recorded"):
-        Trainer(TrainConfig(out=str(tmp_path / "run"), cache=str(store), student="fd-tiny", steps=1, batch_size=4,
+        DistillTask(TrainConfig(out=str(tmp_path / "run"), cache=str(store), student="fd-tiny", steps=1, batch_size=4,
                             num_threads=1, progress=False))
     with pytest.raises(VerifyError) as e:
         verify_store(str(store))

@@ -79,3 +79,16 @@ def test_bench_rejects_unknown_modes():
     r = CliRunner().invoke(app, ["bench", "--student", "fd-tiny", "--teacher", TINY_TEACHER, "--random-init",
                                  "--modes", "ceiling,warp"])
     assert r.exit_code != 0 and "warp" in r.output
+
+
+def test_bench_ceiling_resamples_a_teacher_grid_of_another_size(tmp_path):
+    """The papers' L/14 teacher makes 257 tokens, a B/16 student 197: every mode, the ceiling
+    too, resamples the stored map as training does (here 17 teacher tokens, 5 student tokens)."""
+    r = CliRunner().invoke(app, ["bench", "--student", "fd-tiny", "--teacher", "fdcache-small-vit", "--random-init",
+                                 "--resolution", "32", "--batch-size", "2", "--steps", "1", "--warmup", "0",
+                                 "--repeats", "1", "--modes", "ceiling,offline", "--loss-impl", "torch",
+                                 "--threads", "1", "--json", str(tmp_path / "b.json")])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "b.json").read_text())
+    assert (res["environment"]["teacher_tokens"], res["environment"]["student_tokens"]) == (17, 5)
+    assert res["ceiling"]["images_per_s"] > 0 and res["offline"]["images_per_s"] > 0

@@ -1,6 +1,10 @@
-"""The fused kernel against the plain-PyTorch reference in float64 (TRITON_INTERPRET=1 on CPU)."""
+"""The fused kernel against the plain-PyTorch reference in float64 (TRITON_INTERPRET=1 on CPU).
+
+``FDCACHE_KERNEL_TEST_DEVICE=cuda TRITON_INTERPRET=0`` runs the same tests on the kernels
+compiled for a GPU (benchmarks/gpu/check.py does); the reference stays on the CPU."""
 
 import itertools
+import os
 
 import fdcache.kernels.loss as kmod
 import pytest
@@ -11,6 +15,12 @@ from fdcache.codecs import quantize_int8
 
 pytestmark = pytest.mark.skipif(not kmod.triton_available(), reason="triton not installed")
 
+DEVICE = torch.device(os.environ.get("FDCACHE_KERNEL_TEST_DEVICE", "cpu"))
+# Triton reads TRITON_INTERPRET when a kernel is decorated (at import), not at each launch.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+compiled_kernels = pytest.mark.skipif(
+    INTERPRETED,
+    reason="the kernels were built for the interpreter: run with TRITON_INTERPRET=0 FDCACHE_KERNEL_TEST_DEVICE=cuda")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 SCALER = 2.0 ** 16  # GradScaler's initial scale: the grad_output fp16 AMP training passes
 
@@ -24,16 +34,17 @@ def poisoned(monkeypatch):
     monkeypatch.setattr(kmod, "_empty", empty)
 
 
-def _inputs(shape, pred_dtype, target_dtype=torch.float16, scale=1.0, seed=0):
+def _inputs(shape, pred_dtype, target_dtype=torch.float16, scale=1.0, seed=0, device=DEVICE):
     g = torch.Generator().manual_seed(seed)
-    pred = (torch.randn(shape, generator=g) * 1.5).to(pred_dtype).requires_grad_()
+    pred = (torch.randn(shape, generator=g) * 1.5).to(device, pred_dtype).requires_grad_()
     target = (torch.randn(shape, generator=g) * scale + torch.randn(shape[:-1] + (1,), generator=g) * scale)
-    return pred, target.to(target_dtype)
+    return pred, target.to(device, target_dtype)
 
 
 def _reference(pred, target, **kw):
-    p64 = pred.detach().double().requires_grad_()
-    loss = fd_loss_reference(p64, target, **kw)
+    p64 = pred.detach().cpu().double().requires_grad_()
+    kw = {k: v.cpu() if torch.is_tensor(v) else v for k, v in kw.items()}
+    loss = fd_loss_reference(p64, target.cpu(), **kw)
     grad_out = SCALER * (torch.randn_like(loss) if loss.ndim else torch.tensor(1.0, dtype=loss.dtype))
     loss.backward(grad_out)
     return loss.detach(), p64.grad, grad_out
@@ -42,13 +53,13 @@ def _reference(pred, target, **kw):
 def _check(pred, target, reduction="mean", **kw):
     ref_loss, ref_grad, grad_out = _reference(pred, target, reduction=reduction, **kw)
     loss = fd_loss(pred, target, reduction=reduction, impl="triton", **kw)
-    loss.backward(grad_out.to(loss.dtype))
+    loss.backward(grad_out.to(loss.device, loss.dtype))
     assert torch.isfinite(loss).all() and torch.isfinite(pred.grad).all()
-    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(loss.double().cpu(), ref_loss, rtol=1e-5, atol=1e-7)
     tol = TOL[pred.dtype]
     # No subnormal slack: with a GradScaler-sized grad_output every gradient is a normal
     # number in every dtype, so only rounding separates it from the float64 reference.
-    torch.testing.assert_close(pred.grad.double(), ref_grad, rtol=tol, atol=tol * ref_grad.abs().max().item())
+    torch.testing.assert_close(pred.grad.double().cpu(), ref_grad, rtol=tol, atol=tol * ref_grad.abs().max().item())
 
 
 @pytest.mark.parametrize("D,L,B", list(itertools.product([64, 100, 768, 1024], [1, 17, 197], [1, 3])))
@@ -85,11 +96,11 @@ def test_backward_scaling_alone_at_training_size():
     numel = 128 * 197 * 768
     g = torch.linspace(-1, 1, 2 * 768).to(torch.float16).view(2, 768)
     expected = (g.double() * SCALER / numel).to(torch.float16)
-    out = kmod.scale_grad_(g.clone(), torch.tensor(SCALER), 1.0 / numel)
-    assert torch.equal(out, expected)
+    out = kmod.scale_grad_(g.clone().to(DEVICE), torch.tensor(SCALER, device=DEVICE), 1.0 / numel)
+    assert torch.equal(out.cpu(), expected)
     per_row = torch.tensor([SCALER, -2 * SCALER])
-    out = kmod.scale_grad_(g.clone(), per_row, 1.0 / 768)
-    assert torch.equal(out, (g.double() * per_row.double()[:, None] / 768).to(torch.float16))
+    out = kmod.scale_grad_(g.clone().to(DEVICE), per_row.to(DEVICE), 1.0 / 768)
+    assert torch.equal(out.cpu(), (g.double() * per_row.double()[:, None] / 768).to(torch.float16))
 
 
 def test_backward_never_reads_the_device(monkeypatch):
@@ -102,7 +113,7 @@ def test_backward_never_reads_the_device(monkeypatch):
     for name in ("item", "tolist", "__bool__"):
         monkeypatch.setattr(torch.Tensor, name, sync)
     monkeypatch.setattr(torch, "equal", sync)
-    loss.backward(torch.tensor(SCALER))
+    loss.backward(torch.tensor(SCALER, device=DEVICE))
     monkeypatch.undo()
     assert torch.isfinite(pred.grad).all()
 
@@ -162,16 +173,16 @@ def test_non_contiguous_inputs_are_handled():
     target = base_t.transpose(0, 1)
     assert not pred.is_contiguous()
     _check(pred, target)
-    wide_t = torch.randn(3, 17, 200).half()[..., ::2]  # last dim strided
-    p2 = torch.randn(3, 17, 100, requires_grad=True)
+    wide_t = torch.randn(3, 17, 200, device=DEVICE).half()[..., ::2]  # last dim strided
+    p2 = torch.randn(3, 17, 100, device=DEVICE, requires_grad=True)
     _check(p2, wide_t)
 
 
 @pytest.mark.gpu
-def test_reduction_is_deterministic(monkeypatch):
+@compiled_kernels
+def test_reduction_is_deterministic():
     """Bit-identical loss and gradient run after run on a GPU, where a float-atomic reduction
     would not be (the interpreter runs programs one by one: it cannot show this)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
     pred, target = _inputs((64, 197, 768), torch.float32)
     pred, target = pred.detach().cuda(), target.cuda()
     runs = []
@@ -213,23 +224,24 @@ def test_second_backward_through_the_kernel_is_refused():
         loss.backward()
 
 
+@pytest.mark.skipif(not INTERPRETED, reason="checks the choice made under the interpreter")
 def test_auto_uses_triton_under_the_interpreter_and_the_reference_otherwise(monkeypatch):
-    pred, target = _inputs((1, 2, 8), torch.float32)
+    pred, target = _inputs((1, 2, 8), torch.float32, device="cpu")
     assert fd_loss(pred, target).grad_fn.name().startswith("_FDLoss")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert "_FDLoss" not in fd_loss(pred, target).grad_fn.name()
 
 
 @pytest.mark.gpu
+@compiled_kernels
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_compiled_kernel_on_gpu_matches_reference(dtype, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+def test_compiled_kernel_on_gpu_matches_reference(dtype):
     pred, target = _inputs((8, 197, 768), dtype)
     pred = pred.detach().cuda().requires_grad_()
     target = target.cuda()
     ref_loss, ref_grad, grad_out = _reference(pred, target)
     loss = fd_loss(pred, target)
     loss.backward(grad_out.cuda())
-    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(pred.grad.double(), ref_grad, rtol=TOL[dtype],
+    torch.testing.assert_close(loss.double().cpu(), ref_loss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(pred.grad.double().cpu(), ref_grad, rtol=TOL[dtype],
                                atol=TOL[dtype] * ref_grad.abs().max().item())

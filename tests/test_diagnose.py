@@ -223,3 +223,24 @@ def test_images_are_spread_over_the_folder(tmp_path):
     picked = [p.relative_to(tmp_path).as_posix() for p in D.list_images(tmp_path, 3)]
     assert picked == ["c0/0.png", "c1/0.png", "c2/0.png"]
     assert len(D.list_images(tmp_path, None)) == 12
+
+
+def test_realweights_fp16_file_is_half_and_loads_as_a_teacher_close_to_fp32(tmp_path, monkeypatch):
+    """The GPU check carries the converted ViT-S/14 in fp16 (44 MB, one device call); timm
+    casts it back into the fp32 model. A tiny stand-in for the conversion keeps this fast."""
+    from fdcache.distill.teachers import load_teacher
+    from fdcache.tools import realweights
+
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(realweights.TIMM_NAME, num_classes=0, img_size=28)  # random: a stand-in
+    monkeypatch.setattr(realweights, "convert", lambda resolution: dict(model.state_dict()))
+    full, half = (realweights.save(tmp_path / f"{d}.pth", 28, d) for d in (torch.float32, torch.float16))
+    assert {v.dtype for v in torch.load(half).values()} == {torch.float16}
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    x = torch.randn(1, 3, 28, 28)
+    feats = [load_teacher(f"timm:{realweights.TIMM_NAME}", str(p), resolution=28).model.forward_features(x)
+             for p in (full, half)]
+    assert feats[0].dtype == feats[1].dtype == torch.float32
+    torch.testing.assert_close(feats[1], feats[0], rtol=0, atol=2e-2)

@@ -120,7 +120,7 @@ def table(rows: list[dict]) -> str:
         lines.append(f"| {'x'.join(map(str, r['shape']))} | {r['target']} | {r['triton_ms']:.3f} | "
                      f"{r['triton_GBps']:.0f} | {floor} | {r['eager_ms']:.3f} | {r['compile_ms']:.3f} | "
                      f"{r['speedup_vs_eager']:.1f} | {r['speedup_vs_compile']:.2f} | "
-                     f"{r['triton_grad_max_err']:.1e} / {r['eager_grad_max_err']:.1e} / {r['compile_grad_max_err']:.1e} |")
+                     + " / ".join(f"{r[f'{i}_grad_max_err']:.1e}" for i in IMPLS) + " |")
     return "\n".join(lines)
 
 

@@ -233,7 +233,8 @@ def main():
     if args.cmd == "wheels":
         records = resolve(args.dest)
         for r in sorted(records, key=lambda r: -r["bytes"]):
-            print(f"  {r['bytes'] / 1e6:7.1f} MB  {r['name']} {r['version']}  <- {', '.join(sorted(set(r['required_by'])))}")
+            needed_by = ", ".join(sorted(set(r["required_by"])))
+            print(f"  {r['bytes'] / 1e6:7.1f} MB  {r['name']} {r['version']}  <- {needed_by}")
         print(f"  {sum(r['bytes'] for r in records) / 1e6:7.1f} MB in {len(records)} wheels")
     elif args.cmd == "photos":
         print(photos(args.dest))

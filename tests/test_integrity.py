@@ -425,3 +425,35 @@ def test_cli_exits_2_with_a_message_not_a_traceback(small_root, tmp_path):
     r = runner.invoke(app, ["extract", str(small_root), "--out", str(bad), "--teacher", TINY_TEACHER,
                             "--random-init", "--overwrite"])
     assert r.exit_code == 2 and "cannot prove" in r.output and (bad / "zarr.json").exists()
+
+
+@pytest.mark.parametrize("keep_empty", [False, True], ids=["chunk dropped", "zeros written"])
+def test_a_sample_zeroed_by_another_zarr_client_is_found_repaired_and_recomputed(small_root, small_store, tmp_path,
+                                                                                  keep_empty):
+    """Issue 22, item 2: ``group["targets"][0, 5] = 0`` through zarr's own API. With zarr's
+    defaults the sample's chunk is dropped from its shard (the shard file, index and checksums
+    stay valid); with ``write_empty_chunks=True`` a zero target is stored. Either way verify
+    names the sample, --repair un-marks its shard, and the same extract restores the store."""
+    store = tmp_path / "s.zarr"
+    shutil.copytree(small_store, store)
+    targets = zarr.open_group(str(store), mode="r+")["targets"]
+    (targets.with_config({"write_empty_chunks": True}) if keep_empty else targets)[0, 5] = 0
+    assert tree_bytes(store) != tree_bytes(small_store)
+    with pytest.raises(VerifyError) as e:
+        verify_store(str(store), check_files=False)
+    assert len(e.value.problems) == 1 and "sample 5" in e.value.problems[0], e.value.problems
+    assert ("everywhere" in e.value.problems[0]) == keep_empty  # a zero target, or no chunk at all
+    with pytest.raises(VerifyError, match="un-marked 1 shard"):
+        verify_store(str(store), check_files=False, repair=True)
+    extract(cfg(small_root, store))
+    assert tree_bytes(store) == tree_bytes(small_store)
+    verify_store(str(store))
+
+
+def test_a_skipped_sample_of_zeros_is_not_a_finding(small, tmp_path):
+    """The constant-target check spares samples marked skipped (their zeros are the record)."""
+    (small / "class_000" / "zz_empty.jpg").write_bytes(b"")
+    out = tmp_path / "s.zarr"
+    extract(cfg(small, out, skip_bad=True))
+    assert Store.open(str(out)).skipped(0).sum() == 1
+    verify_store(str(out), check_files=False)

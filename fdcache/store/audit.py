@@ -70,6 +70,7 @@ def audit(store: Store, progress=None) -> list[Problem]:
     have = set(store.location.keys())
     done = _audit_done(arrays["done"], seeds, problems)
     data = [d for d in decls.values() if d.data]
+    reader = store.reader(done=done, skipped=_lenient_skipped(arrays["skipped"])) if done.any() else None
     for s in range(seeds):
         for k in range(shards.count):
             a, b = shards.range(k)
@@ -77,16 +78,19 @@ def audit(store: Store, progress=None) -> list[Problem]:
             if not done[s, k]:
                 problems.append(Problem(f"{where} is not complete: re-run the same fdcache extract command"))
             else:
+                gone = [d.name for d in data if shard_key(d.name, s, k, len(d.shape)) not in have]
+                for name in gone:
+                    problems.append(Problem(f"{name} seed {s} shard {k}: marked done but its data is "
+                                            f"missing (samples {a}..{b - 1})", ("unmark", s, k)))
                 for d in data:
-                    if shard_key(d.name, s, k, len(d.shape)) not in have:
-                        problems.append(Problem(f"{d.name} seed {s} shard {k}: marked done but its data is "
-                                                f"missing (samples {a}..{b - 1})", ("unmark", s, k)))
-                        continue
-                    try:
-                        arrays[d.name][s, a:b]
-                    except Exception as e:  # noqa: BLE001 -- checksum mismatch, truncated shard, bad codec bytes
-                        problems.append(Problem(f"{d.name} seed {s} shard {k} (samples {a}..{b - 1}): unreadable "
-                                                f"({type(e).__name__}: {e})", ("unmark", s, k)))
+                    if d.name not in gone and not d.codec:  # skip flags: zarr checks their crc32c
+                        try:
+                            arrays[d.name][s, a:b]
+                        except Exception as e:  # noqa: BLE001
+                            problems.append(Problem(f"{d.name} seed {s} shard {k} (samples {a}..{b - 1}): "
+                                                    f"unreadable ({type(e).__name__}: {e})", ("unmark", s, k)))
+                if not gone:
+                    _audit_samples(store, reader, s, k, problems)
             if progress is not None:
                 progress(1)
     _audit_views(arrays["views"], seeds, have, problems)
@@ -109,6 +113,37 @@ def repair(store: Store, problems: list[Problem]) -> list[str]:
         store.write_views(store.manifest(), seeds)
         done_msgs.append(f"redrew the views of seed(s) {seeds}")
     return done_msgs
+
+
+def _audit_samples(store: Store, reader, s: int, k: int, problems: list[Problem]) -> None:
+    """Shard ``k`` of seed ``s`` read as training reads it (the reader: every sample's chunk
+    present in its shard index and its crc32c right, whoever wrote the file), then each sample
+    decoded: a target that is one value throughout in a sample not marked skipped is never a
+    teacher's output. Another Zarr client writing zeros (or any fill value) makes exactly that,
+    or, with zarr's default ``write_empty_chunks=False``, drops the sample's chunk: both are
+    found here and repaired the same way (un-mark; the extract recomputes the shard)."""
+    a, b = store.shards.range(k)
+    try:
+        stored = reader.read_range(s, a, b)
+    except Exception as e:  # noqa: BLE001 -- StoreDataError names the sample; anything else is damage too
+        problems.append(Problem(f"seed {s} shard {k} (samples {a}..{b - 1}): {e}", ("unmark", s, k)))
+        return
+    flat = store.info.codec.decode(stored).flatten(1)
+    constant = (flat.amax(dim=1) == flat.amin(dim=1)).numpy() & ~reader.skipped[s, a:b]
+    for j in constant.nonzero()[0].tolist():
+        problems.append(Problem(
+            f"seed {s} sample {a + j} (shard {k}): its target is {float(flat[j, 0]):g} everywhere but the sample "
+            "is not marked skipped: no teacher outputs that (written by another client?). --repair un-marks the "
+            "shard; the same fdcache extract then recomputes it", ("unmark", s, k)))
+
+
+def _lenient_skipped(arr) -> np.ndarray:
+    """The skip flags, or none set where a chunk is unreadable (that damage is reported per
+    shard; its samples are then read and checked as any other)."""
+    try:
+        return arr[:].astype(bool)
+    except Exception:  # noqa: BLE001
+        return np.zeros(arr.shape, bool)
 
 
 def _audit_done(arr, seeds: int, problems: list[Problem]) -> np.ndarray:

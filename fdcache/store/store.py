@@ -262,17 +262,20 @@ class Store:
         as before the shard was first written), so the same extract recomputes the shard."""
         self.group["done"][seed, k] = 0
 
-    def reader(self, threads: int | None = None):
+    def reader(self, threads: int | None = None, done: np.ndarray | None = None,
+               skipped: np.ndarray | None = None):
         """The one reader of stored arrays (:class:`~fdcache.store.reader.TargetReader`): batch
         reads of ``(seed, indices)``, checksums checked, lost data an error.
 
-        ``threads``: read and decode threads per batch (default: up to 4)."""
+        ``threads``: read and decode threads per batch (default: up to 4). ``done``/``skipped``:
+        the markers and skip flags as the caller already read them (verify reads them leniently:
+        a damaged marker is one of its findings, not a reason to stop)."""
         from .reader import Layout, TargetReader
 
         arrays = [self.group[a.name] for a in self.array_specs()]
         layouts = [Layout.from_metadata(a.basename, a.metadata.to_dict(), a.dtype) for a in arrays]
-        return TargetReader(self.location, layouts, self.info.shards, self.done(), self.skipped(),
-                            threads=threads)
+        return TargetReader(self.location, layouts, self.info.shards, self.done() if done is None else done,
+                            self.skipped() if skipped is None else skipped, threads=threads)
 
     def read(self, seed: int, start: int, stop: int):
         """Decoded float32 targets ``[n, L, D]`` of samples ``start:stop`` of ``seed``."""

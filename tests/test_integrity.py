@@ -336,7 +336,10 @@ def test_skip_bad_records_empty_and_text_files_named_jpg(small, tmp_path):
     with pytest.raises(BadImageError, match="zz_empty.jpg"):
         extract(cfg(small, out))
     assert not out.exists()
+    lock = tmp_path / "s.zarr.fdcache-lock"
+    assert not lock.exists()  # issue 22, item 18: a failed extract leaves no lock file beside the store
     r = extract(cfg(small, out, skip_bad=True))
+    assert not lock.exists()  # nor does a finished one
     assert r.skipped == ["class_000/zz_empty.jpg", "class_001/zz_text.jpg"]
     store = Store.open(str(out))
     assert store.skipped(0).sum() == 2 and store.done().all()

@@ -136,7 +136,7 @@ def train(
     tensorboard: bool = typer.Option(False, rich_help_panel="Run", help="Also write TensorBoard scalars to OUT/tb."),
     seed: int = typer.Option(T("seed"), rich_help_panel="Schedule and optimizer", help="Run seed: student init and sample order."),
     threads: int = typer.Option(T("num_threads"), rich_help_panel="Performance", help="DALI threads."),
-    loader_workers: str = typer.Option(T("loader_workers"), rich_help_panel="Performance", help="DALI parallel external-source worker processes (0: in-process; auto: on with CUDA)."),
+    loader_workers: str = typer.Option(T("loader_workers"), metavar="auto|N", rich_help_panel="Performance", help="DALI parallel external-source worker processes (0: in-process; auto: on with CUDA)."),
     device: Device = typer.Option(Device.auto, rich_help_panel="Performance", help="Where the student trains."),
 ):
     """Distill a student from a store (offline) or from the teacher in the loop (--online).
@@ -184,7 +184,7 @@ def bench(
     loss_impl: LossImpl = typer.Option(LossImpl.auto, rich_help_panel="Performance", help="FD loss implementation."),
     amp: Amp = typer.Option(Amp.auto, rich_help_panel="Performance", help="Autocast dtype."),
     threads: int = typer.Option(4, rich_help_panel="Performance", help="DALI threads."),
-    loader_workers: str = typer.Option(T("loader_workers"), rich_help_panel="Performance", help="DALI parallel external-source worker processes (0: in-process; auto: on with CUDA)."),
+    loader_workers: str = typer.Option(T("loader_workers"), metavar="auto|N", rich_help_panel="Performance", help="DALI parallel external-source worker processes (0: in-process; auto: on with CUDA)."),
     modes: str = typer.Option(",".join(("ceiling", "offline", "online", "teacher", "extract")), rich_help_panel="Measurement",
                               help="Comma-separated subset of ceiling,offline,online,teacher,extract."),
     json_out: Optional[str] = path_option(json_output, None, "--json", rich_help_panel="Output", help=JSON_HELP),

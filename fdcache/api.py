@@ -16,12 +16,12 @@ from .options import CLI_NAMES, parse_overrides
 def _fields(options: dict) -> dict:
     """Keyword options with the CLI's names (``lr``, ``threads``, ``student_arg``, ``views``)
     as config fields (``base_lr``, ``num_threads``, ``student_overrides``, ``policy``)."""
-    out = {}
+    out, given = {}, {}
     for key, value in options.items():
         name = CLI_NAMES.get(key, key)
         if name in out:
-            raise FdcacheError(f"{key} and {name} are the same option: give one")
-        out[name] = parse_overrides(value) if name == "student_overrides" else value
+            raise FdcacheError(f"{given[name]} and {key} are the same option: give one")
+        out[name], given[name] = (parse_overrides(value) if name == "student_overrides" else value), key
     return out
 
 __all__ = ["extract", "train", "score", "finetune", "flyp", "evaluate", "wise", "open_store"]

@@ -125,6 +125,8 @@ def resume_checkpoint(out: Path, patterns) -> Path:
     out = Path(out)
     last = out / "checkpoints" / "last.pt"
     if not last.exists():
+        with run_lock(out):  # a run still writing OUT has not stopped: name its holder instead
+            pass
         if not run_files(out, patterns):
             raise FdcacheError(f"there is no run to resume in {out} (--resume): start it without --resume "
                                "(or give the --out of the run to continue)")

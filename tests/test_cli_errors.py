@@ -70,7 +70,7 @@ def test_every_option_has_help(cmd):
 def test_bench_takes_loader_workers_as_train_does():
     for cmd in ("train", "bench"):
         row = next(line for line in _help(cmd).splitlines() if "--loader-workers" in line)
-        assert "<str>" in row and "[default: auto]" in row, row
+        assert "auto|N" in row and "<str>" not in row and "[default: auto]" in row, row
 
 
 @pytest.mark.parametrize("width", [80, 100])

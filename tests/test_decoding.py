@@ -153,3 +153,22 @@ def test_a_window_outside_a_replaced_image_keeps_dalis_reason_and_names_the_file
     stream = PixelStream(work, resolution=16, mean=(0.5,) * 3, std=(0.5,) * 3, num_threads=1)
     with pytest.raises(BadImageError, match=r"small.jpg: The cropping window .* not valid for image dimensions"):
         list(stream)
+
+
+@pytest.mark.parametrize("name", ["colour16.png", "float.tif"])
+def test_a_file_refused_in_a_loader_worker_is_the_same_named_error_as_without_workers(tmp_path, name):
+    """torch re-raises a worker's exception with its traceback as the message (or as a
+    RuntimeError when the type takes other arguments): eval and finetune with loader workers
+    must still end in fdcache's one-line error naming the file, exit 2."""
+    root = make_image_folder(tmp_path / "data", classes=2, per_class=2)
+    refused_images(tmp_path / "bad")
+    shutil.copy(tmp_path / "bad" / name, root / "class_001" / name)
+    runs = {}
+    for workers in ("0", "2"):
+        runs[workers] = CliRunner().invoke(app, ["eval", "--model", TINY_TEACHER, "--random-init", "--data", str(root),
+                                                 "--resolution", "32", "--batch-size", "2", "--workers", workers,
+                                                 "--device", "cpu"])
+    for r in runs.values():
+        assert r.exit_code == 2, r.output
+        assert name in r.output and "Traceback" not in r.output and "Caught" not in r.output, r.output
+    assert runs["0"].output == runs["2"].output  # the same message, workers or not

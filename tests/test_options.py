@@ -13,7 +13,7 @@ import fdcache
 from fdcache.cli.app import app
 from fdcache.config import FinetuneConfig, TrainConfig
 from fdcache.distill.extract import ExtractConfig
-from fdcache.errors import ConfigError
+from fdcache.errors import ConfigError, FdcacheError
 from fdcache.options import RANGES, flag_of
 from fdcache.tools.bench import BenchConfig
 from fdcache.tune.evaluate import evaluate_run
@@ -122,3 +122,21 @@ def test_docs_and_docstrings_name_only_options_their_command_has():
                 if flag not in options[m.group(1)]:
                     wrong.append(f"{f.relative_to(ROOT)}: fdcache {m.group(1)} {flag}")
     assert not wrong, wrong
+
+
+@pytest.mark.parametrize("field, value, option", [("codec", "int3", "--codec"), ("compressor", "lz4", "--compressor"),
+                                                  ("policy", "foo", "--views")])
+def test_a_bad_codec_compressor_or_view_name_names_its_own_option(field, value, option):
+    from fdcache.distill.extract import ExtractConfig
+
+    with pytest.raises(ConfigError, match=f"\\({option}\\)") as e:
+        ExtractConfig(data="d", out="o", teacher="t", **{field: value})
+    others = {"--codec", "--compressor", "--views"} - {option}
+    assert not any(o in str(e.value) for o in others), e.value  # that option only
+
+
+def test_the_api_names_both_spellings_of_one_option_as_given():
+    import fdcache
+
+    with pytest.raises(FdcacheError, match="^lr and base_lr are the same option"):
+        fdcache.train(out="o", cache="c", lr=1e-3, base_lr=2e-3)

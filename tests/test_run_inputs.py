@@ -103,6 +103,7 @@ def test_finetune_checks_its_val_sets_before_training(image_root, tmp_path, case
     r = run("finetune", "--model", TINY_TEACHER, "--random-init", "--templates", "simple", "--data", image_root,
             "--val", val, "--steps", 2, "--batch-size", 4, "--workers", 0, "--out", out)
     assert r.exit_code == 2 and str(val) in r.output, r.output
+    assert "(--val)" in one_error_line(r)  # the option named, in the one error style
     assert not (out / "log.jsonl").exists() and not (out / "checkpoints").exists()  # nothing trained
 
 
@@ -172,3 +173,22 @@ def test_a_killed_writer_leaves_no_lock_behind(tiny_store, tmp_path):
     holder.wait()
     assert run(*train_args(tiny_store, out)).exit_code == 0  # the kernel dropped its lock
     assert not (tmp_path / "run.fdcache-lock").exists()  # and this run removed the file when it ended
+
+
+def test_resume_into_a_run_still_being_written_names_its_writer(tiny_store, tmp_path):
+    """--resume while the first run holds OUT (before its first checkpoint): the run has not
+    stopped, so the error names the writer, not "stopped before its first checkpoint"."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").write_text("")  # what a run writes before its first checkpoint
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from fdcache.engine import run_lock; "
+                               "run_lock(sys.argv[1]).__enter__(); print('held', flush=True); sys.stdin.read()",
+                               str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        line = one_error_line(run(*train_args(tiny_store, out, "--resume")))
+        assert "being written by another fdcache process" in line and f"pid {holder.pid}" in line, line
+    finally:
+        holder.communicate(input="", timeout=60)
+    line = one_error_line(run(*train_args(tiny_store, out, "--resume")))  # once it has gone: the usual advice
+    assert "stopped before its first checkpoint" in line, line

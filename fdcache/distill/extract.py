@@ -63,9 +63,13 @@ class ExtractConfig:
         require(self)
         try:  # names become specs here, and only here
             self.codec = CodecSpec.of(self.codec, self.compressor)
+        except ValueError as e:
+            option = "--compressor" if "compressor" in str(e) else "--codec"
+            raise ConfigError(f"{e} ({option}): choose one that --help lists") from None
+        try:
             self.policy = ViewPolicy(kind=self.policy) if isinstance(self.policy, str) else self.policy
         except ValueError as e:
-            raise ConfigError(f"{e} (--codec, --compressor or --views): choose one that --help lists") from None
+            raise ConfigError(f"{e} (--views): choose one that --help lists") from None
         self.compressor = self.codec.compressor
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..distributed import Dist, amp_dtype
-from ..errors import FdcacheError
+from ..errors import DataError, FdcacheError
 from ..options import check
 from ..progress import Progress
 from .classifiers import ModelSpec, ZeroShotClassifier, templates_of, tokenizer_of, zeroshot_weights
@@ -43,7 +43,12 @@ def eval_sets(sets: list[str], classnames: str = "folder", model_classes=None,
     class folders, class names) per set."""
     out = []
     for path in sets:
-        classes = find_classes(path)
+        try:
+            classes = find_classes(path)
+            LabeledImages(path, None, classes=classes)  # no images: a named error now, not after training
+        except DataError as e:
+            raise DataError(f"the eval set cannot be read: {e} ({option}): give a folder of class folders "
+                            "holding images (root/<class>/<image>)") from None
         names = classnames_for(classes, classnames)
         if model_classes is not None:
             missing = [n for n in names if n not in set(model_classes)]
@@ -51,7 +56,6 @@ def eval_sets(sets: list[str], classnames: str = "folder", model_classes=None,
                 raise FdcacheError(f"the eval set {path} holds classes the model does not know, e.g. {missing[:3]} "
                                    f"({option}): give a set whose classes are among the training set's (matched "
                                    "by name; see --classnames)")
-        LabeledImages(path, None, classes=classes)  # no images: a named error now, not after training
         out.append((str(path), classes, names))
     return out
 

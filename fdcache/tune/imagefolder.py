@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..errors import DataError
+from ..errors import DataError, FdcacheError
 from ..images import IMAGE_EXTENSIONS, open_rgb, require_image_folder
 from ..sampling import epoch_order, rank_slice
 from ..userfiles import read_text
 
-__all__ = ["find_classes", "classnames_for", "LabeledImages", "EpochSampler", "train_loader",
+__all__ = ["find_classes", "classnames_for", "LabeledImages", "EpochSampler", "NamedErrorsLoader", "worker_error", "train_loader",
            "ignore_interrupts", "eval_loader", "train_transform", "eval_transform"]
 
 
@@ -157,7 +157,7 @@ class EpochSampler(Sampler):
 def train_loader(ds: LabeledImages, sampler: EpochSampler, workers: int, pin: bool) -> DataLoader:
     # Its own generator: a loader draws its workers' base seed when iterated, and drawing it
     # from the global stream would shift drop path and mixup after a resume.
-    return DataLoader(ds, batch_size=sampler.batch_size, sampler=sampler, num_workers=workers,
+    return NamedErrorsLoader(ds, batch_size=sampler.batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=pin, persistent_workers=workers > 0, drop_last=True,
                       generator=torch.Generator().manual_seed(sampler.seed), worker_init_fn=ignore_interrupts)
 
@@ -174,8 +174,53 @@ def ignore_interrupts(worker_id: int = 0) -> None:
 
 def eval_loader(ds: LabeledImages, batch_size: int, workers: int, rank: int = 0, world: int = 1) -> DataLoader:
     """Rank ``r`` reads samples ``r, r+W, ...``: disjoint, together exactly the set."""
-    return DataLoader(ds, batch_size=batch_size, sampler=list(range(rank, len(ds), world)),
-                      num_workers=workers, pin_memory=torch.cuda.is_available())
+    return NamedErrorsLoader(ds, batch_size=batch_size, sampler=list(range(rank, len(ds), world)),
+                             num_workers=workers, pin_memory=torch.cuda.is_available())
+
+
+class NamedErrorsLoader(DataLoader):
+    """A DataLoader whose workers' fdcache errors come back as what they are. torch re-raises
+    a worker's exception as ``type(msg)`` with its whole traceback as the message, or as a
+    RuntimeError when the type takes other arguments (:class:`ImageRefusedError` does): a
+    refused or unreadable image would end the run in a traceback, where ``--workers 0`` names
+    the file. Here the worker's own last line (``fdcache.errors.X: <message>``) becomes a
+    :class:`DataError` with that message, chained to torch's for the traceback."""
+
+    def __iter__(self):
+        return _Unwrapped(super().__iter__())
+
+
+class _Unwrapped:
+    def __init__(self, it):
+        self.it = it
+
+    def __iter__(self):
+        return self
+
+    def __len__(self):
+        return len(self.it)
+
+    def __next__(self):
+        try:
+            return next(self.it)
+        except (FdcacheError, RuntimeError) as e:
+            inner = worker_error(str(e))
+            if inner is None:
+                raise
+            raise DataError(inner) from e
+
+
+def worker_error(text: str) -> str | None:
+    """The message of an fdcache error raised in a DataLoader worker, from torch's wrapped
+    text (``Caught X in DataLoader worker process N. Original Traceback ...``); None for any
+    other text."""
+    if not text.startswith("Caught ") or "in DataLoader worker" not in text.split("\n", 1)[0]:
+        return None
+    for line in reversed(text.strip().splitlines()):
+        name, sep, message = line.partition(": ")
+        if sep and name.startswith("fdcache.errors."):
+            return message
+    return None
 
 
 def train_transform(kind: str, resolution: int, mean, std, *, auto_augment: str | None = None,

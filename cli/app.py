@@ -138,11 +138,13 @@ def train(
     threads: int = typer.Option(T("num_threads"), rich_help_panel="Performance", help="DALI threads."),
     loader_workers: str = typer.Option(T("loader_workers"), metavar="auto|N", rich_help_panel="Performance", help="DALI parallel external-source worker processes (0: in-process; auto: on with CUDA)."),
     device: Device = typer.Option(Device.auto, rich_help_panel="Performance", help="Where the student trains."),
+    shard_model: bool = typer.Option(False, "--shard-model", rich_help_panel="Performance", help="Under torchrun: shard the student's parameters, gradients and AdamW state over the ranks (FSDP2) instead of replicating them (DDP); checkpoints are torch.distributed.checkpoint folders, resumable at any world size with the same total batch."),
 ):
     """Distill a student from a store (offline) or from the teacher in the loop (--online).
 
     Ctrl-C (or SIGTERM) stops after the current step with a checkpoint and prints the
-    command that resumes. Multi-GPU: `torchrun --nproc-per-node N -m fdcache train ...` (DDP)."""
+    command that resumes. Multi-GPU: `torchrun --nproc-per-node N -m fdcache train ...` (DDP;
+    --shard-model: FSDP2)."""
     from fdcache.distill.train import train as run
 
     cfg = TrainConfig(
@@ -156,7 +158,7 @@ def train(
         amp=value_of(amp), compile=compile_, seed=seed, resize_targets=resize_targets, allow_partial=allow_partial,
         seeds_used=seeds_used, resume=resume, overwrite=overwrite, save_every=save_every, run_steps=run_steps,
         log_every=log_every, tensorboard=tensorboard, num_threads=threads, loader_workers=loader_workers,
-        device=value_of(device), progress=sys.stderr.isatty())
+        device=value_of(device), shard_model=shard_model, progress=sys.stderr.isatty())
     r = run(cfg, announce=lambda text: err.print(text, highlight=False))
     if is_main():
         last = f"{r.losses[-1]:.4f}" if r.losses else "-"

@@ -95,6 +95,7 @@ class TrainConfig(RunOptions, ScheduleOptions, OptimOptions):
     seeds_used: int | None = None  # offline: replay only the store's first N seeds (None: all)
     num_threads: int = 4  # DALI threads
     loader_workers: int | str = "auto"  # >0: DALI parallel external source; auto: on with CUDA
+    shard_model: bool = False  # FSDP2 (fully_shard per block) instead of DDP: 1/world of the state per rank
     check_data: bool = True  # check the image folder still matches the store's manifest
 
     def __post_init__(self):

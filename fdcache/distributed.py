@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from .errors import FdcacheError
 
-__all__ = ["Dist", "TIMEOUT", "init", "device_for", "ddp", "amp_dtype"]
+__all__ = ["Dist", "TIMEOUT", "init", "device_for", "ddp", "transformer_blocks", "shard", "amp_dtype"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,36 @@ def ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     name = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
         else "broadcast_buffers"
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **{name: sync})
+
+
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of a timm backbone: the members of every ``ModuleList`` named
+    ``blocks`` (ViT/BEiT ``blocks.i``, Swin ``layers.j.blocks.i``). Each becomes one FSDP
+    unit: its parameters are gathered for its forward/backward only, then freed."""
+    found = []
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] == "blocks":
+            found += list(m)
+    return found
+
+
+def shard(model: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
+    """FSDP2 (``torch.distributed.fsdp.fully_shard``) per transformer block, then the root
+    (patch embedding, norms, head): each rank keeps 1/world of every parameter, gradient and
+    AdamW moment. ``dtype`` (the run's autocast, bf16/fp16) is the policy's compute dtype for
+    the gathered parameters; gradients are reduced in fp32. Sharded in place (parameters
+    become DTensors): build the optimizer after this."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    blocks = transformer_blocks(model)
+    if not blocks:
+        raise FdcacheError(f"--shard-model: {type(model).__name__} has no transformer blocks (a ModuleList "
+                           "named 'blocks') to shard: train it without --shard-model (DDP)")
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
+    for block in blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:

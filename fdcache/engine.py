@@ -2,7 +2,7 @@
 
 open_clip's ``train_one_epoch(..., loss)`` is the pattern: a job supplies a *task* (its
 batches, its loss, its export); :class:`Engine` owns everything else so it behaves the
-same in all of them: DDP wrapping, compile, AMP and the grad scaler, the AdamW groups
+same in all of them: DDP wrapping (or FSDP2 sharding, ``--shard-model``), compile, AMP and the grad scaler, the AdamW groups
 (timm, with layer-wise decay), lr scaling, warmup + cosine, accumulation, clipping, EMA,
 logging (``log.jsonl``, progress, TensorBoard), checkpoint/resume, interruption, and
 non-finite / out-of-memory stops.
@@ -18,6 +18,7 @@ import math
 import os
 import random
 import shlex
+import shutil
 import signal
 import sys
 import threading
@@ -87,7 +88,9 @@ def atomic_save(obj, path: Path) -> Path:
 
 
 # -- the run directory ------------------------------------------------------------------
+# A sharded run's checkpoint is a folder (torch.distributed.checkpoint's files + run.pt).
 RUN_FILES = ("log.jsonl", "checkpoints/last.pt", "checkpoints/nonfinite-step*.pt", "checkpoints/*.tmp",
+             "checkpoints/last/*", "checkpoints/nonfinite-step*/*", "checkpoints/*.tmp/*", "checkpoints/*.old/*",
              "tb/events.out.tfevents.*")
 
 
@@ -119,11 +122,13 @@ def run_lock(out: str | Path) -> AdvisoryLock:
 
 
 def resume_checkpoint(out: Path, patterns) -> Path:
-    """``OUT/checkpoints/last.pt`` of the run ``--resume`` continues, checked cheaply before
+    """``OUT/checkpoints/last.pt`` (or a sharded run's ``last/`` folder, its ``run.pt`` checked)
+    of the run ``--resume`` continues, checked cheaply before
     any model is built: it exists, and its archive index reads (torch checkpoints are zip
     archives; an empty, cut-short or foreign file has no index). ``patterns``: the run's files."""
     out = Path(out)
-    last = out / "checkpoints" / "last.pt"
+    sharded = out / "checkpoints" / "last"  # --shard-model: a torch.distributed.checkpoint folder
+    last = sharded / "run.pt" if (sharded / "run.pt").exists() else out / "checkpoints" / "last.pt"
     if not last.exists():
         with run_lock(out):  # a run still writing OUT has not stopped: name its holder instead
             pass
@@ -138,7 +143,7 @@ def resume_checkpoint(out: Path, patterns) -> Path:
     except (zipfile.BadZipFile, OSError) as e:
         raise FdcacheError(f"the checkpoint is unreadable: {cause_of(e)} ({last}): restore it from a copy, or start "
                            "the run again without --resume (--overwrite replaces what the old run left)") from None
-    return last
+    return sharded if last.parent == sharded else last
 
 
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "ema", "step", "rng", "world", "config")
@@ -264,11 +269,17 @@ class Engine:
             raise FdcacheError("--batch-size and --accum-steps must be at least 1")
         self.log_every = cfg.log_every or (10 if device.type == "cuda" else 1)
         model.to(device)
+        self.amp_dtype = distributed.amp_dtype(cfg.amp, device)
+        # --shard-model: FSDP2 instead of DDP (a single process has nothing to shard with, but
+        # still saves the sharded checkpoint format, so it resumes and is resumed by any world).
+        self.sharded = bool(getattr(cfg, "shard_model", False))
+        if self.sharded and cfg.ema_decay:
+            raise FdcacheError("--shard-model with --ema-decay: the EMA would be a full unsharded copy "
+                               "on every rank; drop --ema-decay or --shard-model")
         self.ddp = model
         if dist.world > 1:
-            self.ddp = distributed.ddp(model, device)
+            self.ddp = distributed.shard(model, self.amp_dtype) if self.sharded else distributed.ddp(model, device)
         self.forward = torch.compile(self.ddp) if cfg.compile else self.ddp
-        self.amp_dtype = distributed.amp_dtype(cfg.amp, device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         # schedule
         steps_per_epoch = max(1, micro_per_epoch // cfg.accum_steps)
@@ -312,8 +323,12 @@ class Engine:
 
     def forward_backward(self, batch, sync: bool = True) -> torch.Tensor:
         """The task's loss on one micro-batch, backward (scaled for AMP and accumulation);
-        DDP all-reduces the gradients only on the last micro-batch (``sync``)."""
-        ctx = nullcontext() if sync or self.dist.world == 1 else self.ddp.no_sync()
+        DDP all-reduces (FSDP reduce-scatters) the gradients only on the last micro-batch (``sync``)."""
+        ctx = nullcontext()
+        if self.sharded and self.dist.world > 1:
+            self.model.set_requires_gradient_sync(sync)
+        elif not sync and self.dist.world > 1:
+            ctx = self.ddp.no_sync()
         with ctx:
             loss = self.loss(batch)
             self.scaler.scale(loss / self.cfg.accum_steps).backward()
@@ -334,41 +349,127 @@ class Engine:
         self.step += 1
 
     # -- checkpoints ---------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+    def run_state(self) -> dict:
+        """Everything but the model and optimizer tensors (small, held whole by rank 0)."""
+        return {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema is not None else None, "step": self.step,
                 "rng": rng_state(), "world": self.dist.world, "config": _plain(self.cfg)} | self.task.identity()
 
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()} | self.run_state()
+
+    def checkpoint_path(self, name: str = "last.pt") -> Path:
+        """``checkpoints/NAME.pt`` (one file, rank 0), or the folder ``checkpoints/NAME`` of a
+        sharded run (torch.distributed.checkpoint: each rank writes its own shards)."""
+        return self.out / "checkpoints" / (name.removesuffix(".pt") if self.sharded else name)
+
     def save(self, name: str = "last.pt") -> Path:
-        path = self.out / "checkpoints" / name
+        """Called on every rank (a sharded save is a collective)."""
+        path = self.checkpoint_path(name)
+        if self.sharded:
+            return self._save_sharded(path)
         if self.dist.is_main:
             atomic_save(self.state_dict(), path)
         return path
 
-    def load(self, path: Path) -> None:
-        """Load a checkpoint of this run; an empty, truncated or foreign file is a named error."""
-        ck = load_checkpoint(path, "restore it from a copy, or start the run again without --resume (--overwrite "
-                                   "replaces what the old run left)")
+    def _save_sharded(self, path: Path) -> Path:
+        """``dcp.save`` of the model and optimizer state (FQN keys, each rank its shards) into
+        ``NAME.tmp``, rank 0 adds ``run.pt`` (schedule, scaler, step, every rank's RNG), then
+        renames the folder over the old one: a crash leaves the old checkpoint whole."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        d = self.dist
+        tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+        if d.is_main:
+            for p in (tmp, old):  # fdcache's own leftovers of a save cut short
+                if p.is_dir():
+                    shutil.rmtree(p)
+            tmp.mkdir(parents=True)
+        d.barrier()
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp), no_dist=d.world == 1)
+        rngs = d.all_gather(rng_state())
+        if d.is_main:
+            atomic_save(self.run_state() | {"rng": rngs, "format": "dcp"}, tmp / "run.pt")
+            if path.is_dir():
+                os.replace(path, old)
+            os.replace(tmp, path)
+            if old.is_dir():
+                shutil.rmtree(old)
+        d.barrier()
+        return path
+
+    def _load_sharded(self, path: Path) -> dict:
+        """A sharded checkpoint into this run at any world size (DCP reshards on load): model
+        and AdamW tensors are the saved values exactly. The step's data position is the same
+        only for the same total batch, so that is required; each rank's RNG comes back only at
+        the same world size (else the ranks keep their fresh seeds)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        ck = torch.load(path / "run.pt", map_location="cpu", weights_only=False)
         self.task.check_resume(ck, path)
-        if ck["world"] != self.dist.world:
-            raise FdcacheError(f"checkpoint {path} ran on {ck['world']} rank(s), now {self.dist.world}: "
-                               "resume with the same world size (the data order depends on it)")
+        was, now = ck["config"], self.cfg
+        total_was = ck["world"] * was["batch_size"] * was["accum_steps"]
+        total_now = self.dist.world * now.batch_size * now.accum_steps
+        if total_was != total_now:
+            raise FdcacheError(f"checkpoint {path} ran {ck['world']} rank(s) x --batch-size {was['batch_size']} x "
+                               f"--accum-steps {was['accum_steps']} = {total_was} images per step, now {total_now}: "
+                               "resume with the same total batch (the data position and schedule depend on it)")
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optimizer": optim_sd}
+        dcp.load(state, checkpoint_id=str(path), no_dist=self.dist.world == 1)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        ck["rng"] = ck["rng"][self.dist.rank] if ck["world"] == self.dist.world else None
+        return ck
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's state dict on rank 0 (gathered from the shards of a sharded run;
+        a collective then, so every rank calls it; other ranks get ``{}``)."""
+        if not (self.sharded and self.dist.world > 1):
+            return self.model.state_dict() if self.dist.is_main else {}
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load(self, path: Path) -> None:
+        """Load a checkpoint of this run (a file, or a sharded run's folder); an empty,
+        truncated or foreign file is a named error."""
+        fix = ("restore it from a copy, or start the run again without --resume (--overwrite replaces what the "
+               "old run left)")
+        if path.is_dir():
+            try:
+                ck = self._load_sharded(path)
+            except FdcacheError:
+                raise
+            except Exception as e:  # another model or optimizer, a damaged shard file
+                raise FdcacheError(f"the sharded checkpoint does not fit this run or is damaged ({cause_of(e)}) "
+                                   f"({path}): resume with the options it was started with, or {fix}") from None
+        else:
+            ck = load_checkpoint(path, fix)
+            self.task.check_resume(ck, path)
+            if ck["world"] != self.dist.world:
+                raise FdcacheError(f"checkpoint {path} ran on {ck['world']} rank(s), now {self.dist.world}: "
+                                   "resume with the same world size (the data order depends on it)")
         try:
-            self.model.load_state_dict(ck["model"])
-            self.optimizer.load_state_dict(ck["optimizer"])
+            if not path.is_dir():
+                self.model.load_state_dict(ck["model"])
+                self.optimizer.load_state_dict(ck["optimizer"])
             self.scheduler.load_state_dict(ck["scheduler"])
             self.scaler.load_state_dict(ck["scaler"])
             if self.ema is not None and ck["ema"] is not None:
                 self.ema.load_state_dict(ck["ema"])
             self.step = int(ck["step"])
-            set_rng_state(ck["rng"])
+            if ck["rng"] is not None:
+                set_rng_state(ck["rng"])
         except Exception as e:  # another model or optimizer: shapes, keys, groups
             raise FdcacheError(f"the checkpoint does not fit this run ({cause_of(e)}) ({path}): resume with "
                                "the options it was started with (OUT/config.json lists them)") from None
 
     def begin(self) -> bool:
-        """``--resume``: load ``OUT/checkpoints/last.pt`` and drop log records past it. A fresh
+        """``--resume``: load ``OUT/checkpoints/last.pt`` (or the sharded ``last/``, whichever
+        this run has) and drop log records past it. A fresh
         run into an OUT that holds a run is refused unless ``--overwrite`` (which removes only
         fdcache's files of that run). True when this is a fresh start."""
         patterns = RUN_FILES + tuple(self.task.outputs)

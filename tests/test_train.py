@@ -362,3 +362,88 @@ def test_an_image_that_breaks_during_training_is_named(images, tmp_path):
     with pytest.raises(BadImageError, match=bad.name) as e:
         train(tcfg(tmp_path / "r", cache=str(s), check_data=False))
     assert "cannot decode" in str(e.value)
+
+
+SHARD_ARGS = ["--student", "fd-tiny", "--steps", "4", "--warmup-steps", "1", "--lr", "0.01", "--drop-path", "0",
+              "--loss-impl", "torch", "--threads", "1"]
+
+
+def _fdcache(args, out, nproc=1, batch=8):
+    """``python -m fdcache train`` (or under torchrun, ``nproc`` gloo ranks) into ``out``."""
+    import subprocess
+    import sys
+
+    head = [sys.executable, "-m", "fdcache"] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m", "fdcache"]
+    r = subprocess.run([*head, "train", *args, "--batch-size", str(batch), "--out", str(out)], capture_output=True,
+                       text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_process_run(store, tmp_path_factory):
+    """The reference: one process, plain model, 4 steps of 8 images."""
+    return _fdcache(["--cache", str(store), *SHARD_ARGS], tmp_path_factory.mktemp("ref") / "one")
+
+
+def test_sharded_two_ranks_match_one_process_and_export_the_whole_student(store, one_process_run, tmp_path):
+    """FSDP2 over 2 gloo ranks x 4 images: the same losses as one process x 8 (fp32; only the
+    summation order differs), and rank 0 exports the whole backbone gathered from the shards."""
+    two = _fdcache(["--cache", str(store), *SHARD_ARGS, "--shard-model"], tmp_path / "two", nproc=2, batch=4)
+    a = [r["loss"] for r in _log(one_process_run)]
+    b = [r["loss"] for r in _log(two)]
+    assert len(a) == len(b) == 4
+    np.testing.assert_allclose(b, a, rtol=1e-4)
+    assert (two / "checkpoints" / "last" / ".metadata").is_file() and (two / "checkpoints" / "last" / "run.pt").is_file()
+    assert not (two / "checkpoints" / "last.pt").exists()
+    ref, got = load_file(one_process_run / "model.safetensors"), load_file(two / "model.safetensors")
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert got[k].shape == ref[k].shape, k
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-3, atol=1e-5)
+
+
+def test_sharded_checkpoint_resumes_on_one_process(store, one_process_run, tmp_path):
+    """2 sharded ranks stop after step 2; one process (same total batch) resumes the DCP
+    checkpoint: model and AdamW tensors come back exactly as saved, and steps 3-4 give the
+    uninterrupted run's losses."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = tmp_path / "r"
+    _fdcache(["--cache", str(store), *SHARD_ARGS, "--shard-model", "--run-steps", "2"], out, nproc=2, batch=4)
+    assert not (out / "model.safetensors").exists()
+    dcp_to_torch_save(out / "checkpoints" / "last", tmp_path / "step2.pt")
+    saved = torch.load(tmp_path / "step2.pt", weights_only=False)
+    assert torch.load(out / "checkpoints" / "last" / "run.pt", weights_only=False)["step"] == 2
+
+    task = DistillTask(tcfg(out, cache=str(store), steps=4, batch_size=8, warmup_steps=1, base_lr=0.01,
+                            drop_path=0.0, shard_model=True, resume=True, num_threads=1))
+    task.engine.load(out / "checkpoints" / "last")
+    assert task.engine.step == 2
+    model_sd = task.model.state_dict()
+    assert saved["model"].keys() == model_sd.keys()
+    for k, v in saved["model"].items():
+        assert torch.equal(model_sd[k], v), k
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    osd = get_optimizer_state_dict(task.model, task.engine.optimizer)
+    assert saved["optimizer"]["state"].keys() == osd["state"].keys()
+    for k, st in saved["optimizer"]["state"].items():
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(osd["state"][k][name], st[name]), (k, name)
+    del task
+
+    _fdcache(["--cache", str(store), *SHARD_ARGS, "--shard-model", "--resume"], out, nproc=1, batch=8)
+    a = [r["loss"] for r in _log(one_process_run)]
+    b = [r["loss"] for r in _log(out)]
+    assert [r["step"] for r in _log(out)] == [1, 2, 3, 4]
+    np.testing.assert_allclose(b, a, rtol=1e-4)
+    assert (out / "model.safetensors").is_file()
+
+
+def test_resuming_a_sharded_checkpoint_with_another_total_batch_is_refused(store, tmp_path):
+    train(tcfg(tmp_path / "r", cache=str(store), steps=2, shard_model=True))
+    assert (tmp_path / "r" / "checkpoints" / "last" / "run.pt").is_file()
+    with pytest.raises(FdcacheError, match="same total batch"):
+        train(tcfg(tmp_path / "r", cache=str(store), steps=4, batch_size=2, shard_model=True, resume=True))

@@ -204,7 +204,9 @@ class DistillTask:
         return {"epoch": batch.epoch}
 
     def finish(self, checkpoint: Path) -> str | None:
-        return str(self.export()) if self.dist.is_main else None
+        # Gathered on every rank first: under --shard-model that is a collective.
+        state = None if self.engine.ema is not None else self.engine.full_state_dict()
+        return str(self.export(state)) if self.dist.is_main else None
 
     # -- the step ------------------------------------------------------------------
     def targets_of(self, batch: Batch, images: torch.Tensor):
@@ -239,11 +241,13 @@ class DistillTask:
     def fit(self) -> FitResult:
         return self.engine.fit()
 
-    def export(self) -> Path:
+    def export(self, state: dict | None = None) -> Path:
         """The backbone without the FD head (EMA weights if kept) in timm's own layout:
         ``model.safetensors`` + ``config.json`` (architecture, the arguments that rebuild it,
         ``num_classes=0``, the student's own mean/std), so that
-        ``timm.create_model("local-dir:OUT", pretrained=True)`` loads it without fdcache."""
+        ``timm.create_model("local-dir:OUT", pretrained=True)`` loads it without fdcache.
+        ``state``: the whole student's state dict (:meth:`Engine.full_state_dict`, gathered
+        from the ranks' shards under --shard-model)."""
         from ..exports import save_weights, update_fdcache_block, write_timm_config
         from .students import PRESETS, fd_options
 
@@ -253,7 +257,11 @@ class DistillTask:
         kwargs = (dict(kw) | fd_options(name, self.cfg.drop_path, self.cfg.layer_scale) | self.cfg.student_overrides
                   | {"img_size": self.sspec.resolution, "num_classes": 0})
         path = self.out / "model.safetensors"
-        save_weights(export_state_dict(model), path)
+        if state is not None and ema is None:  # the whole student (gathered from its shards)
+            backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+            save_weights({k: v.detach().cpu().contiguous() for k, v in backbone.items()}, path)
+        else:
+            save_weights(export_state_dict(model), path)
         write_timm_config(self.out, model.backbone, kwargs, mean=self.sspec.mean, std=self.sspec.std)
         update_fdcache_block(self.out, export={"kind": "student", "student": self.cfg.student,
                                                "teacher": self.tspec.to_dict(), "steps": self.engine.step,

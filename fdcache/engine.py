@@ -391,7 +391,9 @@ class Engine:
         dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp), no_dist=d.world == 1)
         rngs = d.all_gather(rng_state())
         if d.is_main:
-            atomic_save(self.run_state() | {"rng": rngs, "format": "dcp"}, tmp / "run.pt")
+            # model/optimizer: in the shards beside it
+            atomic_save(self.run_state() | {"model": None, "optimizer": None, "rng": rngs, "format": "dcp"},
+                        tmp / "run.pt")
             if path.is_dir():
                 os.replace(path, old)
             os.replace(tmp, path)
@@ -408,7 +410,8 @@ class Engine:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        ck = torch.load(path / "run.pt", map_location="cpu", weights_only=False)
+        ck = load_checkpoint(path / "run.pt", "restore the folder from a copy, or start the run again without "
+                                              "--resume (--overwrite replaces what the old run left)")
         self.task.check_resume(ck, path)
         was, now = ck["config"], self.cfg
         total_was = ck["world"] * was["batch_size"] * was["accum_steps"]

@@ -417,6 +417,12 @@ def test_sharded_checkpoint_resumes_on_one_process(store, one_process_run, tmp_p
     dcp_to_torch_save(out / "checkpoints" / "last", tmp_path / "step2.pt")
     saved = torch.load(tmp_path / "step2.pt", weights_only=False)
     assert torch.load(out / "checkpoints" / "last" / "run.pt", weights_only=False)["step"] == 2
+    from fdcache.distill.score import load_trained_student
+
+    scored = load_trained_student(out)  # fdcache score reads the checkpoint folder
+    assert scored.steps == 2
+    for k, v in scored.model.state_dict().items():
+        assert torch.equal(v, saved["model"][k]), k
 
     task = DistillTask(tcfg(out, cache=str(store), steps=4, batch_size=8, warmup_steps=1, base_lr=0.01,
                             drop_path=0.0, shard_model=True, resume=True, num_threads=1))

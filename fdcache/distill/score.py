@@ -95,6 +95,9 @@ def load_trained_student(run: str | Path, device: str | torch.device = "cpu") ->
     """The student of ``fdcache train --out RUN`` as its last checkpoint holds it (the FD head
     included, which the timm export leaves out). EMA weights replace the raw ones when kept."""
     path = Path(run) / "checkpoints" / "last.pt"
+    sharded = Path(run) / "checkpoints" / "last"  # train --shard-model: a torch.distributed.checkpoint folder
+    if (sharded / "run.pt").is_file():
+        path = sharded / "run.pt"
     if not path.is_file():
         raise FdcacheError(f"{run}: no checkpoint at {path}; score needs a finished (or checkpointed) "
                            "fdcache train run directory")
@@ -108,6 +111,11 @@ def load_trained_student(run: str | Path, device: str | torch.device = "cpu") ->
         model, spec = build_student(cfg["student"], teacher["dim"], resolution=student["resolution"],
                                     drop_path=cfg["drop_path"], layer_scale=cfg["layer_scale"],
                                     overrides=cfg.get("student_overrides") or {}, seed=cfg["seed"])
+        if path.name == "run.pt":  # the model's tensors, read from the shards into the built student
+            import torch.distributed.checkpoint as dcp
+
+            ck["model"] = model.state_dict()
+            dcp.load({"model": ck["model"]}, checkpoint_id=str(path.parent), no_dist=True)
         state, ema = ck["model"], ck.get("ema") is not None
         if ema:  # timm ModelEmaV3 keeps the averaged model under "module."
             state = {k.removeprefix("module."): v for k, v in ck["ema"].items()}

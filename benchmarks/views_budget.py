@@ -94,12 +94,18 @@ class Arm:
         return 0 if self.online else store_bytes * self.seeds_used // store_seeds
 
 
-def grid(epochs: int, seeds: list[int], codecs: dict[str, list[str]]) -> dict[str, list[Arm]]:
+def grid(epochs: int, seeds: list[int], codecs: dict[str, list[str]], token_fraction: float | None = None,
+         token_seeds: list[int] = ()) -> dict[str, list[Arm]]:
     """Arms per student: every codec at every S, and online (the fp16 store's first ``epochs``
-    seeds, each replayed once). One store per codec, read by every S."""
+    seeds, each replayed once). One store per codec, read by every S. ``token_fraction``: also
+    fp16 stores keeping that fraction of each view's patch tokens (``extract --token-fraction``)
+    at each S of ``token_seeds``: about ``1 / fraction`` times the views in the same bytes."""
     out = {}
     for student, names in codecs.items():
         arms = [Arm(f"{c} S={s}", StoreSpec(c), s) for c in names for s in seeds]
+        if token_fraction is not None:
+            sub = StoreSpec("fp16", ("--token-fraction", f"{token_fraction:g}"))
+            arms += [Arm(f"fp16 tokens {token_fraction:g} S={s}", sub, s) for s in token_seeds]
         arms.append(Arm("online", StoreSpec("fp16"), epochs, online=True))
         out[student] = arms
     return out
@@ -180,6 +186,9 @@ def main():
     ap.add_argument("--run-seeds", default="0,1,2", help="train --seed values per arm")
     ap.add_argument("--students", default="tiny,mid")
     ap.add_argument("--codecs", default="tiny=fp16+int8+int4,mid=fp16", help="codecs per student")
+    ap.add_argument("--token-fraction", type=float, default=None,
+                    help="also arms on fp16 stores keeping this fraction of each view's patch tokens")
+    ap.add_argument("--token-seeds", default="2", help="S values of the --token-fraction arms")
     ap.add_argument("--batch", type=int, default=15)
     ap.add_argument("--lr", type=float, default=1.5e-3, help="distillation lr per 512 images")
     ap.add_argument("--drop-path", type=float, default=0.1)
@@ -205,7 +214,8 @@ def main():
         return
     # What every finished run depends on: a resumed WORK must keep it (the grid may grow).
     fixed = {k: v for k, v in vars(args).items() if k not in ("work", "teacher_ckpt", "fmnist", "seeds", "run_seeds",
-                                                               "students", "codecs", "plan", "measure", "report", "threads")}
+                                                               "students", "codecs", "plan", "measure", "report", "threads",
+                                                               "token_fraction", "token_seeds")}
     fixed_file = w / "settings.json"
     if fixed_file.exists() and json.loads(fixed_file.read_text()) != fixed:
         sys.exit(f"{w} holds runs made with other settings ({fixed_file.read_text().strip()}): use another --work")
@@ -219,7 +229,8 @@ def main():
     seeds = [int(s) for s in args.seeds.split(",")]
     run_seeds = [int(s) for s in args.run_seeds.split(",")]
     codecs = dict(item.split("=") for item in args.codecs.split(","))
-    plan = grid(args.epochs, seeds, {st: codecs[st].split("+") for st in args.students.split(",")})
+    plan = grid(args.epochs, seeds, {st: codecs[st].split("+") for st in args.students.split(",")},
+                args.token_fraction, [int(s) for s in args.token_seeds.split(",")])
     log = w / "commands.log"
     times_file = w / "times.json"
     times: dict = json.loads(times_file.read_text()) if times_file.exists() else {}
@@ -382,6 +393,11 @@ def summarize(rows: list[dict]) -> list[dict]:
                 "teacher_flops": rs[0]["teacher_flops"], "bytes_stored": rs[0]["bytes_stored"]}
         for k in ("heldout_loss", "gap", "probe_top1", "ft_top1"):
             line[k] = mean_sd([r[k] for r in rs])
+        # Paired by run seed (same init and sample order): the arm's held-out loss minus the
+        # online run's. The run seeds' own spread is far larger than the arms' differences.
+        online = {r["run_seed"]: r["heldout_loss"] for r in rows if r["student"] == st and r["online"]}
+        diffs = [r["heldout_loss"] - online[r["run_seed"]] for r in rs if r["run_seed"] in online]
+        line["vs_online"] = mean_sd(diffs) if diffs else (math.nan, math.nan)
         out.append(line)
     return sorted(out, key=lambda x: (x["student"], x["online"], x["codec"], x["S"]))
 
@@ -395,11 +411,12 @@ def fmt(ms: tuple[float, float], pct: bool = False, digits: int = 4) -> str:
 
 def table(lines: list[dict]) -> str:
     head = ("| student | arm | replay | bytes stored | teacher TFLOPs (stored: once; online: per run) "
-            "| held-out FD loss | held-out - train "
-            "| linear probe | fine-tune top-1 | run seeds |\n|---|---|---|---|---|---|---|---|---|---|\n")
+            "| held-out FD loss | minus online's (same run seed) | held-out - train "
+            "| linear probe | fine-tune top-1 | run seeds |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
     body = "".join(
         f"| {x['student']} | {x['arm']} | {x['replay']:g}x | {x['bytes_stored'] / 1e6:,.1f} MB | "
-        f"{x['teacher_flops'] / 1e12:,.2f} | {fmt(x['heldout_loss'])} | {fmt(x['gap'])} | "
+        f"{x['teacher_flops'] / 1e12:,.2f} | {fmt(x['heldout_loss'])} | {fmt(x['vs_online'], digits=5)} | "
+        f"{fmt(x['gap'])} | "
         f"{fmt(x['probe_top1'], True)} | {fmt(x['ft_top1'], True)} | {','.join(map(str, x['seeds']))} |\n"
         for x in lines)
     return head + body

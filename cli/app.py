@@ -48,7 +48,7 @@ def extract(
     pretrained: Optional[str] = path_option(tag_or_file, None, rich_help_panel="Teacher", help="open_clip/timm weight tag (openai) or a local checkpoint path."),
     random_init: bool = typer.Option(False, "--random-init", rich_help_panel="Teacher", help="Seeded random teacher (tests, benchmarks)."),
     init_seed: int = typer.Option(0, rich_help_panel="Teacher", help="Seed of --random-init weights (recorded in the store)."),
-    seeds: int = typer.Option(1, rich_help_panel="Views and storage", help="Augmentation seeds (views per image); raise later to append."),
+    seeds: Optional[int] = typer.Option(None, rich_help_panel="Views and storage", help="Augmentation seeds (views per image; default 1, with --views-from all of that store's); raise later to append."),
     resolution: Optional[int] = typer.Option(None, rich_help_panel="Teacher", help="Teacher input size (default: the model's)."),
     teacher_arg: list[str] = typer.Option([], metavar="KEY=VALUE", rich_help_panel="Teacher", help="timm option for a timm: teacher, key=value (repeatable; recorded in the store), e.g. window_size=14."),
     codec: Codec = typer.Option(Codec.fp16, rich_help_panel="Views and storage", help="Target codec: fp16 (lossless vs the teacher), int8 (per-token scale/offset), int4, int4-dither (4-bit, groups of 32)."),
@@ -57,6 +57,7 @@ def extract(
     shard_size: int = typer.Option(128, rich_help_panel="Views and storage", help="Samples per shard (the unit of writing and resuming)."),
     global_seed: int = typer.Option(0, rich_help_panel="Views and storage", help="Seed of the view generator."),
     views: Views = typer.Option(Views.rrc, rich_help_panel="Views and storage", help="View policy: rrc (RandomResizedCrop 0.08-1 + flip, as FD) or full."),
+    views_from: Optional[str] = path_option(store_input, None, rich_help_panel="Views and storage", help="Take this store's manifest and recorded views byte for byte (a second teacher on the same views; train both with --cache A --cache B)."),
     file_list: Optional[Path] = path_option(existing_file, None, rich_help_panel="Input", help="Text file of 'relative/path \\[label]' lines under DATA instead of an ImageFolder."),
     skip_bad: bool = typer.Option(False, rich_help_panel="Input", help="Record unreadable images as skipped instead of stopping."),
     overwrite: bool = typer.Option(False, rich_help_panel="Views and storage", help="Replace an existing fdcache store (never a folder of other files)."),
@@ -78,7 +79,7 @@ def extract(
                         batch_size=batch_size, shard_size=shard_size, global_seed=global_seed,
                         file_list=str(file_list) if file_list else None, skip_bad=skip_bad,
                         overwrite=overwrite, num_threads=threads, device=value_of(device),
-                        progress=sys.stderr.isatty())
+                        progress=sys.stderr.isatty(), views_from=views_from)
     r = run(cfg)
     if is_main():
         out.print(f"extracted {r.samples} sample-views in {r.shards} shard(s) "

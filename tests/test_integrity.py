@@ -15,7 +15,7 @@ from conftest import tree_bytes
 from PIL import Image
 from typer.testing import CliRunner
 
-from fdcache.distill.extract import ExtractConfig, extract, open_or_create
+from fdcache.distill.extract import ExtractConfig, extract, open_or_create, views_source
 from fdcache.distill.teachers import load_teacher
 from fdcache.distill.train import DistillTask, TrainConfig
 from fdcache.errors import (
@@ -460,3 +460,40 @@ def test_a_skipped_sample_of_zeros_is_not_a_finding(small, tmp_path):
     extract(cfg(small, out, skip_bad=True))
     assert Store.open(str(out)).skipped(0).sum() == 1
     verify_store(str(out), check_files=False)
+
+
+def test_views_from_creation_and_growth_cut_at_every_write_are_finished_by_the_same_command(
+        small_root, tmp_path, tiny_teacher, monkeypatch):
+    """`extract DATA --out B --views-from A` (another codec and shard size, A's views copied):
+    cut at every write of B's creation, then of its growth from 1 to 2 seeds, the same command
+    finishes B as an uninterrupted run does, byte for byte."""
+    a = tmp_path / "a.zarr"
+    open_or_create(cfg(small_root, a, seeds=2, global_seed=4), tiny_teacher, index(small_root, checksums=True))
+
+    def command(out, seeds, at=None):
+        c = cfg(small_root, out, seeds=seeds, codec="int8", shard_size=3, views_from=str(a))
+        source, manifest = views_source(c)
+        with monkeypatch.context() as m:
+            f = Faults(m, at)
+            try:
+                open_or_create(c, tiny_teacher, manifest, views_from=source)
+            except (StoreError, OSError):
+                return None
+        return f.n
+
+    refs = {}
+    for seeds in (1, 2):
+        n = command(tmp_path / "ref.zarr", seeds)
+        refs[seeds] = (n, tree_bytes(tmp_path / "ref.zarr"))
+    assert Store.open(str(tmp_path / "ref.zarr")).view_set() == Store.open(str(a)).view_set()
+    for seeds, (n, ref) in refs.items():
+        for k in range(n):
+            out = tmp_path / f"cut{seeds}-{k}.zarr"
+            if seeds == 2:
+                command(out, 1)
+            assert command(out, seeds, at=k) is None, k
+            if seeds == 2:
+                assert Store.open(str(out)).num_seeds in (1, 2)  # never half-grown
+            command(out, seeds)  # the same command again
+            assert tree_bytes(out) == ref, f"{seeds} seed(s), cut at write {k}"
+            shutil.rmtree(out)

@@ -7,6 +7,12 @@ writer threads (compression, checksums, writes) so that they overlap the next ba
 decode and forward; the device-to-host copy starts first, on a side stream into pinned
 memory (:class:`HostCopy`). A shard's ``done`` marker is written after its data;
 re-running the same command recomputes only unmarked shards, byte-identically.
+
+``views_from``: a second teacher on an existing store's views. The new store takes that
+store's manifest arrays and its recorded views byte for byte (read through its
+:class:`Store`, written through the new one: nothing is redrawn), so both hold maps of the
+same pixels and share one view set (:meth:`Store.view_set`); training reads them together
+(``train --cache A --cache B``). Its seeds are the source's: more are grown there first.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import torch
 
 from .. import distributed
 from ..codecs import CodecSpec
-from ..errors import BadImageError, ConfigError, FdcacheError, StoreError
+from ..errors import BadImageError, ConfigError, FdcacheError, StoreError, StoreMismatchError
 from ..options import require
 from ..store.layout import StoreInfo
 from ..store.location import Location, Occupancy
@@ -30,8 +36,8 @@ from ..store.views import ViewPolicy
 from .pixels import PixelStream, ViewBatches, dali_device
 from .teachers import Teacher, load_teacher
 
-__all__ = ["ExtractConfig", "ExtractResult", "shard_batches", "open_or_create", "split_shards", "extract",
-           "teacher_device", "HostCopy"]
+__all__ = ["ExtractConfig", "ExtractResult", "shard_batches", "views_source", "open_or_create", "split_shards",
+           "extract", "teacher_device", "HostCopy"]
 
 
 @dataclass
@@ -44,7 +50,7 @@ class ExtractConfig:
     init_seed: int = 0
     resolution: int | None = None
     teacher_args: dict = field(default_factory=dict)  # timm options of the teacher (recorded in the store)
-    seeds: int = 1
+    seeds: int | None = 1  # None: 1, or with views_from every seed the source store has
     codec: CodecSpec | str = field(default_factory=CodecSpec)  # a name ("int8") or a spec
     policy: ViewPolicy | str = field(default_factory=ViewPolicy)  # "rrc", "full" or a policy
     compressor: str | None = None  # "zstd" | "none": replaces the codec spec's
@@ -58,8 +64,11 @@ class ExtractConfig:
     writers: int = 2
     device: str = "auto"
     progress: bool = True
+    views_from: str | None = None  # a store whose manifest and recorded views to take
 
     def __post_init__(self):
+        if self.seeds is None and self.views_from is None:
+            self.seeds = 1
         require(self)
         try:  # names become specs here, and only here
             self.codec = CodecSpec.of(self.codec, self.compressor)
@@ -93,14 +102,44 @@ def shard_batches(a: int, b: int, batch_size: int) -> list[tuple[int, int]]:
     return [(i, min(i + batch_size, b)) for i in range(a, b, batch_size)]
 
 
+def views_source(cfg: ExtractConfig) -> tuple[Store, Manifest]:
+    """``cfg.views_from`` opened, and its manifest rooted at ``cfg.data`` once ``cfg.data`` is
+    shown to be the same image set (indexed as any extract indexes it; another folder is a
+    :class:`StoreMismatchError` naming the first difference). Sets ``cfg.seeds`` (None: every
+    seed of the source), ``cfg.policy`` and ``cfg.global_seed`` (the source's: its views are
+    copied, not drawn; a different explicit choice is refused)."""
+    src = Store.open(cfg.views_from)
+    if cfg.seeds is None:
+        cfg.seeds = src.num_seeds
+    if cfg.seeds > src.num_seeds:
+        raise ConfigError(f"--seeds {cfg.seeds}: --views-from store {src.url} holds {src.num_seeds} seed(s); "
+                          f"grow it first (re-run its fdcache extract with --seeds {cfg.seeds}), then re-run this one")
+    for name, mine, theirs in (("--views", cfg.policy, src.info.policy), ("--global-seed", cfg.global_seed,
+                                                                         src.info.global_seed)):
+        default = ViewPolicy() if name == "--views" else 0
+        if mine != default and mine != theirs:
+            raise ConfigError(f"{name}: with --views-from the views are {src.url}'s ({theirs}); drop {name}")
+    cfg.policy, cfg.global_seed = src.info.policy, src.info.global_seed
+    here = index(cfg.data, file_list=cfg.file_list, skip_bad=cfg.skip_bad, checksums=True)
+    if here.fingerprint() != src.info.manifest_sha256:
+        why = src.manifest().first_difference(here) or "the manifest fingerprints differ"
+        raise StoreMismatchError(f"{cfg.data} is not the image set --views-from store {src.url} was extracted "
+                                 f"from: {why}. Point DATA at that folder (the same --file-list, if it had one).")
+    manifest = src.manifest(root=cfg.data)  # the source's arrays, byte for byte
+    manifest.ignored = list(here.ignored)
+    return src, manifest
+
+
 def open_or_create(cfg: ExtractConfig, teacher: Teacher, manifest: Manifest, location: Location | None = None,
-                   occupancy: Occupancy | None = None) -> Store:
+                   occupancy: Occupancy | None = None, views_from: Store | None = None) -> Store:
     """The store for ``cfg``: created when the location is empty or holds fdcache's own
     unfinished creation (or a store to replace with ``--overwrite``); otherwise opened,
     checked against the request, cleaned of interrupted writes, its done shards with a
-    missing file un-marked (from ``occupancy``'s listing: nothing is listed twice), and grown
-    to ``cfg.seeds``. Call with the writer lock held. ``location``/``occupancy``: ``cfg.out``
-    resolved and looked at, when the caller already did."""
+    missing file un-marked (from ``occupancy``'s listing: nothing is listed twice), its views
+    record completed, and grown to ``cfg.seeds``. Call with the writer lock held.
+    ``location``/``occupancy``: ``cfg.out`` resolved and looked at, when the caller already
+    did. ``views_from``: the store whose views are copied (:func:`views_source`); an existing
+    store must hold the same views for every seed it has."""
     location = location or Location.resolve(cfg.out)
     occupancy = occupancy or location.occupancy()
     info = StoreInfo(teacher=teacher.spec, policy=cfg.policy, codec=cfg.codec,
@@ -109,13 +148,34 @@ def open_or_create(cfg: ExtractConfig, teacher: Teacher, manifest: Manifest, loc
     if occupancy.state == "store" and not cfg.overwrite:
         store = Store.open(location, mode="r+")
         store.check_binding(info)
+        if views_from is not None:
+            _require_same_views(store, views_from)
+        elif cfg.seeds > store.num_seeds and store.info.views_from:
+            raise ConfigError(f"{store.url} holds the views of {store.info.views_from}: add seeds through it "
+                              f"(grow that store, then re-run with --views-from {store.info.views_from})")
         location.remove_interrupted_writes()  # only rank 0 runs this, before any rank writes
         for s, k in sorted({(s, k) for s, k, _ in store.missing_data(occupancy.keys)}):
             store.unmark(s, k)  # a deleted shard file: recompute it (flipped bytes: verify --repair)
+        try:
+            store.record_views()
+        except OSError as e:
+            raise StoreError(f"recording the views of {store.url} failed: {e}. Fix the cause and re-run the "
+                             "same command.") from e
         if cfg.seeds > store.num_seeds:
-            store.grow_seeds(manifest, cfg.seeds)
+            store.grow_seeds(manifest, cfg.seeds, views_from=views_from)
         return store
-    return Store.create(location, info, manifest, cfg.seeds, overwrite=cfg.overwrite, occupancy=occupancy)
+    return Store.create(location, info, manifest, cfg.seeds, overwrite=cfg.overwrite, occupancy=occupancy,
+                        views_from=views_from)
+
+
+def _require_same_views(store: Store, source: Store) -> None:
+    n = min(store.num_seeds, source.num_seeds)
+    mine, theirs = store.views_hashes(n), source.views_hashes(n)
+    for s in range(n):
+        if mine[s] != theirs[s]:
+            raise StoreMismatchError(f"{store.url} holds other views than --views-from store {source.url} "
+                                     f"(seed {s} differs): it was not made from them. Use another --out, or "
+                                     "--overwrite to replace it.")
 
 
 def split_shards(items: list, rank: int, world: int) -> list:
@@ -146,11 +206,15 @@ def extract(cfg: ExtractConfig, teacher: Teacher | None = None) -> ExtractResult
                 occupancy = location.occupancy()  # the one look at what is there
                 if occupancy.state != "store" or cfg.overwrite:
                     occupancy.refuse_unless_ours(location.url, cfg.overwrite)
-                manifest = index(cfg.data, file_list=cfg.file_list, skip_bad=cfg.skip_bad, checksums=True)
-                store = open_or_create(cfg, teacher, manifest, location, occupancy)
+                source = None
+                if cfg.views_from:
+                    source, manifest = views_source(cfg)
+                else:
+                    manifest = index(cfg.data, file_list=cfg.file_list, skip_bad=cfg.skip_bad, checksums=True)
+                store = open_or_create(cfg, teacher, manifest, location, occupancy, views_from=source)
             except FdcacheError as e:
                 error = e
-        error = d.broadcast(error)
+        error, cfg.seeds = d.broadcast((error, cfg.seeds))
         if error is not None:
             raise error
         if not d.is_main:

@@ -21,6 +21,7 @@ only (DALI's spawned source workers load the reader, and with it this module, wi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -33,7 +34,7 @@ from .views import ViewPolicy
 
 __all__ = ["FORMAT_VERSION", "OLD_FORMATS", "BINDING", "CREATING", "REPLACING", "MANIFEST_FIELDS", "FIXED_ENTRIES",
            "ArrayDecl", "Shards", "StoreInfo", "TeacherSpec", "chunk_key", "parse_chunk_key", "shard_key", "store_arrays",
-           "encode_paths", "decode_paths"]
+           "encode_paths", "decode_paths", "views_sha256", "view_set_sha256"]
 
 FORMAT_VERSION = 2
 # Why each older format is refused (an upgrade in place would rewrite data fdcache must not guess).
@@ -150,6 +151,11 @@ class StoreInfo:
     manifest_sha256: str
     format_version: int = FORMAT_VERSION
     fdcache_version: str = __version__
+    # The recorded views, per seed: sha256 of ``views[s]`` (:func:`views_sha256`). A record,
+    # not a rule: it may lag the seeds (a store older than the field, a growth cut before its
+    # last write), and the missing ones are computed from the array (``Store.views_hashes``).
+    views_sha256: tuple[str, ...] = ()
+    views_from: str | None = None  # provenance: the store whose views were copied (--views-from)
 
     @property
     def shards(self) -> Shards:
@@ -160,7 +166,8 @@ class StoreInfo:
                 "teacher": self.teacher.to_dict(), "view_policy": self.policy.to_dict(),
                 "codec": self.codec.to_dict(), "global_seed": self.global_seed,
                 "shard_size": self.shard_size, "num_samples": self.num_samples,
-                "manifest_sha256": self.manifest_sha256}
+                "manifest_sha256": self.manifest_sha256, "views_sha256": list(self.views_sha256),
+                "views_from": self.views_from}
 
     @classmethod
     def from_dict(cls, d: dict) -> "StoreInfo":
@@ -169,10 +176,12 @@ class StoreInfo:
                    codec=CodecSpec.from_dict(d["codec"]), global_seed=d["global_seed"],
                    shard_size=d["shard_size"], num_samples=d["num_samples"],
                    manifest_sha256=d["manifest_sha256"], format_version=d["format_version"],
-                   fdcache_version=d.get("fdcache_version", "?"))
+                   fdcache_version=d.get("fdcache_version", "?"),
+                   views_sha256=tuple(d.get("views_sha256", ())), views_from=d.get("views_from"))
 
     def differences(self, other: "StoreInfo") -> list[str]:
-        """What differs between two bindings, named field by field."""
+        """What differs between two bindings, named field by field. The views record and its
+        provenance are not a request: they are checked against the views themselves."""
         out = []
         a, b = asdict(self.teacher), asdict(other.teacher)  # every field, grids derived where unrecorded
         for k in a:
@@ -265,6 +274,22 @@ def encode_paths(paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
     offsets = np.zeros(len(encoded) + 1, np.int64)
     np.cumsum([len(b) for b in encoded], out=offsets[1:])
     return np.frombuffer(b"".join(encoded), np.uint8).copy(), offsets
+
+
+def views_sha256(views: np.ndarray) -> str:
+    """The identity of one seed's recorded views ``[N, 5]``: sha256 of their int32
+    little-endian bytes, as the ``views`` array stores them."""
+    return hashlib.sha256(np.ascontiguousarray(views, dtype="<i4").tobytes()).hexdigest()
+
+
+def view_set_sha256(manifest_sha256: str, per_seed) -> str:
+    """The view set of a store's first ``len(per_seed)`` seeds: sha256 over the manifest's
+    fingerprint and each seed's :func:`views_sha256`. Two stores with one view set hold
+    maps of the same pixels, whatever their teachers (``extract --views-from``)."""
+    h = hashlib.sha256(manifest_sha256.encode())
+    for x in per_seed:
+        h.update(bytes.fromhex(x))
+    return h.hexdigest()
 
 
 def decode_paths(blob: np.ndarray, offsets: np.ndarray) -> list[str]:

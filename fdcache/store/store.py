@@ -15,6 +15,7 @@ everything else is written; ``done`` is resized last when seeds grow.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,8 @@ from .layout import (
     encode_paths,
     shard_key,
     store_arrays,
+    view_set_sha256,
+    views_sha256,
 )
 from .location import Location, Occupancy
 from .manifest import Manifest
@@ -90,11 +93,14 @@ class Store:
     # -- create / open -------------------------------------------------------------
     @classmethod
     def create(cls, location: "str | Location", info: StoreInfo, manifest: Manifest, seeds: int,
-               overwrite: bool = False, occupancy: Occupancy | None = None) -> "Store":
+               overwrite: bool = False, occupancy: Occupancy | None = None,
+               views_from: "Store | None" = None) -> "Store":
         """Create the store at ``location``: an absent or empty location, fdcache's own
         unfinished creation, or (with ``overwrite``) a finished fdcache store. Anything else is
         refused naming what is there; nothing fdcache did not write is ever deleted.
-        ``occupancy``: what :meth:`Location.occupancy` found, when the caller already looked."""
+        ``occupancy``: what :meth:`Location.occupancy` found, when the caller already looked.
+        ``views_from``: copy that store's recorded views (its first ``seeds``) instead of
+        drawing them; the binding records their hashes either way."""
         loc = Location.resolve(location)
         occ = occupancy or loc.occupancy()
         occ.refuse_unless_ours(loc.url, overwrite)
@@ -116,7 +122,9 @@ class Store:
             # 3. Arrays, manifest and views; 4. the binding replaces the marker, last.
             store = cls(group, info, loc)
             store._create_arrays(manifest, seeds)
-            store.write_views(manifest, range(seeds))
+            hashes = store.write_views(manifest, range(seeds), source=views_from)
+            store.info = info = replace(info, views_sha256=tuple(hashes),
+                                        views_from=views_from.url if views_from is not None else info.views_from)
             group.attrs.put({BINDING: info.to_dict()})
         except OSError as e:
             raise StoreError(f"creating the store at {loc.url} failed: {e}. Fix the cause and re-run the "
@@ -187,33 +195,68 @@ class Store:
                 f"store {self.url} was made differently:\n  " + "\n  ".join(diffs) +
                 "\nUse another --out, or --overwrite to replace it.")
 
-    def grow_seeds(self, manifest: Manifest, seeds: int) -> None:
+    def grow_seeds(self, manifest: Manifest, seeds: int, views_from: "Store | None" = None) -> None:
         """Append seeds ``[S, seeds)``: every array but ``done`` is resized and the new views
-        are written before ``done`` grows, so until then readers (and a re-run) see ``S``
-        seeds, and a re-run repeats these idempotent steps."""
+        are written (drawn, or copied from ``views_from``) before ``done`` grows, so until
+        then readers (and a re-run) see ``S`` seeds, and a re-run repeats these idempotent
+        steps. Last, the binding records the new views' hashes (:meth:`record_views`)."""
         old = self.num_seeds
         if seeds <= old:
             return
         try:
             for a in self.arrays():  # ``done`` is last
                 if a.name == "done":
-                    self.write_views(manifest, range(old, seeds))
+                    self.write_views(manifest, range(old, seeds), source=views_from)
                 arr = self.group[a.name]
                 arr.resize((seeds,) + arr.shape[1:])
+            self.record_views()
         except OSError as e:
             raise StoreError(f"adding seeds to {self.url} failed: {e}. Fix the cause and re-run the same "
                              "command: seed growth is redone from the start.") from e
 
-    def write_views(self, manifest: Manifest, seeds) -> None:
+    def write_views(self, manifest: Manifest, seeds, source: "Store | None" = None) -> list[str]:
+        """Write the views of ``seeds``: drawn from the manifest (a pure function of global
+        seed, seed, index and image size), or copied byte for byte from ``source``'s record.
+        Returns each seed's :func:`.layout.views_sha256`."""
         views = self.group["views"]
         bad = manifest.bad
         # Unreadable files have no size; draw nothing for them (a view is keyed by its
         # index alone, so the others' views do not depend on which files are bad).
         widths, heights = np.where(bad, 1, manifest.widths), np.where(bad, 1, manifest.heights)
+        hashes = []
         for s in seeds:
-            v = sample_views(self.info.global_seed, s, widths, heights, self.info.policy)
-            v[bad] = 0
+            if source is not None:
+                v = source.views(s)
+            else:
+                v = sample_views(self.info.global_seed, s, widths, heights, self.info.policy)
+                v[bad] = 0
             views[s] = v
+            hashes.append(views_sha256(v))
+        return hashes
+
+    # -- the view set ----------------------------------------------------------------
+    def views_hashes(self, seeds: int | None = None) -> list[str]:
+        """:func:`.layout.views_sha256` of seeds ``0..seeds-1`` (default: all): the binding's
+        record, and for seeds it does not cover (a store older than the record, a growth
+        cut before its last write) computed from the ``views`` array."""
+        n = self.num_seeds if seeds is None else seeds
+        known = list(self.info.views_sha256[:n])
+        return known + [views_sha256(self.views(s)) for s in range(len(known), n)]
+
+    def view_set(self, seeds: int | None = None) -> str:
+        """The identity of the view set of seeds ``0..seeds-1`` (:func:`.layout.view_set_sha256`)."""
+        return view_set_sha256(self.info.manifest_sha256, self.views_hashes(seeds))
+
+    def record_views(self) -> None:
+        """Record the hashes of the seeds the binding does not cover yet (one rewrite of the
+        group's ``zarr.json``; nothing when the record is whole). Writers only, under the
+        writer lock: extract calls it whenever it opens a store."""
+        if len(self.info.views_sha256) >= self.num_seeds:
+            return
+        self.info = replace(self.info, views_sha256=tuple(self.views_hashes()))
+        attrs = self.group.attrs.asdict()
+        attrs[BINDING] = self.info.to_dict()
+        self.group.attrs.put(attrs)
 
     # -- manifest ------------------------------------------------------------------
     def manifest(self, root: str | Path | None = None) -> Manifest:

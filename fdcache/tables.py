@@ -35,6 +35,9 @@ def store_table(r: dict) -> Table:
     table.add_row("weights sha256", t["weights_sha256"][:16] + "...")
     table.add_row("shape [S, N, L, D]", str(list(r["shape"].values())))
     table.add_row("view policy", json.dumps(r["view_policy"]))
+    if "view_set" in r:
+        views = r["view_set"][:16] + "..."
+        table.add_row("view set", views + (f" (views of {r['views_from']})" if r.get("views_from") else ""))
     table.add_row("codec", json.dumps(r["codec"]))
     if "arrays" in r:
         table.add_row("arrays", ", ".join(f"{k} {v['dtype']} {v['per_sample_shape']}" for k, v in r["arrays"].items()))

@@ -42,6 +42,8 @@ def inspect_store(url: str) -> dict:
         "shard_size": info.shard_size,
         "classes": len(store.classes()),
         "manifest_sha256": info.manifest_sha256,
+        "view_set": store.view_set(),  # equal for stores on one view set (extract --views-from)
+        "views_from": info.views_from,
         "bytes_stored": stored,
         "bytes_per_sample_view": per_view,
         "raw_fp16_bytes_per_sample_view": raw_fp16,

@@ -93,6 +93,24 @@ def extract(
                       "or an undecodable name): " + "; ".join(r.ignored[:5]), highlight=False)
 
 
+def _one_or_many(values: list[str]):
+    return None if not values else values[0] if len(values) == 1 else list(values)
+
+
+def _weights(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        name, sep, value = item.rpartition("=")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            name = ""
+        if not sep or not name:
+            raise typer.BadParameter(f"--teacher-weight wants NAME=WEIGHT (NAME: a --cache or --teacher as given), "
+                                     f"got {item!r}")
+    return out
+
+
 T = functools.partial(option_default, TrainConfig)
 
 
@@ -100,10 +118,11 @@ T = functools.partial(option_default, TrainConfig)
 @handles_errors
 def train(
     out_: Path = path_option(output_dir, ..., "--out", "-o", rich_help_panel="Run", help="Run directory: log.jsonl, checkpoints/, config.json + model.safetensors (timm local-dir)."),
-    cache: Optional[str] = path_option(store_input, None, rich_help_panel="Data", help="Store made by fdcache extract (offline distillation)."),
+    cache: list[str] = path_option(store_input, [], rich_help_panel="Data", help="Store made by fdcache extract (offline distillation); repeat for several teachers on one view set (extract --views-from)."),
     data: Optional[Path] = path_option(existing_dir, None, rich_help_panel="Data", help="Image folder (default for --cache: the one recorded in the store)."),
     online: bool = typer.Option(False, "--online", rich_help_panel="Online teacher (--online)", help="Run the teacher in the loop instead of reading a store (baseline)."),
-    teacher: Optional[str] = typer.Option(None, rich_help_panel="Online teacher (--online)", help="--online: teacher, as for extract."),
+    teacher: list[str] = typer.Option([], rich_help_panel="Online teacher (--online)", help="--online: teacher, as for extract (repeat for several)."),
+    teacher_weight: list[str] = typer.Option([], metavar="NAME=W", rich_help_panel="Data", help="Weight of that teacher's FD loss term (NAME: a --cache or --teacher as given; default 1; repeatable)."),
     pretrained: Optional[str] = path_option(tag_or_file, None, rich_help_panel="Online teacher (--online)", help="--online: teacher weights tag or path."),
     random_init: bool = typer.Option(False, "--random-init", rich_help_panel="Online teacher (--online)", help="--online: seeded random teacher."),
     init_seed: int = typer.Option(0, rich_help_panel="Online teacher (--online)", help="--online: seed of --random-init teacher weights."),
@@ -149,7 +168,8 @@ def train(
     from fdcache.distill.train import train as run
 
     cfg = TrainConfig(
-        out=str(out_), data=str(data) if data else None, cache=cache, online=online, teacher=teacher,
+        out=str(out_), data=str(data) if data else None, cache=_one_or_many(cache), online=online,
+        teacher=_one_or_many(teacher), teacher_weights=_weights(teacher_weight),
         pretrained=pretrained, random_init=random_init, init_seed=init_seed,
         teacher_args=parse_overrides(teacher_arg, "--teacher-arg"), student=student,
         student_overrides=parse_overrides(student_arg), resolution=resolution, drop_path=drop_path,

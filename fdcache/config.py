@@ -5,6 +5,7 @@ so ``fdcache --help`` stays fast."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 from .errors import ConfigError
@@ -75,9 +76,10 @@ class TrainConfig(RunOptions, ScheduleOptions, OptimOptions):
 
     clip_grad: float | None = 3.0
     data: str | None = None  # image folder (default for cache: the one recorded in the store)
-    cache: str | None = None  # store made by fdcache extract (offline distillation)
+    cache: str | list[str] | None = None  # store(s) made by fdcache extract (offline); several: one view set
     online: bool = False  # run the teacher in the loop instead of reading a store
-    teacher: str | None = None  # online: teacher name, as for extract
+    teacher: str | list[str] | None = None  # online: teacher name(s), as for extract
+    teacher_weights: dict = field(default_factory=dict)  # --cache/--teacher as given -> loss weight (default 1)
     pretrained: str | None = None  # online: teacher weights tag or path
     random_init: bool = False  # online: seeded random teacher
     init_seed: int = 0  # online: seed of the random teacher's weights
@@ -113,11 +115,40 @@ class TrainConfig(RunOptions, ScheduleOptions, OptimOptions):
                               "give one, not both")
         if self.epochs is None and self.steps is None:
             raise ConfigError("no run length (--epochs, --steps): give --epochs N or --steps N")
+        names = self.caches if self.cache else self.teachers
+        if len(set(names)) != len(names):
+            raise ConfigError(f"--cache/--teacher: each teacher once, got {names}")
+        unknown = sorted(set(self.teacher_weights) - set(names))
+        if unknown:
+            raise ConfigError(f"--teacher-weight {unknown[0]}: not one of the run's teachers {names}; "
+                              "name a --cache (or --online --teacher) exactly as given")
+        bad = {k: w for k, w in self.teacher_weights.items() if not (w >= 0 and math.isfinite(w))}
+        if bad:
+            raise ConfigError(f"--teacher-weight: weights must be finite and >= 0, got {bad}")
+
+    @property
+    def caches(self) -> list[str]:
+        """The stores, in the order given (one teacher each)."""
+        return _listed(self.cache)
+
+    @property
+    def teachers(self) -> list[str]:
+        """The online teachers, in the order given."""
+        return _listed(self.teacher)
+
+    def weight(self, name: str) -> float:
+        return float(self.teacher_weights.get(name, 1.0))
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["policy"] = self.policy.to_dict()
         return d
+
+
+def _listed(value) -> list[str]:
+    if value is None:
+        return []
+    return [str(value)] if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__") else [str(v) for v in value]
 
 
 @dataclass(kw_only=True)

@@ -230,7 +230,8 @@ class Task(Protocol):
     outputs: tuple[str, ...]  # its files in OUT (glob patterns), besides RUN_FILES
 
     def stream(self, micro_done: int = 0) -> Iterator: ...  # micro-batches from that position on
-    def loss(self, batch, forward) -> torch.Tensor: ...  # ``forward(x)``: the engine's model call, in its autocast
+    def loss(self, batch, forward) -> torch.Tensor: ...  # ``forward(x)``: the engine's model call, in its autocast;
+    # or ``(loss, terms [T])`` when the task names ``term_names`` (each term logged beside the loss)
     def images_in(self, batch) -> int: ...  # images in one micro-batch on this rank
     def where(self, batch) -> dict: ...  # fields for the log record ({"epoch": e})
     def after_update(self) -> None: ...  # constrain parameters after each update
@@ -251,6 +252,7 @@ class FitResult:
     checkpoint: str
     export: str | None
     evals: list = field(default_factory=list)
+    terms: list[dict] = field(default_factory=list)  # per logged step, when the task has loss terms
 
 
 class Engine:
@@ -310,6 +312,10 @@ class Engine:
         self.step = 0
         self.log = None
         self.evals: list[dict] = []
+        self.term_names: list[str] = list(getattr(task, "term_names", ()))
+        self.last_terms: torch.Tensor | None = None  # the last micro-batch's loss terms (detached)
+        self.window_terms: dict[str, float] = {}  # the last read-back's mean of each term
+        self.term_log: list[dict] = []
 
     # -- the step ------------------------------------------------------------------
     def autocast(self):
@@ -331,6 +337,8 @@ class Engine:
             ctx = self.ddp.no_sync()
         with ctx:
             loss = self.loss(batch)
+            if isinstance(loss, tuple):
+                loss, self.last_terms = loss
             self.scaler.scale(loss / self.cfg.accum_steps).backward()
         return loss.detach()
 
@@ -512,16 +520,22 @@ class Engine:
         return rec
 
     def read_back(self, loss_sum: torch.Tensor, micro_batches: int, first_step: int,
-                  stop_asked: bool) -> tuple[float, bool]:
+                  stop_asked: bool, terms_sum: torch.Tensor | None = None) -> tuple[float, bool]:
         """The window's mean loss over micro-batches and ranks, read to the host (the one
         device sync per log), and whether any rank was asked to stop (packed into the same
-        all-reduce). A non-finite loss saves the state under its step and stops the run."""
-        packed = torch.stack([loss_sum.float() / micro_batches,
-                              torch.tensor(float(stop_asked), device=loss_sum.device)])
+        all-reduce, with the loss terms' means, left in :attr:`window_terms`). A non-finite
+        loss saves the state under its step and stops the run."""
+        parts = [(loss_sum.float() / micro_batches).reshape(1),
+                 torch.tensor([float(stop_asked)], device=loss_sum.device)]
+        if terms_sum is not None:
+            parts.append(terms_sum.float() / micro_batches)
+        packed = torch.cat(parts)
         if self.dist.world > 1:
             torch.distributed.all_reduce(packed)
             packed[0] /= self.dist.world
-        value, stop = packed.tolist()
+            packed[2:] /= self.dist.world
+        value, stop, *terms = packed.tolist()
+        self.window_terms = dict(zip(self.term_names, terms))
         if not math.isfinite(value):
             bad = self.save(f"nonfinite-step{self.step}.pt")
             where = f"at step {self.step}" if first_step == self.step else f"in steps {first_step}..{self.step}"
@@ -570,17 +584,19 @@ class Engine:
         d.barrier()
         return FitResult(out=str(self.out), steps=self.step, losses=losses,
                          images_per_s=seen / max(elapsed, 1e-9), data_wait_fraction=wait / max(elapsed, 1e-9),
-                         checkpoint=str(ckpt), export=export, evals=list(self.evals))
+                         checkpoint=str(ckpt), export=export, evals=list(self.evals), terms=list(self.term_log))
 
     def _window(self, t: float) -> dict:
         """What is summed between two read-backs (the loss stays on the device)."""
-        return dict(t=t, images=0, wait=0.0, micro=0, first=self.step + 1, loss=torch.zeros((), device=self.device))
+        return dict(t=t, images=0, wait=0.0, micro=0, first=self.step + 1, loss=torch.zeros((), device=self.device),
+                    terms=torch.zeros(len(self.term_names), device=self.device) if self.term_names else None)
 
     def _loop(self, stop: int):
         cfg, d, task = self.cfg, self.dist, self.task
         tb = self._tensorboard() if cfg.tensorboard and d.is_main else None
         bar = Progress(task.name, self.total_steps, completed=self.step, enabled=cfg.progress and d.is_main)
         losses, seen, wait_total, signum = [], 0, 0.0, None
+        term_log = self.term_log = []
         t_start = time.perf_counter()
         w = self._window(t_start)
         self.model.train()
@@ -596,23 +612,31 @@ class Engine:
                         w["wait"] += waited
                         wait_total += waited
                         w["loss"] += self.forward_backward(batch, sync=m == cfg.accum_steps - 1)
+                        if w["terms"] is not None:
+                            w["terms"] += self.last_terms
                         w["images"] += task.images_in(batch) * d.world
                         w["micro"] += 1
                     self.optimizer_step()
                     # One process stops on its own signal after this step; ranks agree at read-backs.
                     asked = bool(signals) and d.world == 1
                     if self.step % self.log_every == 0 or self.step == stop or asked:
-                        value, stop_all = self.read_back(w["loss"], w["micro"], w["first"], bool(signals))
+                        value, stop_all = self.read_back(w["loss"], w["micro"], w["first"], bool(signals),
+                                                         w["terms"])
                         now = time.perf_counter()
                         span = max(now - w["t"], 1e-9)
-                        rec = self.record({"step": self.step, **task.where(batch), "loss": value,
+                        terms = {"loss_terms": self.window_terms} if self.term_names else {}
+                        rec = self.record({"step": self.step, **task.where(batch), "loss": value, **terms,
                                            "lr": max(g["lr"] for g in self.optimizer.param_groups),
                                            "images_per_s": w["images"] / span, "data_wait": w["wait"] / span})
                         losses.append(value)
+                        if terms:
+                            term_log.append(self.window_terms)
                         seen += w["images"]
                         if tb:
                             for k in ("loss", "lr", "images_per_s", "data_wait"):
                                 tb.add_scalar(f"{task.name}/{k}", rec[k], self.step)
+                            for k, v in self.window_terms.items():
+                                tb.add_scalar(f"{task.name}/loss_term/{k}", v, self.step)
                         bar.update(self.step, loss=value, img_s=rec["images_per_s"])
                         w = self._window(now)
                         if stop_all:

@@ -47,13 +47,14 @@ DROP_ARGS = ("drop_rate", "drop_path_rate", "attn_drop_rate", "proj_drop_rate", 
              "patch_drop_rate", "drop_block_rate", "pretrained_cfg_overlay")
 
 
-def save_weights(state: dict, path: str | Path) -> Path:
-    """``safetensors.torch.save_file``, then the mode every other file of a run gets (0666
-    less the umask): safetensors writes its files readable by their owner only (0600)."""
+def save_weights(state: dict, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """``safetensors.torch.save_file`` (with ``metadata``, its string header fields), then the
+    mode every other file of a run gets (0666 less the umask): safetensors writes its files
+    readable by their owner only (0600)."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata=metadata)
     os.chmod(path, 0o666 & ~_umask())
     return path
 

@@ -1,6 +1,7 @@
 """Several teachers on one set of recorded views: ``extract --views-from``, ``train --cache A
 --cache B``, and the export with one head per teacher."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from fdcache.cli.app import app
 from fdcache.codecs import whitened_error
 from fdcache.distill.pixels import reference_pixels
 from fdcache.distill.teachers import load_teacher
+from fdcache.distill.train import DistillTask, TrainConfig, train
+from fdcache.errors import ConfigError, StoreDataError, StoreMismatchError
 from fdcache.models import TINY_TEACHER
 from fdcache.store import Store
 from fdcache.store.inspect import inspect_store
@@ -94,3 +97,167 @@ def test_seeds_grow_through_the_source_store(image_root, tmp_path):
     sa, sb = Store.open(str(a)), Store.open(str(b))
     assert sb.num_seeds == 2 and sb.done().all()
     assert np.array_equal(sa.views(1), sb.views(1)) and sa.view_set() == sb.view_set()
+
+
+# -- train --cache A --cache B -------------------------------------------------------------
+def tcfg(out, **kw) -> TrainConfig:
+    base = dict(student="fd-tiny", steps=4, batch_size=4, warmup_steps=1, base_lr=0.5, loss_impl="torch",
+                progress=False, num_threads=2, save_every=1000, resolution=64)
+    return TrainConfig(out=str(out), **(base | kw))
+
+
+@pytest.fixture(scope="module")
+def b64(two_stores, image_root, tmp_path_factory):
+    """T2 at the student's 64 px on A's views (fp16): the online teacher's twin."""
+    a, _ = two_stores
+    return extract_t2(image_root, tmp_path_factory.mktemp("mt64") / "b64.zarr", a, "--resolution", "64",
+                      "--codec", "fp16")
+
+
+def _step0(task):
+    torch.manual_seed(task.cfg.seed * 1000)  # drop path's generator as each run starts it
+    batch = next(task.stream())
+    with torch.no_grad():
+        return batch, task.engine.loss(batch)
+
+
+def test_each_teachers_term_equals_its_single_teacher_run_and_weights_are_exact(two_stores, tmp_path):
+    a, b = (str(p) for p in two_stores)
+    common = dict(seed=3, resize_targets=True)  # B's 3x3 grid is resampled to the student's 4x4
+    one_a = DistillTask(tcfg(tmp_path / "a", cache=a, **common))
+    one_b = DistillTask(tcfg(tmp_path / "b", cache=b, **common))
+    both = DistillTask(tcfg(tmp_path / "ab", cache=[a, b], teacher_weights={b: 0.5}, **common))
+    assert [type(h).__name__ for h in both.model.projections] == ["Linear", "Linear"]
+    assert [h.out_features for h in both.model.projections] == [64, 192]
+    (ba, la), (bb, lb), (bab, (total, terms)) = _step0(one_a), _step0(one_b), _step0(both)
+    assert torch.equal(bab.index, ba.index) and torch.equal(bab.images, bb.images)  # one batch, one view set
+    assert torch.equal(terms[0], la) and torch.equal(terms[1], lb)  # each term is its single-teacher loss
+    torch.testing.assert_close(total, la + 0.5 * lb, rtol=1e-6, atol=0)
+    for h, single in zip(both.model.projections, (one_a.model.head, one_b.model.head)):
+        assert torch.equal(h.weight, single.weight)  # each head starts as in its single-teacher run
+
+
+def test_offline_two_stores_equal_online_two_teachers_at_step0(two_stores, b64, image_root, tmp_path):
+    a, b = str(two_stores[0]), str(b64)
+    off = DistillTask(tcfg(tmp_path / "off", cache=[a, b], seed=3))
+    on = DistillTask(tcfg(tmp_path / "on", online=True, teacher=[TINY_TEACHER, T2], random_init=True,
+                          data=str(image_root), seed=3))
+    (b_off, (l_off, t_off)), (b_on, (l_on, t_on)) = _step0(off), _step0(on)
+    assert torch.equal(b_off.index, b_on.index) and torch.equal(b_off.images, b_on.images)
+    # fp16 storage of each teacher's map is the only difference
+    torch.testing.assert_close(t_off, t_on, rtol=2e-3, atol=0)
+    torch.testing.assert_close(l_off, l_on, rtol=2e-3, atol=0)
+
+
+def test_two_store_run_logs_each_term_and_resumes_bit_exactly(two_stores, tmp_path):
+    a, b = (str(p) for p in two_stores)
+    kw = dict(cache=[a, b], teacher_weights={a: 1.0, b: 0.25}, resize_targets=True, steps=6, save_every=2,
+              ema_decay=0.9)
+    full = train(tcfg(tmp_path / "full", **kw))
+    part = train(tcfg(tmp_path / "part", run_steps=3, **kw))
+    rest = train(tcfg(tmp_path / "part", resume=True, **kw))
+    assert part.losses + rest.losses == full.losses and part.terms + rest.terms == full.terms
+    log = [json.loads(line) for line in open(tmp_path / "full" / "log.jsonl")]
+    assert [r["loss_terms"] for r in log] == full.terms and len(log) == 6
+    for r in log:
+        t = r["loss_terms"]
+        assert set(t) == {a, b}
+        assert r["loss"] == pytest.approx(t[a] + 0.25 * t[b], rel=1e-6)
+    x = torch.load(tmp_path / "full/checkpoints/last.pt", weights_only=False)
+    y = torch.load(tmp_path / "part/checkpoints/last.pt", weights_only=False)
+    assert all(torch.equal(x["model"][k], y["model"][k]) for k in x["model"])
+
+
+def test_stores_on_other_view_sets_are_refused_naming_the_difference(two_stores, image_root, tmp_path):
+    a, b = (str(p) for p in two_stores)
+    other_views = extract_tiny(image_root, tmp_path / "g.zarr", seeds=2, global_seed=7)
+    with pytest.raises(StoreMismatchError, match="other views.*seed 0 differs.*--views-from"):
+        DistillTask(tcfg(tmp_path / "r1", cache=[a, str(other_views)]))
+    fewer = extract_tiny(image_root, tmp_path / "one.zarr", seeds=1, views_from=a)
+    with pytest.raises(StoreMismatchError, match="1 seed.*2.*another seed count"):
+        DistillTask(tcfg(tmp_path / "r2", cache=[a, str(fewer)]))
+    DistillTask(tcfg(tmp_path / "r3", cache=[a, str(fewer)], seeds_used=1))  # the common seed
+    folder = tmp_path / "fewer_images"
+    shutil.copytree(image_root, folder)
+    sorted(folder.rglob("*.png"))[0].unlink()
+    elsewhere = extract_tiny(folder, tmp_path / "f.zarr", seeds=2)
+    with pytest.raises(StoreMismatchError, match="another data folder"):
+        DistillTask(tcfg(tmp_path / "r4", cache=[a, str(elsewhere)]))
+    with pytest.raises(ConfigError, match="--teacher-weight nope"):
+        tcfg(tmp_path / "r5", cache=[a, b], teacher_weights={"nope": 1.0})
+
+
+def test_a_damaged_shard_in_either_store_stops_training_naming_that_store(two_stores, tmp_path):
+    a, b = two_stores
+    for victim in (a, b):
+        copies = {s: tmp_path / f"{victim.name}-{s.name}" for s in (a, b)}
+        for s, c in copies.items():
+            if not c.exists():
+                shutil.copytree(s, c)
+        bad = copies[victim]
+        shard = sorted(p for p in (bad / "targets" / "c").rglob("*") if p.is_file())[1]
+        raw = bytearray(shard.read_bytes())
+        raw[40] ^= 0xFF  # a flipped byte: found when the batch is read
+        shard.write_bytes(bytes(raw))
+        with pytest.raises(StoreDataError, match=f"in {bad}.*fails its crc32c") as e:
+            train(tcfg(tmp_path / f"run-{victim.name}", cache=[str(copies[a]), str(copies[b])],
+                       resize_targets=True, steps=8, check_data=False))
+        other = copies[b if victim == a else a]
+        assert str(other) not in str(e.value)
+        shard.unlink()  # a deleted file: refused before training starts
+        with pytest.raises(StoreDataError, match=f"store {bad}: 1 shard file.*missing"):
+            DistillTask(tcfg(tmp_path / f"run2-{victim.name}", cache=[str(copies[a]), str(copies[b])],
+                             resize_targets=True))
+
+
+# Loads the export as a user would, without fdcache: timm's local-dir loader for the
+# backbone, safetensors for the heads; writes each head's map of one fixed input.
+_LOAD_WITHOUT_FDCACHE = """
+import json, sys
+sys.modules["fdcache"] = None  # importing fdcache would fail here
+import timm, torch
+from safetensors import safe_open
+run, out = sys.argv[1], sys.argv[2]
+model = timm.create_model(f"local-dir:{run}", pretrained=True).eval()
+x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+maps = {}
+with safe_open(f"{run}/heads.safetensors", "pt") as f, torch.no_grad():
+    teachers = json.loads(f.metadata()["teachers"])
+    tokens = model.forward_features(x)
+    for t in teachers:
+        w, b = f.get_tensor(t["key"] + ".weight"), f.get_tensor(t["key"] + ".bias")
+        maps[t["name"]] = torch.nn.functional.linear(tokens, w, b)
+torch.save({"maps": maps, "teachers": teachers}, out)
+"""
+
+
+def test_cli_two_teachers_export_heads_that_load_without_fdcache(two_stores, tmp_path):
+    import subprocess
+    import sys
+
+    a, b = (str(p) for p in two_stores)
+    run = tmp_path / "run"
+    args = ["train", "--cache", a, "--cache", b, "--teacher-weight", f"{b}=0.5", "--resize-targets",
+            "--student", "fd-tiny", "--steps", "2", "--batch-size", "4", "--warmup-steps", "1",
+            "--loss-impl", "torch", "--threads", "2", "--out", str(run)]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    log = [json.loads(line) for line in open(run / "log.jsonl")]
+    assert len(log) == 2 and all(set(rec["loss_terms"]) == {a, b} for rec in log)
+    bad = runner.invoke(app, [*args[:5], "--teacher-weight", "half", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "NAME=WEIGHT" in bad.output
+    done = subprocess.run([sys.executable, "-c", _LOAD_WITHOUT_FDCACHE, str(run), str(tmp_path / "maps.pt")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = torch.load(tmp_path / "maps.pt", weights_only=False)
+    assert [(t["name"], t["weight"], t["dim"], t["teacher"]["name"]) for t in got["teachers"]] == [
+        (a, 1.0, 64, TINY_TEACHER), (b, 0.5, 192, "vit_tiny_patch16_224")]
+    # the trained student's own heads, from its checkpoint
+    task = DistillTask(tcfg(tmp_path / "ref", cache=[a, b], resize_targets=True))
+    task.model.load_state_dict(torch.load(run / "checkpoints/last.pt", weights_only=False)["model"])
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = task.model.eval()(x)
+    assert [m.shape for m in want] == [(2, 17, 64), (2, 17, 192)]
+    for name, w in zip((a, b), want):
+        torch.testing.assert_close(got["maps"][name], w)

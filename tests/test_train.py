@@ -148,7 +148,7 @@ def test_token_grid_mismatch_is_refused_or_resampled(store, tmp_path):
         DistillTask(tcfg(tmp_path / "r", cache=str(store), resolution=96))
     t = DistillTask(tcfg(tmp_path / "r", cache=str(store), resolution=96, resize_targets=True, drop_path=0.0))
     b = next(t.stream())
-    assert b.images.shape[-1] == 96 and b.stored["targets"].shape[1] == 17
+    assert b.images.shape[-1] == 96 and b.stored[0]["targets"].shape[1] == 17
     # The teacher's 4x4 patch grid resampled to the student's 6x6 by hand: bilinear with
     # half-pixel centres (align_corners=False), the CLS token kept as it is.
     w = np.zeros((6, 4))
@@ -157,7 +157,7 @@ def test_token_grid_mismatch_is_refused_or_resampled(store, tmp_path):
         i0 = int(src)
         w[o, i0] += 1 - (src - i0)
         w[o, min(i0 + 1, 3)] += src - i0
-    stored = b.stored["targets"]
+    stored = b.stored[0]["targets"]
     grid = stored[:, 1:].double().numpy().reshape(-1, 4, 4, stored.shape[-1])
     patches = np.einsum("yi,bijd,xj->byxd", w, grid, w).reshape(grid.shape[0], 36, -1)
     want = torch.cat([stored[:, :1].double(), torch.from_numpy(patches)], dim=1)
@@ -215,10 +215,10 @@ def test_parallel_loader_workers_yield_the_same_batches(store, tmp_path):
         x, y = next(sa), next(sb)
         assert (x.epoch, x.step_in_epoch) == (y.epoch, y.step_in_epoch)
         assert torch.equal(x.index, y.index) and torch.equal(x.images, y.images)
-        assert torch.equal(x.stored["targets"], y.stored["targets"])
+        assert torch.equal(x.stored[0]["targets"], y.stored[0]["targets"])
         # Images and targets belong together: the target is the store's (seed, index) row.
         want = Store.open(str(store)).group["targets"].get_orthogonal_selection((x.epoch % 2, x.index.numpy()))
-        assert torch.equal(x.stored["targets"], torch.from_numpy(want))
+        assert torch.equal(x.stored[0]["targets"], torch.from_numpy(want))
 
 
 def count_read_backs(monkeypatch) -> list[str]:

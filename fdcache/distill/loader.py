@@ -29,7 +29,7 @@ __all__ = ["Batch", "resolve_workers", "build_pipeline", "batches"]
 @dataclass
 class Batch:
     images: torch.Tensor  # [B, 3, R, R] float32, student-normalized
-    stored: dict[str, torch.Tensor] | None  # offline: the codec's stored arrays, as stored
+    stored: list[dict[str, torch.Tensor]] | None  # offline: each store's codec arrays, as stored
     index: torch.Tensor  # [B] sample indices
     epoch: int
     step_in_epoch: int
@@ -63,7 +63,7 @@ def build_pipeline(source: TrainSource, *, resolution: int, mean, std, device: s
     from nvidia.dali import types
 
     extra = [(types.to_dali_type(np.dtype(lay.dtype).name), len(lay.shape))
-             for lay in (source.reader.layouts if source.offline else ())]
+             for r in source.readers for lay in r.layouts]
     extra.append((types.INT64, 0))
     return pixel_pipeline(source, batch_size=source.batch_size, resolution=resolution, mean=mean, std=std,
                           device=device, num_threads=num_threads, device_id=device_id, prefetch=prefetch,
@@ -76,7 +76,7 @@ def batches(source: TrainSource, **pipeline_kw) -> Iterator[Batch]:
     stored (the task decides what the loss reads: :meth:`CodecSpec.loss_inputs` or a decode)."""
     pipe = build_pipeline(source, **pipeline_kw)
     offline = source.offline
-    names = source.reader.names if offline else []
+    names = [r.names for r in source.readers]
     epoch, step = source.start_epoch, source.skip_samples // source.batch_size
     while True:
         t0 = time.perf_counter()
@@ -93,10 +93,18 @@ def batches(source: TrainSource, **pipeline_kw) -> Iterator[Batch]:
         # (nvidia.dali.tensors.TensorGPU.__dlpack__ docs).
         tensors = [torch.from_dlpack(o.as_tensor()) for o in outs]
         wait = time.perf_counter() - t0
-        stored = dict(zip(names, tensors[1:-1])) if offline else None
+        stored = _per_store(names, tensors[1:-1]) if offline else None
         yield Batch(images=tensors[0], stored=stored, index=tensors[-1], epoch=epoch, step_in_epoch=step,
                     wait_s=wait)
         step += 1
+
+
+def _per_store(names: list[list[str]], tensors: list) -> list[dict]:
+    out, i = [], 0
+    for n in names:
+        out.append(dict(zip(n, tensors[i:i + len(n)])))
+        i += len(n)
+    return out
 
 
 def _explain(source: TrainSource, epoch: int, step: int, err: RuntimeError) -> Exception:

@@ -7,6 +7,10 @@ first ``seeds`` of them: a store's seeds ``0..S-1`` are exactly the store an ext
 ``--seeds S`` makes, so one store serves every smaller S); an online run draws
 seed ``e`` (fresh views every epoch, as online FD). Sample order is a permutation keyed by
 ``(run_seed, epoch)``, each rank takes its slice (:mod:`fdcache.sampling`).
+
+Several stores (one teacher each, one view set: ``train --cache A --cache B``): each call
+reads the batch's arrays from every store for the same (seed, indices); the views come
+from the first (the stores hold the same ones, checked before training starts).
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ __all__ = ["TrainSource"]
 
 @dataclass
 class TrainSource:
-    """``__call__(batch_info)`` -> (encoded[B], window [B, 4], flip [B], *stored arrays, index [B])."""
+    """``__call__(batch_info)`` -> (encoded[B], window [B, 4], flip [B], *stored arrays of
+    each store in turn, index [B])."""
 
     files: list[str]
     eligible: dict[int, np.ndarray]  # seed -> sample indices usable for that seed
@@ -34,7 +39,7 @@ class TrainSource:
     run_seed: int = 0
     start_epoch: int = 0
     skip_samples: int = 0  # resume inside start_epoch (a whole number of batches)
-    reader: TargetReader | None = None  # offline: views and targets from the store
+    readers: list[TargetReader] = field(default_factory=list)  # offline: one per store, views from the first
     seeds: int | None = None  # offline: replay the store's first ``seeds`` seeds only (None: all)
     # online: views drawn here
     widths: np.ndarray | None = None
@@ -50,7 +55,12 @@ class TrainSource:
 
     @property
     def offline(self) -> bool:
-        return self.reader is not None
+        return bool(self.readers)
+
+    @property
+    def reader(self) -> TargetReader | None:
+        """The first store's reader: the views and the seed count."""
+        return self.readers[0] if self.readers else None
 
     @property
     def num_seeds(self) -> int:
@@ -104,6 +114,7 @@ class TrainSource:
         stored = []
         if self.offline:  # DALI copies each batch out, so one buffer serves every call
             if c.get("out") is None:
-                c["out"] = self.reader.empty(self.batch_size)
-            stored = list(self.reader.read(c["seed"], idx, out=c["out"]).values())
+                c["out"] = [r.empty(self.batch_size) for r in self.readers]
+            for r, out in zip(self.readers, c["out"]):
+                stored += list(r.read(c["seed"], idx, out=out).values())
         return (encoded, windows, flips, *stored, np.ascontiguousarray(idx, dtype=np.int64))

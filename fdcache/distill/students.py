@@ -68,21 +68,41 @@ class StudentSpec:
 class FDStudent(nn.Module):
     """``forward(images) -> [B, L_student, D_teacher]``: backbone tokens after its final
     norm (a hierarchical backbone's last stage, flattened), projected per token (FD's 1x1
-    Conv1d == a Linear on the token dim)."""
+    Conv1d == a Linear on the token dim). With several teachers (``teacher_dim`` a list),
+    one projection per teacher in ``heads`` and ``forward`` returns their maps in that
+    order; one teacher keeps FD's single ``head`` (its checkpoints and exports are unchanged)."""
 
-    def __init__(self, backbone: nn.Module, teacher_dim: int):
+    def __init__(self, backbone: nn.Module, teacher_dim: "int | list[int]", *, init_state: torch.Tensor | None = None):
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(backbone.num_features, teacher_dim)
+        dims = [teacher_dim] if isinstance(teacher_dim, int) else list(teacher_dim)
+        heads = []
+        for d in dims:
+            # Each head from the same generator state (the one after the backbone): a
+            # teacher's head starts as in that teacher's single-teacher run.
+            if init_state is not None:
+                torch.set_rng_state(init_state)
+            heads.append(nn.Linear(backbone.num_features, d))
+        if isinstance(teacher_dim, int):
+            self.head = heads[0]
+        else:
+            self.heads = nn.ModuleList(heads)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(flat_tokens(self.backbone.forward_features(x)))
+    @property
+    def projections(self) -> list[nn.Linear]:
+        return [self.head] if hasattr(self, "head") else list(self.heads)
+
+    def forward(self, x: torch.Tensor):
+        tokens = flat_tokens(self.backbone.forward_features(x))
+        if hasattr(self, "head"):
+            return self.head(tokens)
+        return [h(tokens) for h in self.heads]
 
     def no_weight_decay(self):
         return {f"backbone.{n}" for n in getattr(self.backbone, "no_weight_decay", lambda: set())()}
 
 
-def build_student(name: str, teacher_dim: int, *, resolution: int | None = None, drop_path: float = 0.2,
+def build_student(name: str, teacher_dim: "int | list[int]", *, resolution: int | None = None, drop_path: float = 0.2,
                   layer_scale: float | None = 0.1, overrides: dict | None = None,
                   seed: int = 0) -> tuple[FDStudent, StudentSpec]:
     import timm
@@ -102,7 +122,7 @@ def build_student(name: str, teacher_dim: int, *, resolution: int | None = None,
             backbone = timm.create_model(model_name, pretrained=False, num_classes=0, **kw)
         except (RuntimeError, TypeError) as e:
             raise FdcacheError(f"cannot build student {name!r} ({model_name} with {kw}): {e}") from e
-        student = FDStudent(backbone, teacher_dim)
+        student = FDStudent(backbone, teacher_dim, init_state=torch.get_rng_state())
     patch = backbone.patch_embed.patch_size[0]
     if resolution and (resolution < patch or resolution % patch):
         raise ConfigError(f"--resolution {resolution}: student {name!r} needs a multiple of its patch size {patch}")

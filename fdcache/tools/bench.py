@@ -112,7 +112,7 @@ class _Ceiling:
 
         self.trainer = trainer
         self.batch = replace(batch, images=on(batch.images), wait_s=0.0,
-                             stored={k: on(v) for k, v in batch.stored.items()})
+                             stored=[{k: on(v) for k, v in s.items()} for s in batch.stored])
 
     def step(self):
         self.trainer.engine.forward_backward(self.batch)

@@ -261,3 +261,22 @@ def test_cli_two_teachers_export_heads_that_load_without_fdcache(two_stores, tmp
     assert [m.shape for m in want] == [(2, 17, 64), (2, 17, 192)]
     for name, w in zip((a, b), want):
         torch.testing.assert_close(got["maps"][name], w)
+    from fdcache.distill.score import load_trained_student
+    from fdcache.errors import FdcacheError
+    with pytest.raises(FdcacheError, match="trained against 2 teachers"):
+        load_trained_student(run)  # score: single-teacher runs only, said so
+
+
+def test_parallel_loader_workers_read_every_store_for_the_same_rows(two_stores, tmp_path):
+    a, b = (str(p) for p in two_stores)
+    x_task = DistillTask(tcfg(tmp_path / "x", cache=[a, b], resize_targets=True))
+    y_task = DistillTask(tcfg(tmp_path / "y", cache=[a, b], resize_targets=True, loader_workers=1))
+    sx, sy = x_task.stream(), y_task.stream()
+    for _ in range(5):  # crosses the epoch boundary: seed 1
+        x, y = next(sx), next(sy)
+        assert torch.equal(x.index, y.index) and torch.equal(x.images, y.images)
+        for k, store in enumerate((a, b)):
+            for name, v in x.stored[k].items():
+                assert torch.equal(v, y.stored[k][name])
+                want = Store.open(store).group[name].get_orthogonal_selection((x.epoch % 2, x.index.numpy()))
+                assert torch.equal(v, torch.from_numpy(want)), (store, name)

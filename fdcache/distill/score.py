@@ -107,6 +107,10 @@ def load_trained_student(run: str | Path, device: str | torch.device = "cpu") ->
     except KeyError:
         raise FdcacheError(f"{path} is not an fdcache train checkpoint (no teacher/student record); "
                            "score reads train runs, not fine-tuning runs") from None
+    if isinstance(teacher, list):
+        raise FdcacheError(f"{run} was trained against {len(teacher)} teachers (train --cache A --cache B); "
+                           "score reads single-teacher runs only so far: probe its exported backbone "
+                           "(timm local-dir) or score a single-teacher run")
     try:
         model, spec = build_student(cfg["student"], teacher["dim"], resolution=student["resolution"],
                                     drop_path=cfg["drop_path"], layer_scale=cfg["layer_scale"],

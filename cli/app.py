@@ -121,7 +121,7 @@ def train(
     cache: list[str] = path_option(store_input, [], rich_help_panel="Data", help="Store made by fdcache extract (offline distillation); repeat for several teachers on one view set (extract --views-from)."),
     data: Optional[Path] = path_option(existing_dir, None, rich_help_panel="Data", help="Image folder (default for --cache: the one recorded in the store)."),
     online: bool = typer.Option(False, "--online", rich_help_panel="Online teacher (--online)", help="Run the teacher in the loop instead of reading a store (baseline)."),
-    teacher: list[str] = typer.Option([], rich_help_panel="Online teacher (--online)", help="--online: teacher, as for extract (repeat for several)."),
+    teacher: list[str] = typer.Option([], metavar="NAME", rich_help_panel="Online teacher (--online)", help="--online: teacher, as for extract (repeat for several)."),
     teacher_weight: list[str] = typer.Option([], metavar="NAME=W", rich_help_panel="Data", help="Weight of that teacher's FD loss term (NAME: a --cache or --teacher as given; default 1; repeatable)."),
     pretrained: Optional[str] = path_option(tag_or_file, None, rich_help_panel="Online teacher (--online)", help="--online: teacher weights tag or path."),
     random_init: bool = typer.Option(False, "--random-init", rich_help_panel="Online teacher (--online)", help="--online: seeded random teacher."),

@@ -200,6 +200,11 @@ class _Unwrapped:
     def __len__(self):
         return len(self.it)
 
+    def __getattr__(self, name):  # the loader iterator's own state (workers, shutdown) stays reachable
+        if name == "it":
+            raise AttributeError(name)
+        return getattr(self.it, name)
+
     def __next__(self):
         try:
             return next(self.it)

@@ -80,7 +80,7 @@ def extract(
                         file_list=str(file_list) if file_list else None, skip_bad=skip_bad,
                         overwrite=overwrite, num_threads=threads, device=value_of(device),
                         progress=sys.stderr.isatty(), views_from=views_from)
-    r = run(cfg)
+    r = run(cfg, announce=lambda text: err.print(text, highlight=False, soft_wrap=True))
     if is_main():
         out.print(f"extracted {r.samples} sample-views in {r.shards} shard(s) "
                   f"({r.already_done} shard(s) already done) in {r.seconds:.1f}s, "

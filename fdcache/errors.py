@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 __all__ = ["FdcacheError", "DataError", "BadImageError", "ImageRefusedError", "StoreMismatchError", "StoreError",
-           "StoreDataError", "StoreLockedError", "ConfigError", "TeacherError", "VerifyError", "TrainError",
-           "FinetuneError", "RealWeightsError", "Interrupted", "cause_of"]
+           "StoreDataError", "StoreLockedError", "DiskSpaceError", "ConfigError", "TeacherError", "VerifyError",
+           "TrainError", "FinetuneError", "RealWeightsError", "Interrupted", "cause_of"]
 
 
 class FdcacheError(Exception):
@@ -54,6 +54,11 @@ class StoreDataError(StoreError):
 
 class StoreLockedError(StoreError):
     """Another process (not a rank of this job) is writing the store; names its host and pid."""
+
+
+class DiskSpaceError(FdcacheError):
+    """A store would not fit: its projected bytes exceed the free disk space (checked before
+    anything is written). The message states both numbers and what to do."""
 
 
 class ConfigError(FdcacheError):

@@ -28,15 +28,16 @@ from .. import distributed
 from ..codecs import CodecSpec
 from ..errors import BadImageError, ConfigError, FdcacheError, StoreError, StoreMismatchError
 from ..options import require
-from ..store.layout import StoreInfo
+from ..store.layout import StoreInfo, projected_files, view_bytes
 from ..store.location import Location, Occupancy
 from ..store.manifest import Manifest, index
-from ..store.store import Store
+from ..store.space import check_free_space
+from ..store.store import Store, manifest_columns
 from ..store.views import ViewPolicy
 from .pixels import PixelStream, ViewBatches, dali_device
 from .teachers import Teacher, load_teacher
 
-__all__ = ["ExtractConfig", "ExtractResult", "shard_batches", "views_source", "open_or_create", "split_shards",
+__all__ = ["ExtractConfig", "ExtractResult", "shard_batches", "views_source", "open_or_create", "store_info", "split_shards",
            "extract", "teacher_device", "HostCopy"]
 
 
@@ -131,20 +132,22 @@ def views_source(cfg: ExtractConfig) -> tuple[Store, Manifest]:
 
 
 def open_or_create(cfg: ExtractConfig, teacher: Teacher, manifest: Manifest, location: Location | None = None,
-                   occupancy: Occupancy | None = None, views_from: Store | None = None) -> Store:
+                   occupancy: Occupancy | None = None, views_from: Store | None = None, announce=None) -> Store:
     """The store for ``cfg``: created when the location is empty or holds fdcache's own
     unfinished creation (or a store to replace with ``--overwrite``); otherwise opened,
     checked against the request, cleaned of interrupted writes, its done shards with a
     missing file un-marked (from ``occupancy``'s listing: nothing is listed twice), its views
-    record completed, and grown to ``cfg.seeds``. Call with the writer lock held.
-    ``location``/``occupancy``: ``cfg.out`` resolved and looked at, when the caller already
-    did. ``views_from``: the store whose views are copied (:func:`views_source`); an existing
-    store must hold the same views for every seed it has."""
+    record completed, and grown to ``cfg.seeds``. Before any of that writes, the bytes still
+    to write are checked against the free disk space
+    (:func:`~fdcache.store.space.check_free_space`; ``announce(text)`` is told what was
+    checked). Call with the writer lock held. ``location``/``occupancy``: ``cfg.out`` resolved
+    and looked at, when the caller already did. ``views_from``: the store whose views are
+    copied (:func:`views_source`); an existing store must hold the same views for every seed
+    it has."""
     location = location or Location.resolve(cfg.out)
     occupancy = occupancy or location.occupancy()
-    info = StoreInfo(teacher=teacher.spec, policy=cfg.policy, codec=cfg.codec,
-                     global_seed=cfg.global_seed, shard_size=cfg.shard_size,
-                     num_samples=len(manifest), manifest_sha256=manifest.fingerprint())
+    info = store_info(cfg, teacher, manifest)
+    shards = info.shards
     if occupancy.state == "store" and not cfg.overwrite:
         store = Store.open(location, mode="r+")
         store.check_binding(info)
@@ -153,8 +156,13 @@ def open_or_create(cfg: ExtractConfig, teacher: Teacher, manifest: Manifest, loc
         elif cfg.seeds > store.num_seeds and store.info.views_from:
             raise ConfigError(f"{store.url} holds the views of {store.info.views_from}: add seeds through it "
                               f"(grow that store, then re-run with --views-from {store.info.views_from})")
+        missing = sorted({(s, k) for s, k, _ in store.missing_data(occupancy.keys)})
+        done = store.done()
+        todo = [(s, k) for s in range(cfg.seeds) for k in range(shards.count)
+                if s >= len(done) or not done[s, k] or (s, k) in missing]
+        _check_space(location, info, todo, max(0, cfg.seeds - len(done)), None, 0, announce)
         location.remove_interrupted_writes()  # only rank 0 runs this, before any rank writes
-        for s, k in sorted({(s, k) for s, k, _ in store.missing_data(occupancy.keys)}):
+        for s, k in missing:
             store.unmark(s, k)  # a deleted shard file: recompute it (flipped bytes: verify --repair)
         try:
             store.record_views()
@@ -164,6 +172,10 @@ def open_or_create(cfg: ExtractConfig, teacher: Teacher, manifest: Manifest, loc
         if cfg.seeds > store.num_seeds:
             store.grow_seeds(manifest, cfg.seeds, views_from=views_from)
         return store
+    todo = [(s, k) for s in range(cfg.seeds) for k in range(shards.count)]
+    # creation first removes what a replaced store or an interrupted creation left: fdcache's own bytes
+    reclaim = location.used_bytes() if occupancy.state in ("store", "creating") else 0
+    _check_space(location, info, todo, cfg.seeds, manifest_columns(manifest), reclaim, announce)
     return Store.create(location, info, manifest, cfg.seeds, overwrite=cfg.overwrite, occupancy=occupancy,
                         views_from=views_from)
 
@@ -178,13 +190,31 @@ def _require_same_views(store: Store, source: Store) -> None:
                                      "--overwrite to replace it.")
 
 
+def store_info(cfg: ExtractConfig, teacher: Teacher, manifest: Manifest) -> StoreInfo:
+    """The binding ``cfg`` asks for: a new store gets it, an existing one must match it."""
+    return StoreInfo(teacher=teacher.spec, policy=cfg.policy, codec=cfg.codec,
+                     global_seed=cfg.global_seed, shard_size=cfg.shard_size,
+                     num_samples=len(manifest), manifest_sha256=manifest.fingerprint())
+
+
+def _check_space(location: Location, info: StoreInfo, todo: list, new_seeds: int, columns, reclaim: int,
+                 announce) -> None:
+    files = projected_files(info, todo, new_seeds, columns)
+    views = sum(b - a for a, b in (info.shards.range(k) for _, k in todo))
+    line = check_free_space(location, files, views, view_bytes(info), reclaim=reclaim)
+    if announce is not None:
+        announce(line)
+
+
 def split_shards(items: list, rank: int, world: int) -> list:
     """Rank ``rank`` of ``world``'s contiguous part of ``items`` (sizes differ by at most one)."""
     n = len(items)
     return items[rank * n // world:(rank + 1) * n // world]
 
 
-def extract(cfg: ExtractConfig, teacher: Teacher | None = None) -> ExtractResult:
+def extract(cfg: ExtractConfig, teacher: Teacher | None = None, announce=None) -> ExtractResult:
+    """Run ``cfg``. ``announce(text)``: told, before anything is written, what the free-space
+    check found (the CLI prints it)."""
     d = distributed.init()
     device = distributed.device_for(d, cfg.device)
     if teacher is None:
@@ -211,7 +241,8 @@ def extract(cfg: ExtractConfig, teacher: Teacher | None = None) -> ExtractResult
                     source, manifest = views_source(cfg)
                 else:
                     manifest = index(cfg.data, file_list=cfg.file_list, skip_bad=cfg.skip_bad, checksums=True)
-                store = open_or_create(cfg, teacher, manifest, location, occupancy, views_from=source)
+                store = open_or_create(cfg, teacher, manifest, location, occupancy, views_from=source,
+                                       announce=announce)
             except FdcacheError as e:
                 error = e
         error, cfg.seeds = d.broadcast((error, cfg.seeds))

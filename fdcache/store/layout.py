@@ -34,7 +34,8 @@ from .views import ViewPolicy
 
 __all__ = ["FORMAT_VERSION", "OLD_FORMATS", "BINDING", "CREATING", "REPLACING", "MANIFEST_FIELDS", "FIXED_ENTRIES",
            "ArrayDecl", "Shards", "StoreInfo", "TeacherSpec", "chunk_key", "parse_chunk_key", "shard_key", "store_arrays",
-           "encode_paths", "decode_paths", "views_sha256", "view_set_sha256"]
+           "manifest_chunk", "encode_paths", "decode_paths", "views_sha256", "view_set_sha256", "CRC_BYTES",
+           "INDEX_ENTRY_BYTES", "METADATA_BYTES", "view_bytes", "projected_files", "on_disk"]
 
 FORMAT_VERSION = 2
 # Why each older format is refused (an upgrade in place would rewrite data fdcache must not guess).
@@ -244,6 +245,69 @@ def store_arrays(info: StoreInfo) -> list[ArrayDecl]:
                   block=max(1, min(info.num_samples, 1 << 16))),
         ArrayDecl("done", "|u1", (), ("seed", "shard"), "marker"),
     ]
+
+
+def manifest_chunk(name: str, n: int) -> int:
+    """Elements per chunk of manifest column ``name`` of ``n`` elements (the path bytes and
+    offsets in chunks of 4 Mi elements, the per-image fields in chunks of 64 Ki)."""
+    return max(1, min(n, 1 << 22) if name in ("paths_utf8", "path_offsets") else min(n, 1 << 16))
+
+
+# -- what a store costs on disk: a hand count of the Zarr v3 format as fdcache writes it ---------
+CRC_BYTES = 4  # every chunk ends in its crc32c; a shard file's index has one too
+INDEX_ENTRY_BYTES = 16  # a shard file's index: (offset, nbytes) uint64 per inner chunk slot
+# A bound on one zarr.json (fdcache's measure 180 to 1,300 bytes; the root's grows with the binding).
+METADATA_BYTES = 4096
+
+
+def view_bytes(info: StoreInfo) -> int:
+    """Bytes one sample-view adds to the store's shard files, uncompressed: each per-sample
+    array's data, its crc32c and its index entry (``zstd`` only makes it smaller on feature
+    maps; docs/benchmarks.md)."""
+    return sum(a.nbytes + CRC_BYTES + INDEX_ENTRY_BYTES
+               for a in info.codec.arrays(info.teacher.tokens, info.teacher.dim))
+
+
+def projected_files(info: StoreInfo, shards, new_seeds: int = 0, manifest_columns: dict | None = None) -> dict:
+    """``{file size: count}`` of the files extraction writes: every store shard in ``shards``
+    (``(seed, k)`` pairs; each per-sample array's shard file, its skip flags and its done
+    marker), the views of ``new_seeds`` seeds, and at creation (``manifest_columns``: name ->
+    numpy array, as :meth:`~.store.Store.create` writes them) the manifest and every
+    ``zarr.json``. Sizes are uncompressed: an upper bound under ``zstd``."""
+    files: dict[int, int] = {}
+
+    def add(size: int, count: int = 1) -> None:
+        if count:
+            files[size] = files.get(size, 0) + count
+
+    sh, decls = info.shards, store_arrays(info)
+    for _, k in shards:
+        a, b = sh.range(k)
+        n = b - a
+        for d in decls:
+            item = int(np.prod(d.shape, dtype=np.int64)) * np.dtype(d.dtype).itemsize
+            if d.chunk == "sample":  # n inner chunks with crc32c, an index of sh.size slots
+                add(n * (item + CRC_BYTES) + sh.size * INDEX_ENTRY_BYTES + CRC_BYTES)
+            elif d.chunk == "shard":  # one chunk of the whole shard (edge chunks are stored whole)
+                add(sh.size * item + CRC_BYTES)
+            elif d.chunk == "marker":
+                add(item + CRC_BYTES)
+    for d in decls:
+        if d.chunk == "block":
+            item = int(np.prod(d.shape, dtype=np.int64)) * np.dtype(d.dtype).itemsize
+            add(d.block * item + CRC_BYTES, new_seeds * math.ceil(info.num_samples / d.block))
+    if manifest_columns is not None:
+        for name, col in manifest_columns.items():
+            c = manifest_chunk(name, len(col))
+            add(c * col.dtype.itemsize + CRC_BYTES, math.ceil(len(col) / c))
+        add(METADATA_BYTES, 1 + len(decls) + 1 + len(manifest_columns))  # root, arrays, manifest
+    return files
+
+
+def on_disk(files: dict, block: int = 1) -> int:
+    """Bytes ``files`` (:func:`projected_files`) take on a filesystem of ``block``-byte
+    allocation units (each file rounded up; 1 = the bytes themselves, as object stores bill)."""
+    return sum(count * -(-size // block) * block for size, count in files.items())
 
 
 def chunk_key(path: str, coords) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +72,23 @@ class Location:
         if self.remote:
             return AdvisoryLock(None, self.url, error=StoreLockedError)
         return AdvisoryLock.beside(self.root, self.url, error=StoreLockedError)
+
+    def free_space(self) -> tuple[int, int] | None:
+        """``(free bytes, allocation block)`` of the filesystem the store is on (or will be:
+        from its nearest existing folder), as ``shutil.disk_usage`` and ``statvfs`` report
+        them; None for a remote store (an object store reports no free space)."""
+        if self.remote:
+            return None
+        p = Path(self.root).absolute()
+        while not p.exists() and p != p.parent:
+            p = p.parent
+        return shutil.disk_usage(p).free, os.statvfs(p).f_frsize
+
+    def used_bytes(self) -> int:
+        """Bytes the files under a local store take on disk now (0 when absent or remote)."""
+        if self.remote or not Path(self.root).is_dir():
+            return 0
+        return sum(p.lstat().st_blocks * 512 for p in Path(self.root).rglob("*") if p.is_file())
 
     def keys(self, prefix: str = "") -> list[str]:
         """Every key under ``prefix`` (one recursive listing)."""

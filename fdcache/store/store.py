@@ -36,6 +36,7 @@ from .layout import (
     StoreInfo,
     decode_paths,
     encode_paths,
+    manifest_chunk,
     shard_key,
     store_arrays,
     view_set_sha256,
@@ -45,7 +46,7 @@ from .location import Location, Occupancy
 from .manifest import Manifest
 from .views import sample_views
 
-__all__ = ["Store"]
+__all__ = ["Store", "manifest_columns"]
 
 _GroupNotFound = getattr(zarr.errors, "GroupNotFoundError", FileNotFoundError)
 _KEEP_EMPTY = {"write_empty_chunks": True}
@@ -139,12 +140,8 @@ class Store:
                                shards=shards, compressors=_compressors(info.codec if a.codec else CodecSpec()),
                                fill_value=a.fill, dimension_names=list(a.dims))
         m = group.create_group("manifest")
-        blob, offsets = encode_paths(manifest.paths)
-        columns = {"paths_utf8": blob, "path_offsets": offsets}
-        columns |= {name: np.asarray(getattr(manifest, name)) for name in MANIFEST_FIELDS}
-        for name, a in columns.items():  # every chunk written, so a missing one is damage
-            chunk = min(len(a), 1 << 22) if name in ("paths_utf8", "path_offsets") else min(len(a), 1 << 16)
-            arr = m.create_array(name, shape=a.shape, dtype=a.dtype, chunks=(max(1, chunk),),
+        for name, a in manifest_columns(manifest).items():  # every chunk written, so a missing one is damage
+            arr = m.create_array(name, shape=a.shape, dtype=a.dtype, chunks=(manifest_chunk(name, len(a)),),
                                  compressors=_compressors(CodecSpec()))
             arr.with_config(_KEEP_EMPTY)[:] = a
         m.attrs.put({"classes": list(manifest.classes), "root": str(Path(manifest.root).resolve())})
@@ -363,6 +360,14 @@ class Store:
                 f"of seed {s} shard {k} (samples {a}..{b - 1}). Run `fdcache verify {self.url} --repair`, "
                 "then re-run the same fdcache extract command to recompute them.", seed=s, shard=k,
                 samples=(a, b))
+
+
+def manifest_columns(manifest: Manifest) -> dict[str, np.ndarray]:
+    """The manifest as the store keeps it: column name -> array (the paths as UTF-8 bytes
+    and offsets, then :data:`.layout.MANIFEST_FIELDS`)."""
+    blob, offsets = encode_paths(manifest.paths)
+    return {"paths_utf8": blob, "path_offsets": offsets} | {
+        name: np.asarray(getattr(manifest, name)) for name in MANIFEST_FIELDS}
 
 
 def _compressors(codec: CodecSpec):

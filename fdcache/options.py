@@ -91,6 +91,7 @@ RANGES: dict[str, Range] = {
     "resolution": Range(int, 16, 2048, note="must also be a multiple of the model's patch size"),
     "seeds": Range(int, 1, 10000),
     "seeds_used": Range(int, 1, 10000),
+    "max_seeds": Range(int, 1, 10000),
     "shard_size": Range(int, 1, _COUNT),
     "epochs": Range(int, 1),
     "steps": Range(int, 1),

@@ -37,6 +37,10 @@ def test_the_projection_is_every_file_the_store_holds_byte_for_byte(image_root, 
     assert files.pop(METADATA_BYTES) == metadata  # a bound per zarr.json, one per node
     assert max(p.stat().st_size for p in out.rglob("zarr.json")) <= METADATA_BYTES
     assert Counter(files) == data
+    # and on disk, as du counts it (its folders too): every file and folder one or more 4 KiB blocks
+    allocated = sum(p.stat().st_blocks * 512 for p in [out, *out.rglob("*")])
+    assert on_disk(projected_files(store.info, todo, 2, manifest_columns(store.manifest()), directories=True),
+                   4096) == allocated
     # a view: the data, its crc32c and its index entry, per array (int8: targets + qparams)
     per_view = {"fp16": 17 * 64 * 2 + 20, "int8": (17 * 64 + 20) + (17 * 2 * 4 + 20)}[codec]
     assert view_bytes(store.info) == per_view
@@ -54,10 +58,12 @@ def test_a_disk_too_small_refuses_before_anything_is_written(image_root, tmp_pat
         extract_tiny(image_root, out, seeds=2)
     assert list(tmp_path.iterdir()) == []  # no store, no lock file left behind
     # both numbers, by hand: 6 shard files of 6 views x (2176 + 20) + 4, rounded to 4 KiB blocks,
-    # and every small file (flags, markers, views, manifest columns, 14 zarr.json) one block each
+    # every small file (flags, markers, views, manifest columns, 14 zarr.json) one block each, and
+    # 48 folders of a block each (targets 2 per shard + 2 seeds + 2, skipped and done 4 each,
+    # views 6, manifest 1 + 2 per column, the root)
     block = Location.resolve(out).free_space()[1]
     assert block == 4096  # the hand count below assumes the usual ext4/xfs block
-    need = 6 * 16384 + (6 + 6 + 2 + 8 + 14) * 4096
+    need = 6 * 16384 + (6 + 6 + 2 + 8 + 14) * 4096 + 48 * 4096
     msg = str(e.value)
     assert f"{need:,} bytes" in msg and "50,000 bytes" in msg and "36 sample-view(s) of 2,196 bytes" in msg
     assert "--out" in msg and "Nothing was written" in msg and "--codec int8 or int4" in msg
@@ -66,7 +72,9 @@ def test_a_disk_too_small_refuses_before_anything_is_written(image_root, tmp_pat
 def test_growing_a_store_checks_only_the_seeds_still_to_write(image_root, tmp_path, monkeypatch):
     out = extract_tiny(image_root, tmp_path / "s.zarr", seeds=1)
     before = tree_bytes(out)
-    need = 3 * 16384 + (3 + 3 + 1) * 4096  # seed 1: 3 shard files, 3 flags, 3 markers, its views
+    # seed 1: 3 shard files, 3 flags, 3 markers, its views; 11 folders (targets 2 per shard and its
+    # seed's, the seed's of skipped and done, views 2)
+    need = 3 * 16384 + (3 + 3 + 1) * 4096 + 11 * 4096
     _fake_disk(monkeypatch, need - 1)
     with pytest.raises(DiskSpaceError, match=f"{need:,} bytes"):
         extract_tiny(image_root, out, seeds=2)

@@ -31,14 +31,15 @@ from ..options import require
 from ..store.layout import StoreInfo, projected_files, view_bytes
 from ..store.location import Location, Occupancy
 from ..store.manifest import Manifest, index
-from ..store.space import check_free_space
+from ..store.space import check_free_space, parse_size
 from ..store.store import Store, manifest_columns
 from ..store.views import ViewPolicy
+from .budget import MAX_SEEDS, BudgetChoice, choose
 from .pixels import PixelStream, ViewBatches, dali_device
 from .teachers import Teacher, load_teacher
 
-__all__ = ["ExtractConfig", "ExtractResult", "shard_batches", "views_source", "open_or_create", "store_info", "split_shards",
-           "extract", "teacher_device", "HostCopy"]
+__all__ = ["ExtractConfig", "ExtractResult", "shard_batches", "views_source", "open_or_create", "store_info",
+           "choose_for_budget", "split_shards", "extract", "teacher_device", "HostCopy"]
 
 
 @dataclass
@@ -51,10 +52,12 @@ class ExtractConfig:
     init_seed: int = 0
     resolution: int | None = None
     teacher_args: dict = field(default_factory=dict)  # timm options of the teacher (recorded in the store)
-    seeds: int | None = 1  # None: 1, or with views_from every seed the source store has
-    codec: CodecSpec | str = field(default_factory=CodecSpec)  # a name ("int8") or a spec
+    seeds: int | None = 1  # None: 1, or with views_from every seed the source store has; with a budget: the fewest
+    codec: CodecSpec | str | None = None  # a name ("int8") or a spec; None: fp16, or the budget's choice
     policy: ViewPolicy | str = field(default_factory=ViewPolicy)  # "rrc", "full" or a policy
     compressor: str | None = None  # "zstd" | "none": replaces the codec spec's
+    budget: str | None = None  # "1.5TB", "800MB" (or a number of bytes): codec and seeds chosen to fit (.budget)
+    max_seeds: int = MAX_SEEDS  # with a budget: the most seeds to store
     batch_size: int = 64
     shard_size: int = 128
     global_seed: int = 0
@@ -66,13 +69,17 @@ class ExtractConfig:
     device: str = "auto"
     progress: bool = True
     views_from: str | None = None  # a store whose manifest and recorded views to take
+    codec_given: bool = field(init=False, default=False)  # codec named by the caller: a budget keeps it
 
     def __post_init__(self):
         if self.seeds is None and self.views_from is None:
             self.seeds = 1
         require(self)
+        if self.budget is not None:
+            self.budget = parse_size(self.budget)
+        self.codec_given = self.codec is not None
         try:  # names become specs here, and only here
-            self.codec = CodecSpec.of(self.codec, self.compressor)
+            self.codec = CodecSpec.of(self.codec if self.codec is not None else "fp16", self.compressor)
         except ValueError as e:
             option = "--compressor" if "compressor" in str(e) else "--codec"
             raise ConfigError(f"{e} ({option}): choose one that --help lists") from None
@@ -92,6 +99,7 @@ class ExtractResult:
     skipped: list[str]
     already_done: int  # shards found complete before this call
     ignored: list[str] = field(default_factory=list)  # "path: why", files the index did not take
+    budget: BudgetChoice | None = None  # what --budget chose, and why (rank 0)
 
     @property
     def images_per_s(self) -> float:
@@ -190,16 +198,34 @@ def _require_same_views(store: Store, source: Store) -> None:
                                      "--overwrite to replace it.")
 
 
-def store_info(cfg: ExtractConfig, teacher: Teacher, manifest: Manifest) -> StoreInfo:
-    """The binding ``cfg`` asks for: a new store gets it, an existing one must match it."""
-    return StoreInfo(teacher=teacher.spec, policy=cfg.policy, codec=cfg.codec,
+def choose_for_budget(cfg: ExtractConfig, teacher: Teacher, manifest: Manifest,
+                      location: Location) -> BudgetChoice:
+    """The codec and seeds of ``cfg.budget`` (:func:`.budget.choose`): the whole store, on
+    the filesystem's blocks (a remote store: its bytes), an explicit ``--codec`` kept,
+    ``--seeds`` the floor."""
+    space = location.free_space()
+    block = space[1] if space is not None else 1
+
+    def info_of(spec: CodecSpec) -> StoreInfo:
+        return store_info(cfg, teacher, manifest, codec=spec)
+
+    return choose(cfg.budget, info_of, manifest_columns(manifest), block, min_seeds=cfg.seeds,
+                  max_seeds=cfg.max_seeds, codec=cfg.codec if cfg.codec_given else None,
+                  compressor=cfg.codec.compressor)
+
+
+def store_info(cfg: ExtractConfig, teacher: Teacher, manifest: Manifest,
+               codec: CodecSpec | None = None) -> StoreInfo:
+    """The binding ``cfg`` asks for (in ``codec``, when given): a new store gets it, an
+    existing one must match it."""
+    return StoreInfo(teacher=teacher.spec, policy=cfg.policy, codec=codec or cfg.codec,
                      global_seed=cfg.global_seed, shard_size=cfg.shard_size,
                      num_samples=len(manifest), manifest_sha256=manifest.fingerprint())
 
 
 def _check_space(location: Location, info: StoreInfo, todo: list, new_seeds: int, columns, reclaim: int,
                  announce) -> None:
-    files = projected_files(info, todo, new_seeds, columns)
+    files = projected_files(info, todo, new_seeds, columns, directories=not location.remote)
     views = sum(b - a for a, b in (info.shards.range(k) for _, k in todo))
     line = check_free_space(location, files, views, view_bytes(info), reclaim=reclaim)
     if announce is not None:
@@ -228,7 +254,7 @@ def extract(cfg: ExtractConfig, teacher: Teacher | None = None, announce=None) -
     # the others wait, then read the manifest from the store, so a thousand ranks do not
     # stat ImageNet each. Rank 0 holds the lock until every rank is done.
     location = Location.resolve(cfg.out)
-    error, lock, manifest = None, location.writer_lock(), None
+    error, lock, manifest, choice = None, location.writer_lock(), None, None
     try:
         if d.is_main:
             try:
@@ -241,11 +267,16 @@ def extract(cfg: ExtractConfig, teacher: Teacher | None = None, announce=None) -
                     source, manifest = views_source(cfg)
                 else:
                     manifest = index(cfg.data, file_list=cfg.file_list, skip_bad=cfg.skip_bad, checksums=True)
+                if cfg.budget is not None:
+                    choice = choose_for_budget(cfg, teacher, manifest, location)
+                    cfg.codec, cfg.seeds = choice.spec, choice.seeds
+                    if announce is not None:
+                        announce(choice.text())
                 store = open_or_create(cfg, teacher, manifest, location, occupancy, views_from=source,
                                        announce=announce)
             except FdcacheError as e:
                 error = e
-        error, cfg.seeds = d.broadcast((error, cfg.seeds))
+        error, cfg.codec, cfg.seeds = d.broadcast((error, cfg.codec, cfg.seeds))  # the budget's choice too
         if error is not None:
             raise error
         if not d.is_main:
@@ -259,6 +290,7 @@ def extract(cfg: ExtractConfig, teacher: Teacher | None = None, announce=None) -
         result = _run(cfg, store, manifest, teacher, mine, d)
         result.already_done = int(done.sum())
         result.ignored = list(manifest.ignored)
+        result.budget = choice
         d.barrier()
     finally:
         lock.__exit__(None, None, None)

@@ -268,12 +268,14 @@ def view_bytes(info: StoreInfo) -> int:
                for a in info.codec.arrays(info.teacher.tokens, info.teacher.dim))
 
 
-def projected_files(info: StoreInfo, shards, new_seeds: int = 0, manifest_columns: dict | None = None) -> dict:
+def projected_files(info: StoreInfo, shards, new_seeds: int = 0, manifest_columns: dict | None = None,
+                    directories: bool = False) -> dict:
     """``{file size: count}`` of the files extraction writes: every store shard in ``shards``
     (``(seed, k)`` pairs; each per-sample array's shard file, its skip flags and its done
     marker), the views of ``new_seeds`` seeds, and at creation (``manifest_columns``: name ->
     numpy array, as :meth:`~.store.Store.create` writes them) the manifest and every
-    ``zarr.json``. Sizes are uncompressed: an upper bound under ``zstd``."""
+    ``zarr.json``. Sizes are uncompressed: an upper bound under ``zstd``. ``directories``: the
+    folders a local store makes for them too (:func:`_folder`), which a small store feels."""
     files: dict[int, int] = {}
 
     def add(size: int, count: int = 1) -> None:
@@ -288,20 +290,50 @@ def projected_files(info: StoreInfo, shards, new_seeds: int = 0, manifest_column
             item = int(np.prod(d.shape, dtype=np.int64)) * np.dtype(d.dtype).itemsize
             if d.chunk == "sample":  # n inner chunks with crc32c, an index of sh.size slots
                 add(n * (item + CRC_BYTES) + sh.size * INDEX_ENTRY_BYTES + CRC_BYTES)
+                if directories:  # <name>/c/<seed>/<k>/0...: one single-entry folder per axis
+                    add(_folder([1]), len(d.shape))
             elif d.chunk == "shard":  # one chunk of the whole shard (edge chunks are stored whole)
                 add(sh.size * item + CRC_BYTES)
             elif d.chunk == "marker":
                 add(item + CRC_BYTES)
+    seeds = len({s for s, _ in shards})
     for d in decls:
         if d.chunk == "block":
             item = int(np.prod(d.shape, dtype=np.int64)) * np.dtype(d.dtype).itemsize
-            add(d.block * item + CRC_BYTES, new_seeds * math.ceil(info.num_samples / d.block))
+            blocks = math.ceil(info.num_samples / d.block)
+            add(d.block * item + CRC_BYTES, new_seeds * blocks)
+            if directories:  # <name>/c/<seed>/ of its blocks, <name>/c/<seed>/<b>/ of one chunk
+                add(_folder(_names(blocks)), new_seeds)
+                add(_folder([1]), new_seeds * blocks)
+        elif directories:  # <name>/c/<seed>/ of its shards
+            add(_folder(_names(sh.count)), seeds)
     if manifest_columns is not None:
         for name, col in manifest_columns.items():
             c = manifest_chunk(name, len(col))
             add(c * col.dtype.itemsize + CRC_BYTES, math.ceil(len(col) / c))
+            if directories:  # manifest/<name>/ and its c/
+                add(_folder([9, 1]))
+                add(_folder(_names(math.ceil(len(col) / c))))
         add(METADATA_BYTES, 1 + len(decls) + 1 + len(manifest_columns))  # root, arrays, manifest
+        if directories:  # the root, each array's folder and its c/ (one entry per seed), manifest/
+            add(_folder([9] + [len(d.name) for d in decls] + [8]))
+            for d in decls:
+                add(_folder([9, 1]))
+                add(_folder(_names(max(new_seeds, 1))))
+            add(_folder([9] + [len(n) for n in manifest_columns]))
     return files
+
+
+def _names(n: int) -> list[int]:
+    """Lengths of the names ``0`` .. ``n-1``."""
+    return [len(str(i)) for i in range(n)]
+
+
+def _folder(names: list[int]) -> int:
+    """Bytes a folder of entries with these name lengths takes, as ext4 lays one out (``.`` and
+    ``..`` 12 bytes each; an entry 8 bytes + its name padded to 4): at least one block once
+    :func:`on_disk` rounds it up. Filesystems differ; this is the usual one."""
+    return 24 + sum(8 + -(-n // 4) * 4 for n in names)
 
 
 def on_disk(files: dict, block: int = 1) -> int:

@@ -264,7 +264,11 @@ def verify(store: str = path_argument(store_input, "STORE", help="Store path or 
            data: Optional[Path] = path_option(existing_dir, None, help="Image folder, if moved or copied since extraction."),
            files: bool = typer.Option(True, "--files/--no-files", help="Check that the images still match (--no-files: skip)."),
            content: bool = typer.Option(False, help="Compare every image's crc32c with the manifest (reads every file)."),
-           repair: bool = typer.Option(False, help="Un-mark damaged shards so the same extract command recomputes them.")):
+           repair: bool = typer.Option(False, help="Un-mark damaged shards so the same extract command recomputes them."),
+           teacher_check: int = typer.Option(0, "--teacher-check", metavar="N", help="Also recompute N random recorded views with the store's teacher (weights hash checked) through the reference pixel path; each view's whitened error must be within the codec's bound."),
+           check_seed: int = typer.Option(0, help="Seed of --teacher-check's choice of views (the same seed checks the same views)."),
+           pretrained: Optional[str] = typer.Option(None, help="--teacher-check: where the teacher's local checkpoint is now (default: the recorded tag)."),
+           device: Device = typer.Option(Device.auto, help="--teacher-check: where the teacher runs (check a GPU-extracted store on a GPU).")):
     """Read and checksum every chunk, check completeness and that the images still match.
 
     Exit 0 when the store is whole, 1 naming each problem otherwise."""
@@ -276,6 +280,15 @@ def verify(store: str = path_argument(store_input, "STORE", help="Store path or 
     out.print(f"[green]ok[/]: {r['shards_checked']} shard(s) of {r['seeds']} seed(s) x "
               f"{r['samples']} samples checksummed; {r['files_checked']} image file(s) "
               + ("byte-identical" if r["content_checked"] else "present with their recorded sizes"))
+    if teacher_check:
+        from fdcache import distributed
+        from fdcache.distill.teacher_check import teacher_check as check
+
+        views = check(store, teacher_check, seed=check_seed, data=data, pretrained=pretrained,
+                      device=distributed.device_for(distributed.Dist(), value_of(device)),
+                      progress=lambda v: out.print(f"  {v}", highlight=False, soft_wrap=True))
+        out.print(f"[green]ok[/]: {len(views)} recomputed view(s) within the codec's bound "
+                  f"({max(v.rel_l2 for v in views):.3g} at most)")
 
 
 @app.command()

@@ -73,7 +73,7 @@ def test_the_chosen_store_fits_the_budget_measured_on_disk(image_root, tmp_path)
     assert {f.codec: f.seeds for f in choice.fits} == {"fp16": 7, "int8": 7, "int4": 8}
     assert (choice.codec, choice.seeds) == ("int4", 8)
     text = lines[0]
-    assert "not measured yet" in text and "more views beat more bits" in text
+    assert "not in a table that carries over" in text and "more views beat more bits" in text
     assert "int4 buys 8 seeds where fp16 buys 7" in text
     for f in choice.fits:
         assert f"{f.codec:5s} {f.view_bytes:,} bytes per view -> {f.seeds} view(s) per image" in text
@@ -118,7 +118,7 @@ def test_a_measured_table_picks_the_lowest_expected_cost(ref, monkeypatch):
     monkeypatch.setattr(budget_mod, "MEASURED", {"fp16": {1: 0.01}, "int8": {1: 0.02, 4: 0.005}, "int4": {1: 0.5}})
     choice = budget_mod.choose(800_000, info_of, cols, 4096)
     assert choice.measured and (choice.codec, choice.seeds) == ("int8", 7) and "measured table" in choice.reason
-    assert "not measured yet" not in choice.text() and "expected cost against online +0.005" in choice.text()
+    assert "not in a table" not in choice.text() and "expected cost against online +0.005" in choice.text()
 
 
 def test_the_same_command_resumes_the_same_store_and_another_codec_is_refused(image_root, tmp_path):

@@ -187,7 +187,8 @@ def main():
     ap.add_argument("--students", default="tiny,mid")
     ap.add_argument("--codecs", default="tiny=fp16+int8+int4,mid=fp16", help="codecs per student")
     ap.add_argument("--token-fraction", type=float, default=None,
-                    help="also arms on fp16 stores keeping this fraction of each view's patch tokens")
+                    help="also arms on fp16 stores keeping this fraction of each view's patch tokens "
+                         "(needs `fdcache extract --token-fraction`, not landed yet)")
     ap.add_argument("--token-seeds", default="2", help="S values of the --token-fraction arms")
     ap.add_argument("--batch", type=int, default=15)
     ap.add_argument("--lr", type=float, default=1.5e-3, help="distillation lr per 512 images")

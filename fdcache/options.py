@@ -92,6 +92,7 @@ RANGES: dict[str, Range] = {
     "seeds": Range(int, 1, 10000),
     "seeds_used": Range(int, 1, 10000),
     "max_seeds": Range(int, 1, 10000),
+    "token_fraction": Range(float, 0, 1, low_open=True, note="1: every token"),
     "shard_size": Range(int, 1, _COUNT),
     "epochs": Range(int, 1),
     "steps": Range(int, 1),

@@ -33,6 +33,7 @@ from ..store.location import Location, Occupancy
 from ..store.manifest import Manifest, index
 from ..store.space import check_free_space, parse_size
 from ..store.store import Store, manifest_columns
+from ..store.subset import TokenSubset
 from ..store.views import ViewPolicy
 from .budget import MAX_SEEDS, BudgetChoice, choose
 from .pixels import PixelStream, ViewBatches, dali_device
@@ -58,6 +59,7 @@ class ExtractConfig:
     compressor: str | None = None  # "zstd" | "none": replaces the codec spec's
     budget: str | None = None  # "1.5TB", "800MB" (or a number of bytes): codec and seeds chosen to fit (.budget)
     max_seeds: int = MAX_SEEDS  # with a budget: the most seeds to store
+    token_fraction: float = 1.0  # of each view's patch tokens kept (CLS always): fdcache.store.subset
     batch_size: int = 64
     shard_size: int = 128
     global_seed: int = 0
@@ -88,6 +90,11 @@ class ExtractConfig:
         except ValueError as e:
             raise ConfigError(f"{e} (--views): choose one that --help lists") from None
         self.compressor = self.codec.compressor
+        self.token_fraction = float(self.token_fraction)  # its range: require (fdcache.options.RANGES)
+
+    @property
+    def token_subset(self) -> TokenSubset:
+        return TokenSubset(self.token_fraction)
 
 
 @dataclass
@@ -220,7 +227,8 @@ def store_info(cfg: ExtractConfig, teacher: Teacher, manifest: Manifest,
     existing one must match it."""
     return StoreInfo(teacher=teacher.spec, policy=cfg.policy, codec=codec or cfg.codec,
                      global_seed=cfg.global_seed, shard_size=cfg.shard_size,
-                     num_samples=len(manifest), manifest_sha256=manifest.fingerprint())
+                     num_samples=len(manifest), manifest_sha256=manifest.fingerprint(),
+                     token_subset=cfg.token_subset)
 
 
 def _check_space(location: Location, info: StoreInfo, todo: list, new_seeds: int, columns, reclaim: int,
@@ -332,8 +340,10 @@ def _run(cfg: ExtractConfig, store: Store, manifest: Manifest, teacher: Teacher,
             try:
                 for bi, images in stream:
                     out = teacher(images.to(teacher_device(teacher), non_blocking=True))
-                    parts.append(cfg.codec.encode(out, seed=work_shards[owners[bi]][0],
-                                                  samples=torch.from_numpy(batches[bi]).to(out.device)))
+                    seed = work_shards[owners[bi]][0]
+                    out, rows = cfg.token_subset.keep(out, spec.prefix_tokens, cfg.global_seed, seed, batches[bi])
+                    parts.append(cfg.codec.encode(out, seed=seed, samples=torch.from_numpy(batches[bi]).to(out.device))
+                                 | rows)
                     samples += len(images)
                     partial += len(images)
                     bar.update(advance=len(images))

@@ -7,7 +7,8 @@ run's ``checkpoints/last.pt``; the EMA weights when the run kept them, as its ex
   the student on the recorded views of a store extracted from images the run never trained
   on. Pixels come through :func:`pixels.pixel_pipeline` (the pipeline extraction and
   training use), targets through :func:`train.offline_targets` (the codec's loss inputs,
-  as training reads them): no second pixel path, no second loss.
+  as training reads them; a token-subset store's kept rows as training gathers them): no
+  second pixel path, no second loss.
 * **train-store loss** on the run's own store (by default its seed 0, which every run of any
   replay factor has trained on): ``held-out - train`` is the memorisation gap.
 * **linear probe top-1**: frozen student features (the backbone's patch tokens after its
@@ -35,6 +36,7 @@ from ..options import check
 from ..kernels import fd_loss
 from ..store.manifest import index
 from ..store.store import Store
+from ..store.subset import kept_rows
 from .pixels import PixelStream, ViewBatches, dali_device
 from .students import FDStudent, StudentSpec, build_student
 from .tokens import flat_tokens
@@ -170,7 +172,7 @@ def store_loss(student: TrainedStudent, store: str, *, seeds: list[int] | None =
             idx = rows[k * batch_size:(k + 1) * batch_size]
             stored = {n: torch.from_numpy(v).to(device) for n, v in reader.read(s, idx).items()}
             targets, qparams = offline_targets(codec, stored, t, student.spec)
-            pred = student.model(images.to(device))
+            pred = kept_rows(student.model(images.to(device)), stored)
             per_token = fd_loss(pred, targets, qparams=qparams, reduction="none", impl=loss_impl)
             seed_sum += float(per_token.double().mean(dim=-1).sum())
         per_seed.append(seed_sum / len(rows))

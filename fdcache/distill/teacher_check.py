@@ -26,6 +26,7 @@ import torch
 from ..codecs import whitened_error
 from ..errors import TeacherError, VerifyError
 from ..store.store import Store
+from ..store.subset import kept_rows
 from .pixels import reference_pixels
 from .teachers import Teacher, load_teacher
 
@@ -105,8 +106,9 @@ def teacher_check(url: str, n: int, *, seed: int = 0, data: str | Path | None = 
     for s, i in choose_views(store, n, seed):
         px = reference_pixels(manifest.abspath(i), store.views(s)[i], spec.resolution, spec.mean, spec.std)
         ref = teacher(torch.from_numpy(px)[None].to(device)).float().cpu()
-        stored = codec.decode(reader.read(s, np.array([i])))
-        err = whitened_error(ref, stored)["rel_l2"]
+        arrays = reader.read(s, np.array([i]))
+        ref = kept_rows(ref, {k: torch.from_numpy(v) for k, v in arrays.items()})  # a token subset's rows
+        err = whitened_error(ref, codec.decode(arrays))["rel_l2"]
         results.append(ViewCheck(s, i, manifest.paths[i], err, bound))
         if progress is not None:
             progress(results[-1])

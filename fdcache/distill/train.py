@@ -30,6 +30,7 @@ from ..errors import FdcacheError, StoreError, StoreMismatchError, TrainError
 from ..kernels import fd_loss
 from ..store.manifest import index, require_unchanged
 from ..store.store import Store
+from ..store.subset import ROWS, kept_rows
 from .loader import Batch, batches, resolve_workers
 from .pixels import dali_device
 from .sources import TrainSource
@@ -183,6 +184,13 @@ class DistillTask:
         for x in self.targets:
             tt = x.tspec
             check_token_layout(self.sspec, tt, cfg.resize_targets)
+            subset = x.store.info.token_subset if x.store is not None else None
+            if subset is not None and not subset.whole and self.sspec.grid != tt.grid:
+                raise FdcacheError(
+                    f"store {x.name} keeps {subset.fraction:g} of each view's patch tokens, recorded as rows of "
+                    f"the teacher's {tt.rows}x{tt.cols} grid; student {self.sspec.name} at {res}px ends in a "
+                    f"{self.sspec.rows}x{self.sspec.cols} grid, and --resize-targets cannot resample a subset. Pick a "
+                    "student resolution that makes the teacher's grid, or extract a store of every token.")
             if cfg.online and res != tt.resolution:
                 raise FdcacheError(f"--online needs the student's resolution ({res}) to equal the teacher's "
                                    f"({x.name}: {tt.resolution}): both read the same pixels")
@@ -272,16 +280,20 @@ class DistillTask:
     def loss(self, batch: Batch, forward):
         """FD's loss of one micro-batch; ``forward`` is the engine's student call (DDP,
         compiled), run inside the engine's autocast. Several teachers: ``(sum_k w_k * FD_k,
-        [FD_k])``, one student forward for all heads."""
+        [FD_k])``, one student forward for all heads. From a token-subset store, head ``k``'s
+        loss is on its predictions at the rows *its* store kept (:func:`~fdcache.store.subset.kept_rows`;
+        stores of one view set may keep different rows, or all of them)."""
         images = batch.images.to(self.device, non_blocking=True)
         out = forward(images)
-        if len(self.targets) == 1:
-            targets, qparams = self.targets_of(batch, images)
-            return fd_loss(out, targets, qparams=qparams, impl=self.cfg.loss_impl)
+        preds = [out] if len(self.targets) == 1 else list(out)
         terms = []
-        for k, pred in enumerate(out):
+        for k, pred in enumerate(preds):
             targets, qparams = self.targets_of(batch, images, k)
+            if batch.stored is not None:
+                pred = kept_rows(pred, batch.stored[k])
             terms.append(fd_loss(pred, targets, qparams=qparams, impl=self.cfg.loss_impl))
+        if len(terms) == 1:
+            return terms[0]
         total = sum(x.weight * t for x, t in zip(self.targets, terms))
         return total, torch.stack([t.detach().float() for t in terms])
 
@@ -338,6 +350,10 @@ def offline_targets(codec, stored: dict, tspec, sspec):
     (prefix tokens kept). Training and ``fdcache score`` both use it."""
     if tspec.grid == sspec.grid:
         return codec.loss_inputs(stored)
+    if ROWS in stored:
+        raise FdcacheError(f"the store keeps a subset of the teacher's {tspec.rows}x{tspec.cols} grid; a student "
+                           f"of a {sspec.rows}x{sspec.cols} grid cannot be scored or trained on it (no resampling "
+                           "of a subset)")
     return resize_token_grid(codec.decode(stored), tspec.prefix_tokens, tspec.grid, sspec.grid), None
 
 

@@ -7,6 +7,8 @@ Layout (``S`` seeds, ``N`` samples, ``L`` tokens, ``D`` dims, ``K`` = samples pe
     <codec arrays> [S, N, *shape]  as the codec declares them (fp16: ``targets [S, N, L, D]``;
                    int8: ``targets`` int8 + ``qparams [S, N, L, 2]`` float32), inner chunk =
                    one sample-view, shard = K samples
+    token_rows [S, N, K]   int16, a token subset only (``extract --token-fraction``): the rows
+                   of the teacher's map the codec arrays hold (K of L; :mod:`.subset`)
     views    [S, N, 5]     int32 (y, x, h, w, flip) in EXIF-oriented source pixels
     skipped  [S, N]        uint8, 1 = unreadable image, its target is zeros (chunk = shard)
     done     [S, N/K]      uint8, 1 = shard complete; one chunk per marker, written last
@@ -29,11 +31,13 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .. import __version__
-from ..codecs.spec import CodecSpec
+from ..codecs.spec import ArraySpec, CodecSpec
+from .subset import TokenSubset
 from .views import ViewPolicy
 
 __all__ = ["FORMAT_VERSION", "OLD_FORMATS", "BINDING", "CREATING", "REPLACING", "MANIFEST_FIELDS", "FIXED_ENTRIES",
-           "ArrayDecl", "Shards", "StoreInfo", "TeacherSpec", "chunk_key", "parse_chunk_key", "shard_key", "store_arrays",
+           "ArrayDecl", "Shards", "StoreInfo", "TeacherSpec", "chunk_key", "parse_chunk_key", "shard_key", "sample_arrays",
+           "store_arrays",
            "manifest_chunk", "encode_paths", "decode_paths", "views_sha256", "view_set_sha256", "CRC_BYTES",
            "INDEX_ENTRY_BYTES", "METADATA_BYTES", "view_bytes", "projected_files", "on_disk"]
 
@@ -157,18 +161,24 @@ class StoreInfo:
     # last write), and the missing ones are computed from the array (``Store.views_hashes``).
     views_sha256: tuple[str, ...] = ()
     views_from: str | None = None  # provenance: the store whose views were copied (--views-from)
+    # Binding field ``token_subset``, written only for a subset: absent = every token, so
+    # stores made before it (and stores of fraction 1) keep their binding byte for byte.
+    token_subset: TokenSubset = TokenSubset()
 
     @property
     def shards(self) -> Shards:
         return Shards(self.shard_size, self.num_samples)
 
     def to_dict(self) -> dict:
-        return {"format_version": self.format_version, "fdcache_version": self.fdcache_version,
-                "teacher": self.teacher.to_dict(), "view_policy": self.policy.to_dict(),
-                "codec": self.codec.to_dict(), "global_seed": self.global_seed,
-                "shard_size": self.shard_size, "num_samples": self.num_samples,
-                "manifest_sha256": self.manifest_sha256, "views_sha256": list(self.views_sha256),
-                "views_from": self.views_from}
+        d = {"format_version": self.format_version, "fdcache_version": self.fdcache_version,
+             "teacher": self.teacher.to_dict(), "view_policy": self.policy.to_dict(),
+             "codec": self.codec.to_dict(), "global_seed": self.global_seed,
+             "shard_size": self.shard_size, "num_samples": self.num_samples,
+             "manifest_sha256": self.manifest_sha256, "views_sha256": list(self.views_sha256),
+             "views_from": self.views_from}
+        if not self.token_subset.whole:
+            d["token_subset"] = self.token_subset.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "StoreInfo":
@@ -178,7 +188,8 @@ class StoreInfo:
                    shard_size=d["shard_size"], num_samples=d["num_samples"],
                    manifest_sha256=d["manifest_sha256"], format_version=d["format_version"],
                    fdcache_version=d.get("fdcache_version", "?"),
-                   views_sha256=tuple(d.get("views_sha256", ())), views_from=d.get("views_from"))
+                   views_sha256=tuple(d.get("views_sha256", ())), views_from=d.get("views_from"),
+                   token_subset=TokenSubset.from_dict(d.get("token_subset")))
 
     def differences(self, other: "StoreInfo") -> list[str]:
         """What differs between two bindings, named field by field. The views record and its
@@ -188,7 +199,7 @@ class StoreInfo:
         for k in a:
             if a[k] != b[k]:
                 out.append(f"teacher.{k}: store has {a[k]!r}, requested {b[k]!r}")
-        for name in ("policy", "codec"):
+        for name in ("policy", "codec", "token_subset"):
             x, y = getattr(self, name).to_dict(), getattr(other, name).to_dict()
             if x != y:
                 out.append(f"{name}: store has {x}, requested {y}")
@@ -233,12 +244,19 @@ class ArrayDecl:
         return (seeds, shards.count) if self.chunk == "marker" else (seeds, shards.samples, *self.shape)
 
 
+def sample_arrays(info: StoreInfo) -> tuple[ArraySpec, ...]:
+    """The arrays a store holds per sample-view: the codec's, for the rows the store keeps
+    (every token, or a :class:`~.subset.TokenSubset`'s), then the kept rows of a subset."""
+    t, subset = info.teacher, info.token_subset
+    return (info.codec.arrays(subset.kept(t.tokens, t.prefix_tokens), t.dim)
+            + subset.arrays(t.tokens, t.prefix_tokens))
+
+
 def store_arrays(info: StoreInfo) -> list[ArrayDecl]:
-    """Every per-seed array of a store bound to ``info``, the codec's first, ``done`` last
-    (the order seed growth resizes them in)."""
-    t = info.teacher
+    """Every per-seed array of a store bound to ``info``, the per-sample ones first
+    (:func:`sample_arrays`), ``done`` last (the order seed growth resizes them in)."""
     codec = [ArrayDecl(a.name, np.dtype(a.dtype).str, tuple(a.shape), ("seed", "sample", *a.dims), "sample",
-                       codec=True, data=True) for a in info.codec.arrays(t.tokens, t.dim)]
+                       codec=True, data=True) for a in sample_arrays(info)]
     return codec + [
         ArrayDecl("skipped", "|u1", (), ("seed", "sample"), "shard", data=True),
         ArrayDecl("views", "<i4", (5,), ("seed", "sample", "yxhwf"), "block", fill=-1,
@@ -264,8 +282,7 @@ def view_bytes(info: StoreInfo) -> int:
     """Bytes one sample-view adds to the store's shard files, uncompressed: each per-sample
     array's data, its crc32c and its index entry (``zstd`` only makes it smaller on feature
     maps; docs/benchmarks.md)."""
-    return sum(a.nbytes + CRC_BYTES + INDEX_ENTRY_BYTES
-               for a in info.codec.arrays(info.teacher.tokens, info.teacher.dim))
+    return sum(a.nbytes + CRC_BYTES + INDEX_ENTRY_BYTES for a in sample_arrays(info))
 
 
 def projected_files(info: StoreInfo, shards, new_seeds: int = 0, manifest_columns: dict | None = None,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..errors import StoreError, StoreLockedError
 from ..lock import LOCK_SUFFIX, AdvisoryLock
-from .layout import BINDING, CREATING, FIXED_ENTRIES, REPLACING, StoreInfo
+from .layout import BINDING, CREATING, FIXED_ENTRIES, REPLACING, StoreInfo, sample_arrays
 
 __all__ = ["LOCK_SUFFIX", "Location", "Occupancy", "is_partial"]
 
@@ -201,13 +201,13 @@ class Occupancy:
 
 
 def _named_entries(attrs: dict) -> set[str]:
-    """The entries a binding or creation marker names as fdcache's: its codec's arrays, and
+    """The entries a binding or creation marker names as fdcache's: its per-sample arrays, and
     (while a store is being replaced) the entries of the store it replaces."""
     names = set(attrs.get(REPLACING, []))
     for key in (BINDING, CREATING):
         try:
             info = StoreInfo.from_dict(attrs[key])
-            names |= {a.name for a in info.codec.arrays(info.teacher.tokens, info.teacher.dim)}
+            names |= {a.name for a in sample_arrays(info)}
         except Exception:  # noqa: BLE001 -- absent or damaged: it names nothing
             pass
     return names

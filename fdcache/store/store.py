@@ -37,6 +37,7 @@ from .layout import (
     decode_paths,
     encode_paths,
     manifest_chunk,
+    sample_arrays,
     shard_key,
     store_arrays,
     view_set_sha256,
@@ -84,8 +85,9 @@ class Store:
         return self.info.shards.range(k)
 
     def array_specs(self):
-        """The codec's stored arrays (name, dtype, per-sample shape) for this store."""
-        return self.info.codec.arrays(self.info.teacher.tokens, self.info.teacher.dim)
+        """The per-sample arrays (name, dtype, per-sample shape): the codec's, and a token
+        subset's kept rows (:func:`.layout.sample_arrays`)."""
+        return sample_arrays(self.info)
 
     def arrays(self) -> list[ArrayDecl]:
         """Every per-seed array of this store (:func:`.layout.store_arrays`)."""
@@ -327,7 +329,7 @@ class Store:
         return np.flatnonzero(mask & ~self.skipped(seed)).astype(np.int64)
 
     def stored_bytes(self) -> int:
-        """Bytes the codec's arrays take in the store (compressed, with checksums and indexes)."""
+        """Bytes the per-sample arrays take in the store (compressed, with checksums and indexes)."""
         return sum(int(self.group[a.name].nbytes_stored()) for a in self.array_specs())
 
     def skipped(self, seed: int | None = None) -> np.ndarray:

@@ -16,7 +16,7 @@ from fdcache.codecs import whitened_error
 from fdcache.distill.pixels import reference_pixels
 from fdcache.distill.teachers import load_teacher
 from fdcache.distill.train import DistillTask, TrainConfig, train
-from fdcache.errors import ConfigError, StoreDataError, StoreMismatchError
+from fdcache.errors import ConfigError, FdcacheError, StoreDataError, StoreMismatchError
 from fdcache.models import TINY_TEACHER
 from fdcache.store import Store
 from fdcache.store.inspect import inspect_store
@@ -280,3 +280,30 @@ def test_parallel_loader_workers_read_every_store_for_the_same_rows(two_stores, 
                 assert torch.equal(v, y.stored[k][name])
                 want = Store.open(store).group[name].get_orthogonal_selection((x.epoch % 2, x.index.numpy()))
                 assert torch.equal(v, torch.from_numpy(want)), (store, name)
+
+
+# -- a token-subset store among several ------------------------------------------------------
+def test_each_head_takes_its_loss_at_its_own_stores_kept_rows(two_stores, image_root, tmp_path):
+    """A keeps every token, B (T2 on A's views) half of each view's patches: the two-store
+    step's terms are A's single-store loss and B's subset loss (itself pinned to a plain-PyTorch
+    reference in test_token_subset), so each head is gathered at its own store's rows."""
+    a = str(two_stores[0])
+    b = str(extract_t2(image_root, tmp_path / "bhalf.zarr", a, "--resolution", "64", "--codec", "fp16",
+                       "--token-fraction", "0.5"))
+    assert "token_rows" in Store.open(b).group and "token_rows" not in Store.open(a).group
+    one_a, one_b = DistillTask(tcfg(tmp_path / "a", cache=a, seed=3)), DistillTask(tcfg(tmp_path / "b", cache=b, seed=3))
+    both = DistillTask(tcfg(tmp_path / "ab", cache=[a, b], seed=3))
+    (_, la), (_, lb), (_, (total, terms)) = _step0(one_a), _step0(one_b), _step0(both)
+    assert torch.equal(terms[0], la) and torch.equal(terms[1], lb)
+    torch.testing.assert_close(total, la + lb, rtol=1e-6, atol=0)
+    # and the subset term is not the whole-map term: B's rows were used
+    whole_b = str(extract_t2(image_root, tmp_path / "bwhole.zarr", a, "--resolution", "64", "--codec", "fp16"))
+    (_, lw) = _step0(DistillTask(tcfg(tmp_path / "w", cache=whole_b, seed=3)))
+    assert not torch.equal(lw, lb)
+
+
+def test_a_subset_store_of_another_grid_among_several_is_refused_naming_it(two_stores, image_root, tmp_path):
+    a = str(two_stores[0])
+    b = str(extract_t2(image_root, tmp_path / "b48.zarr", a, "--token-fraction", "0.5"))  # T2 at 48 px: 3x3
+    with pytest.raises(FdcacheError, match="b48.zarr keeps 0.5 of each view's patch tokens.*3x3.*4x4"):
+        DistillTask(tcfg(tmp_path / "r", cache=[a, b], resize_targets=True))

@@ -439,16 +439,20 @@ def report(w: Path, res_file: Path, args) -> None:
 
 def plot(lines: list[dict], out: Path) -> None:
     """Held-out FD loss against bytes stored and against teacher FLOPs, one line per (student,
-    codec) through its S values; online as the horizontal line to reach (mean, band = ± sd)."""
+    arm family: codec, or codec and token fraction) through its S values; online as the horizontal line to reach (mean, band = ± sd)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
     students = sorted({x["student"] for x in lines})
     markers = dict(zip(students, "os^D"))
-    codecs = sorted({x["codec"] for x in lines if not x["online"]})
+    def family(x):  # the arm without its S: "fp16", "int4", "fp16 tokens 0.5"
+        return x["arm"].rsplit(" S=", 1)[0]
+
+    codecs = sorted({family(x) for x in lines if not x["online"]})
     colours = {c: f"C{i}" for i, c in enumerate(codecs)}
     for ax, key, label in ((axes[0], "bytes_stored", "bytes stored (MB)"),
                            (axes[1], "teacher_flops", "teacher TFLOPs spent (per student run, online)")):
@@ -456,7 +460,7 @@ def plot(lines: list[dict], out: Path) -> None:
         for st in students:
             for c in codecs:
                 pts = sorted((x[key] / scale, *x["heldout_loss"], x["S"]) for x in lines
-                             if x["student"] == st and x["codec"] == c and not x["online"])
+                             if x["student"] == st and family(x) == c and not x["online"])
                 if not pts:
                     continue
                 ax.errorbar([p[0] for p in pts], [p[1] for p in pts],
@@ -473,6 +477,7 @@ def plot(lines: list[dict], out: Path) -> None:
                 if key == "teacher_flops":
                     ax.plot([on[0][key] / scale], [m], marker=markers[st], color="k", ms=6)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap the major ones
         ax.set(xlabel=label, title=f"held-out FD loss vs {label.split(' (')[0]}")
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel("held-out FD loss (fresh views, mean ± sd over run seeds)")

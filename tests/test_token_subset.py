@@ -15,7 +15,7 @@ from fdcache.distill.train import DistillTask, TrainConfig, train
 from fdcache.errors import ConfigError, FdcacheError, StoreError, StoreMismatchError
 from fdcache.store import Store
 from fdcache.store.layout import StoreInfo, view_bytes
-from fdcache.store.subset import ROWS, TokenSubset, kept_rows
+from fdcache.store.subset import ROWS, TokenSubset, bad_rows, kept_rows
 
 
 @pytest.fixture(scope="module")
@@ -218,3 +218,42 @@ def test_the_cli_takes_the_fraction_and_refuses_one_out_of_range(image_root, tmp
     r = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "b.zarr"), "--token-fraction", "0.25"])
     assert r.exit_code == 0, r.output
     assert Store.open(str(tmp_path / "b.zarr")).array_specs()[0].shape == (1 + 4, 64)
+
+
+def _rows_rewritten(half, tmp_path, seed, sample, rows):
+    """Another client writes ``rows`` into one sample's token_rows through zarr (valid checksums)."""
+    import shutil
+
+    import zarr
+
+    bad = tmp_path / "rows.zarr"
+    shutil.copytree(half, bad)
+    zarr.open_group(str(bad), mode="r+")[ROWS][seed, sample] = np.asarray(rows, np.int16)
+    return bad
+
+
+def test_bad_rows_are_the_rows_the_draw_cannot_write():
+    good = TokenSubset(0.5).rows(0, 1, range(12), 17, 1)
+    assert not bad_rows(good, 17, 1).any()
+    bad = good.copy()
+    bad[2, 3] = 17  # past the map
+    bad[4] = np.concatenate([bad[4, :1], bad[4, 1:][::-1]])  # not ascending
+    bad[6, 0] = 1  # the CLS row replaced
+    bad[8, 2] = bad[8, 1]  # a row twice
+    assert np.flatnonzero(bad_rows(bad, 17, 1)).tolist() == [2, 4, 6, 8]
+
+
+@pytest.mark.parametrize("what", ["past the map", "reversed"])
+def test_damaged_rows_with_valid_checksums_are_named_by_verify_and_refused_by_train(half, tmp_path, what):
+    from fdcache.errors import StoreDataError, VerifyError
+    from fdcache.store.inspect import verify_store
+
+    rows = Store.open(str(half)).reader().read(1, [4])[ROWS][0]
+    rows = np.concatenate([rows[:1], [99], rows[2:]]) if what == "past the map" else np.concatenate(
+        [rows[:1], rows[1:][::-1]])
+    bad = _rows_rewritten(half, tmp_path, 1, 4, rows)
+    with pytest.raises(VerifyError) as e:
+        verify_store(str(bad))
+    assert any("seed 1, sample 4 (shard" in p and "verify" in p for p in e.value.problems)
+    with pytest.raises(StoreDataError, match=r"token_rows of seed 1, sample 4 \(shard 0\)"):
+        train(tcfg(tmp_path / "run", cache=str(bad), steps=8))

@@ -33,6 +33,7 @@ import numpy as np
 from ..errors import StoreDataError, StoreError
 from .layout import Shards, shard_key
 from .location import Location
+from .subset import ROWS, bad_rows
 
 __all__ = ["Layout", "TargetReader"]
 
@@ -94,12 +95,16 @@ class TargetReader:
     """
 
     def __init__(self, location: Location, layouts: list[Layout], shards: Shards,
-                 done: np.ndarray, skipped: np.ndarray, threads: int | None = None):
+                 done: np.ndarray, skipped: np.ndarray, threads: int | None = None,
+                 token_map: tuple[int, int] | None = None):
         """``location``: where the store lives (``Store.location``); ``layouts``: the codec's
         arrays as parsed from their metadata; ``shards``: the store's shard arithmetic;
         ``done [S, shards]`` and ``skipped [S, N]``: the markers as read when the reader was
-        made (a reader sees the store as it was then). ``threads``: per-batch read threads."""
+        made (a reader sees the store as it was then). ``threads``: per-batch read threads.
+        ``token_map``: ``(tokens, prefix tokens)`` of the teacher's map, for a token-subset
+        store: its stored rows are checked against it on every read (:func:`.subset.bad_rows`)."""
         self.location = location
+        self.token_map = token_map
         self.layouts = list(layouts)
         self.shards = shards
         self.done, self.skipped = np.asarray(done, bool), np.asarray(skipped, bool)
@@ -194,7 +199,24 @@ class TargetReader:
                 rows[have] = part
             else:
                 self._read_rows(lay, seed, idx, rows)
+        if self.token_map is not None and ROWS in out:
+            self._check_rows(seed, idx, out[ROWS], skipped)
         return out
+
+    def _check_rows(self, seed: int, idx: np.ndarray, rows: np.ndarray, skipped: np.ndarray) -> None:
+        """A token subset's rows are indices into the teacher's map: out of range, unsorted or
+        repeated rows (written by another client: their checksums are valid) would gather the
+        wrong tokens or crash the loss, so they are damage, named by seed and sample."""
+        bad = bad_rows(rows, *self.token_map) & ~skipped
+        if bad.any():
+            i = int(idx[np.flatnonzero(bad)[0]])
+            k = i // self.shards.size
+            raise StoreDataError(
+                f"{ROWS} of seed {seed}, sample {i} (shard {k}) in {self.url}: {rows[np.flatnonzero(bad)[0]].tolist()} "
+                f"are not the kept rows of a {self.token_map[0]}-token map (the prefix rows 0..{self.token_map[1] - 1}, "
+                "then ascending patch rows, each once). Fix: `fdcache verify "
+                f"{self.url} --repair`, then re-run the same `fdcache extract` command to recompute it.",
+                seed=seed, shard=k, samples=self.shards.range(k))
 
     def _read_rows(self, lay, seed, idx, rows) -> None:
         (self._read_remote if self.location.remote else self._read_local)(lay, seed, idx, rows)

@@ -316,8 +316,10 @@ class Store:
 
         arrays = [self.group[a.name] for a in self.array_specs()]
         layouts = [Layout.from_metadata(a.basename, a.metadata.to_dict(), a.dtype) for a in arrays]
+        t, subset = self.info.teacher, self.info.token_subset
         return TargetReader(self.location, layouts, self.info.shards, self.done() if done is None else done,
-                            self.skipped() if skipped is None else skipped, threads=threads)
+                            self.skipped() if skipped is None else skipped, threads=threads,
+                            token_map=None if subset.whole else (t.tokens, t.prefix_tokens))
 
     def read(self, seed: int, start: int, stop: int):
         """Decoded float32 targets ``[n, L, D]`` of samples ``start:stop`` of ``seed``."""

@@ -34,7 +34,7 @@ import numpy as np
 
 from ..codecs.spec import ArraySpec
 
-__all__ = ["ROWS", "TokenSubset", "kept_rows"]
+__all__ = ["ROWS", "TokenSubset", "bad_rows", "kept_rows"]
 
 ROWS = "token_rows"  # the stored array of kept row indices
 _DOMAIN = 0x746F6B656E  # "token": keys the subset's stream apart from the view's
@@ -96,6 +96,20 @@ class TokenSubset:
     @classmethod
     def from_dict(cls, d: dict | None) -> "TokenSubset":
         return cls() if d is None else cls(**d)
+
+
+def bad_rows(rows: np.ndarray, tokens: int, prefix: int) -> np.ndarray:
+    """bool ``[n]``: the samples whose stored rows ``[n, K]`` cannot be what :meth:`TokenSubset.rows`
+    writes for a ``tokens``-row map (the prefix rows in order, then patch rows strictly
+    ascending below ``tokens``). Not a recomputation of the draw: a store grown by another
+    fdcache version keeps its own rows; this catches rows that would gather the wrong tokens
+    or index past the map."""
+    r = np.asarray(rows).astype(np.int64)
+    bad = (r[:, :prefix] != np.arange(prefix)).any(axis=1)
+    patches = r[:, prefix:]
+    bad |= (patches < prefix).any(axis=1) | (patches >= tokens).any(axis=1)
+    bad |= (np.diff(r[:, prefix - 1 if prefix else 0:], axis=1) <= 0).any(axis=1)
+    return bad
 
 
 def kept_rows(x, stored: dict):

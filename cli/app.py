@@ -273,8 +273,10 @@ def verify(store: str = path_argument(store_input, "STORE", help="Store path or 
     """Read and checksum every chunk, check completeness and that the images still match.
 
     Exit 0 when the store is whole, 1 naming each problem otherwise."""
+    from fdcache.options import check as check_range
     from fdcache.store.inspect import verify_store
 
+    check_range(teacher_check=teacher_check)  # before the checksum pass
     r = verify_store(store, data=data, check_files=files, content=content, repair=repair)
     for w in r["warnings"]:
         err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
@@ -289,7 +291,9 @@ def verify(store: str = path_argument(store_input, "STORE", help="Store path or 
                       device=distributed.device_for(distributed.Dist(), value_of(device)),
                       progress=lambda v: out.print(f"  {v}", highlight=False, soft_wrap=True))
         out.print(f"[green]ok[/]: {len(views)} recomputed view(s) within the codec's bound "
-                  f"({max(v.rel_l2 for v in views):.3g} at most)")
+                  f"({max(v.rel_l2 for v in views):.3g} at most)"
+                  + (f"; --teacher-check {teacher_check} asked for more: that is every view the store holds"
+                     if len(views) < teacher_check else ""))
 
 
 @app.command()

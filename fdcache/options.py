@@ -134,6 +134,7 @@ RANGES: dict[str, Range] = {
     "alpha": Range(float, 0, 1),
     # scoring
     "limit": Range(int, 1),
+    "teacher_check": Range(int, 0, note="views to recompute; 0 turns it off; more than the store holds: all"),
     "probe_l2": Range(float, 0),
 }
 

@@ -141,3 +141,18 @@ def test_the_cli_prints_the_choice_and_refuses_a_bad_budget(image_root, tmp_path
     assert r.exit_code == 0, r.output
     assert "choice: --codec int8 --seeds 2" in r.output
     assert Store.open(str(tmp_path / "c.zarr")).info.codec.name == "int8"
+
+
+def test_with_views_from_the_budget_chooses_at_most_the_source_stores_seeds(image_root, tmp_path):
+    """The views are the source's: a budget that would buy 8 seeds of a 3-seed source takes 3
+    (nothing fails mid-creation), and --seeds stays the floor."""
+    src = extract_tiny(image_root, tmp_path / "src.zarr", seeds=3)
+    r = extract(ExtractConfig(data=str(image_root), out=str(tmp_path / "b.zarr"), budget="800kB",
+                              views_from=str(src), **(KW | {"seeds": None})))
+    store = Store.open(str(tmp_path / "b.zarr"))
+    assert r.budget.seeds == store.num_seeds == 3 and store.done().all()
+    assert (store.views(2) == Store.open(str(src)).views(2)).all()
+    with pytest.raises(ConfigError, match="--seeds 4: --views-from store .* holds 3 seed"):
+        extract(ExtractConfig(data=str(image_root), out=str(tmp_path / "c.zarr"), budget="800kB",
+                              views_from=str(src), **(KW | {"seeds": 4})))
+    assert not (tmp_path / "c.zarr").exists()

@@ -305,5 +305,5 @@ def test_each_head_takes_its_loss_at_its_own_stores_kept_rows(two_stores, image_
 def test_a_subset_store_of_another_grid_among_several_is_refused_naming_it(two_stores, image_root, tmp_path):
     a = str(two_stores[0])
     b = str(extract_t2(image_root, tmp_path / "b48.zarr", a, "--token-fraction", "0.5"))  # T2 at 48 px: 3x3
-    with pytest.raises(FdcacheError, match="b48.zarr keeps 0.5 of each view's patch tokens.*3x3.*4x4"):
+    with pytest.raises(FdcacheError, match="store .*b48.zarr: student .*4x4.*3x3 grid, and the store keeps 0.5 of each view's patch tokens"):
         DistillTask(tcfg(tmp_path / "r", cache=[a, b], resize_targets=True))

@@ -76,3 +76,12 @@ def test_the_cli_reports_each_view_and_exits_1_naming_the_rewritten_one(made, tm
     r = CliRunner().invoke(app, ["verify", str(bad), "--teacher-check", "36", "--device", "cpu"])
     assert r.exit_code == 1 and "seed 0 sample 5 (" in r.output
     assert np.sum(["ABOVE the bound" in line for line in r.output.splitlines()]) == 2  # the list + the line
+
+
+def test_a_negative_count_is_refused_before_the_checksum_pass_and_more_than_the_store_is_said(made):
+    r = CliRunner().invoke(app, ["verify", str(made), "--teacher-check", "-1", "--device", "cpu"])
+    assert r.exit_code == 2 and "(--teacher-check)" in r.output and "ok:" not in r.output
+    views = sum(len(Store.open(str(made)).eligible(s)) for s in range(Store.open(str(made)).num_seeds))
+    r = CliRunner().invoke(app, ["verify", str(made), "--teacher-check", str(views + 5), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert f"ok: {views} recomputed view(s)" in r.output and f"--teacher-check {views + 5} asked for more" in r.output

@@ -161,9 +161,15 @@ def test_kept_rows_gathers_each_samples_rows_and_leaves_a_whole_map_alone():
     assert kept_rows(x, {"targets": x}) is x
 
 
-def test_a_student_of_another_token_grid_is_refused_on_a_subset_store(half, tmp_path):
-    with pytest.raises(FdcacheError, match="cannot resample a subset"):
-        DistillTask(tcfg(tmp_path / "r", cache=str(half), resolution=96, resize_targets=True))
+@pytest.mark.parametrize("resize", [True, False])
+def test_a_student_of_another_token_grid_is_refused_on_a_subset_store(half, tmp_path, resize):
+    """With or without --resize-targets: the message names the resolution that fits and never
+    offers --resize-targets (it cannot resample a subset)."""
+    with pytest.raises(ConfigError) as e:
+        DistillTask(tcfg(tmp_path / "r", cache=str(half), resolution=96, resize_targets=resize))
+    msg = str(e.value)
+    assert "keeps 0.5 of each view's patch tokens" in msg and "--resolution 64 gives the student a 4x4 grid" in msg
+    assert "or pass --resize-targets" not in msg
 
 
 def test_held_out_loss_on_a_subset_store_is_the_mean_over_its_kept_rows(whole, half, tmp_path):

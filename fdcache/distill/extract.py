@@ -125,8 +125,8 @@ def views_source(cfg: ExtractConfig) -> tuple[Store, Manifest]:
     seed of the source), ``cfg.policy`` and ``cfg.global_seed`` (the source's: its views are
     copied, not drawn; a different explicit choice is refused)."""
     src = Store.open(cfg.views_from)
-    if cfg.seeds is None:
-        cfg.seeds = src.num_seeds
+    if cfg.seeds is None:  # with a budget, --seeds is the floor: the budget chooses up to the source's seeds
+        cfg.seeds = 1 if cfg.budget is not None else src.num_seeds
     if cfg.seeds > src.num_seeds:
         raise ConfigError(f"--seeds {cfg.seeds}: --views-from store {src.url} holds {src.num_seeds} seed(s); "
                           f"grow it first (re-run its fdcache extract with --seeds {cfg.seeds}), then re-run this one")
@@ -206,18 +206,20 @@ def _require_same_views(store: Store, source: Store) -> None:
 
 
 def choose_for_budget(cfg: ExtractConfig, teacher: Teacher, manifest: Manifest,
-                      location: Location) -> BudgetChoice:
+                      location: Location, source: Store | None = None) -> BudgetChoice:
     """The codec and seeds of ``cfg.budget`` (:func:`.budget.choose`): the whole store, on
     the filesystem's blocks (a remote store: its bytes), an explicit ``--codec`` kept,
-    ``--seeds`` the floor."""
+    ``--seeds`` the floor, ``--max-seeds`` (and a ``--views-from`` store's seeds: the views
+    there are) the ceiling."""
     space = location.free_space()
     block = space[1] if space is not None else 1
 
     def info_of(spec: CodecSpec) -> StoreInfo:
         return store_info(cfg, teacher, manifest, codec=spec)
 
+    most = cfg.max_seeds if source is None else min(cfg.max_seeds, source.num_seeds)
     return choose(cfg.budget, info_of, manifest_columns(manifest), block, min_seeds=cfg.seeds,
-                  max_seeds=cfg.max_seeds, codec=cfg.codec if cfg.codec_given else None,
+                  max_seeds=most, codec=cfg.codec if cfg.codec_given else None,
                   compressor=cfg.codec.compressor)
 
 
@@ -276,7 +278,7 @@ def extract(cfg: ExtractConfig, teacher: Teacher | None = None, announce=None) -
                 else:
                     manifest = index(cfg.data, file_list=cfg.file_list, skip_bad=cfg.skip_bad, checksums=True)
                 if cfg.budget is not None:
-                    choice = choose_for_budget(cfg, teacher, manifest, location)
+                    choice = choose_for_budget(cfg, teacher, manifest, location, source)
                     cfg.codec, cfg.seeds = choice.spec, choice.seeds
                     if announce is not None:
                         announce(choice.text())

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..codecs import whitened_error
-from ..errors import TeacherError, VerifyError
+from ..errors import ConfigError, TeacherError, VerifyError
 from ..store.store import Store
 from ..store.subset import kept_rows
 from .pixels import reference_pixels
@@ -95,7 +95,8 @@ def teacher_check(url: str, n: int, *, seed: int = 0, data: str | Path | None = 
     stored targets. Raises :class:`VerifyError` (exit 1) naming seed and sample of every
     view above the codec's bound; returns every view's result otherwise."""
     if n < 1:
-        raise VerifyError(f"--teacher-check {n}: give the number of views to recompute (at least 1)")
+        raise ConfigError(f"{n!r} is out of range (--teacher-check): give the number of views to recompute, "
+                          "at least 1")
     store = Store.open(url)
     teacher = load_store_teacher(store, pretrained, device)
     spec, codec = store.info.teacher, store.info.codec

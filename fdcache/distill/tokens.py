@@ -43,16 +43,18 @@ def token_layout(model: nn.Module, features: torch.Tensor, resolution: int, patc
                 "[B, H, W, C] grids (timm models with output_fmt NHWC: Swin, SwinV2), not [B, C, H, W] maps")
 
 
-def check_token_layout(student, teacher, resize: bool) -> None:
+def check_token_layout(student, teacher, resize: bool, subset: float | None = None) -> None:
     """Refuse, before any step, a student whose map cannot be matched to the teacher's:
     other prefix tokens, or another grid without ``resize``. ``student``/``teacher``: specs
-    with ``rows``, ``cols``, ``prefix_tokens`` and ``resolution`` (and ``name`` / ``label``)."""
+    with ``rows``, ``cols``, ``prefix_tokens`` and ``resolution`` (and ``name`` / ``label``).
+    ``subset``: the fraction a token-subset store keeps (below 1): its rows index the teacher's
+    grid, so only a student of that grid can be matched, ``resize`` or not."""
     if student.prefix_tokens != teacher.prefix_tokens:
         hint = " (a Swin / SwinV2 student for a Swin teacher)" if teacher.prefix_tokens == 0 else ""
         raise ConfigError(f"student {student.name} has {student.prefix_tokens} prefix token(s) (CLS, registers), "
                           f"the teacher's map ({teacher.label}) has {teacher.prefix_tokens} (--student): pick a "
                           f"student with {teacher.prefix_tokens} prefix token(s){hint}")
-    if (student.rows, student.cols) == (teacher.rows, teacher.cols) or resize:
+    if (student.rows, student.cols) == (teacher.rows, teacher.cols) or (resize and subset is None):
         return
     rows, cols = teacher.rows, teacher.cols
     stride = student.resolution // student.rows if student.resolution % student.rows == 0 else None
@@ -60,10 +62,14 @@ def check_token_layout(student, teacher, resize: bool) -> None:
         match = f"--resolution {rows * stride} gives the student a {rows}x{cols} grid ({stride} px per token)"
     else:
         match = "no square student resolution matches it"
-    raise ConfigError(
-        f"student {student.name} at {student.resolution} px ends in a {student.rows}x{student.cols} token grid, "
-        f"the teacher's map ({teacher.label}) is a {rows}x{cols} grid: {match}; or pass --resize-targets to "
-        "resample the teacher's grid to the student's (bilinear)")
+    head = (f"student {student.name} at {student.resolution} px ends in a {student.rows}x{student.cols} token grid, "
+            f"the teacher's map ({teacher.label}) is a {rows}x{cols} grid")
+    if subset is not None:
+        raise ConfigError(f"{head}, and the store keeps {subset:g} of each view's patch tokens as rows of that grid, "
+                          f"which --resize-targets cannot resample (--resolution): {match}, or extract a store of "
+                          "every token")
+    raise ConfigError(f"{head}: {match}; or pass --resize-targets to resample the teacher's grid to the student's "
+                      "(bilinear)")
 
 
 def resize_token_grid(targets: torch.Tensor, prefix: int, grid_in: tuple[int, int],

@@ -26,7 +26,7 @@ import torch
 from .. import distributed
 from ..config import TrainConfig
 from ..engine import RUN_FILES, Engine, FitResult, resume_checkpoint
-from ..errors import FdcacheError, StoreError, StoreMismatchError, TrainError
+from ..errors import ConfigError, FdcacheError, StoreError, StoreMismatchError, TrainError
 from ..kernels import fd_loss
 from ..store.manifest import index, require_unchanged
 from ..store.store import Store
@@ -183,14 +183,12 @@ class DistillTask:
         s_std = torch.tensor(self.sspec.std, device=self.device).view(1, 3, 1, 1)
         for x in self.targets:
             tt = x.tspec
-            check_token_layout(self.sspec, tt, cfg.resize_targets)
             subset = x.store.info.token_subset if x.store is not None else None
-            if subset is not None and not subset.whole and self.sspec.grid != tt.grid:
-                raise FdcacheError(
-                    f"store {x.name} keeps {subset.fraction:g} of each view's patch tokens, recorded as rows of "
-                    f"the teacher's {tt.rows}x{tt.cols} grid; student {self.sspec.name} at {res}px ends in a "
-                    f"{self.sspec.rows}x{self.sspec.cols} grid, and --resize-targets cannot resample a subset. Pick a "
-                    "student resolution that makes the teacher's grid, or extract a store of every token.")
+            try:
+                check_token_layout(self.sspec, tt, cfg.resize_targets,
+                                   None if subset is None or subset.whole else subset.fraction)
+            except ConfigError as e:
+                raise ConfigError(f"store {x.name}: {e}" if len(self.targets) > 1 else str(e)) from None
             if cfg.online and res != tt.resolution:
                 raise FdcacheError(f"--online needs the student's resolution ({res}) to equal the teacher's "
                                    f"({x.name}: {tt.resolution}): both read the same pixels")

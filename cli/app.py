@@ -84,7 +84,13 @@ def extract(
                         file_list=str(file_list) if file_list else None, skip_bad=skip_bad,
                         overwrite=overwrite, num_threads=threads, device=value_of(device),
                         progress=sys.stderr.isatty(), views_from=views_from)
-    r = run(cfg, announce=lambda text: err.print(text, highlight=False, soft_wrap=True))
+    try:
+        r = run(cfg, announce=lambda text: err.print(text, highlight=False, soft_wrap=True))
+    except KeyboardInterrupt:
+        # Each shard is marked done only after its data (the write protocol): what was done is kept.
+        err.print(f"interrupted: the shards marked done in {out_} are kept; re-run the same fdcache extract "
+                  "command to compute the rest", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     if is_main():
         out.print(f"extracted {r.samples} sample-views in {r.shards} shard(s) "
                   f"({r.already_done} shard(s) already done) in {r.seconds:.1f}s, "

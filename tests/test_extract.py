@@ -123,7 +123,7 @@ def write_shard(self, *args, **kw):
     real(self, *args, **kw)
     calls.append(1)
     if len(calls) == int(os.environ["KILL_AFTER"]):
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, os.environ.get("KILL_WITH", "SIGKILL")))
 Store.write_shard = write_shard
 sys.argv = ["fdcache", *sys.argv[1:]]
 main()
@@ -140,6 +140,20 @@ def test_sigkill_mid_run_then_resume_is_byte_identical(image_root, tmp_path):
     assert killed.returncode == -signal.SIGKILL
     done = Store.open(str(out)).done()
     assert 5 <= done.sum() < done.size  # 3 seeds x 9 shards
+    subprocess.run([sys.executable, "-m", "fdcache", *args, "--out", str(out)], check=True, capture_output=True)
+    assert tree_bytes(out) == tree_bytes(ref)
+
+
+def test_ctrl_c_mid_run_says_what_is_kept_and_the_same_command_resumes(image_root, tmp_path):
+    args = ["extract", str(image_root), "--teacher", TINY_TEACHER, "--random-init", "--seeds", "2",
+            "--batch-size", "2", "--shard-size", "2", "--threads", "1"]
+    ref, out = tmp_path / "ref.zarr", tmp_path / "int.zarr"
+    subprocess.run([sys.executable, "-m", "fdcache", *args, "--out", str(ref)], check=True, capture_output=True)
+    stopped = subprocess.run([sys.executable, "-c", _KILLED_EXTRACT, *args, "--out", str(out)], capture_output=True,
+                             text=True, env=dict(os.environ, KILL_AFTER="3", KILL_WITH="SIGINT"))
+    assert stopped.returncode == 130, stopped.stderr
+    assert "interrupted: the shards marked done" in stopped.stderr and "Traceback" not in stopped.stderr
+    assert 3 <= Store.open(str(out)).done().sum() < 18
     subprocess.run([sys.executable, "-m", "fdcache", *args, "--out", str(out)], check=True, capture_output=True)
     assert tree_bytes(out) == tree_bytes(ref)
 

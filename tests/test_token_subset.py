@@ -113,7 +113,8 @@ def test_a_binding_without_the_field_reads_as_every_token(whole):
 
 
 def test_a_store_of_another_fraction_is_refused_naming_it(image_root, whole, tmp_path):
-    with pytest.raises(StoreMismatchError, match="token_subset"):
+    with pytest.raises(StoreMismatchError, match=r"store keeps 1 of each view's patch tokens, requested 0\.5 "
+                                                 r"\(--token-fraction 1 adds to it\)"):
         extract_tiny(image_root, whole, seeds=2, token_fraction=0.5)
 
 

@@ -199,10 +199,14 @@ class StoreInfo:
         for k in a:
             if a[k] != b[k]:
                 out.append(f"teacher.{k}: store has {a[k]!r}, requested {b[k]!r}")
-        for name in ("policy", "codec", "token_subset"):
+        for name in ("policy", "codec"):
             x, y = getattr(self, name).to_dict(), getattr(other, name).to_dict()
             if x != y:
                 out.append(f"{name}: store has {x}, requested {y}")
+        if self.token_subset != other.token_subset:
+            f, g = self.token_subset.fraction, other.token_subset.fraction
+            out.append(f"token fraction: store keeps {f:g} of each view's patch tokens, requested {g:g} "
+                       f"(--token-fraction {f:g} adds to it)")
         for name in ("global_seed", "shard_size", "num_samples", "manifest_sha256"):
             if getattr(self, name) != getattr(other, name):
                 what = "dataset (manifest fingerprint)" if name == "manifest_sha256" else name

@@ -3,7 +3,7 @@ bytes hold more views (``fdcache extract --token-fraction 0.5``: half the patch 
 the seeds in the same bytes). This module alone decides which rows are kept; the store
 records them, training reads them.
 
-* **Which rows.** Every prefix token (CLS, registers) and ``round(fraction x patches)`` of the
+* **Which rows.** Every prefix token (CLS, registers) and ``round(fraction x patches)`` (at least one) of the
   patch tokens, drawn without replacement and sorted, by a counter-based generator keyed by
   ``(global seed, seed, sample)`` (numpy Philox, as :mod:`.views`, with a domain tag so the
   stream is not the view's). Any process recomputes any sample's rows in any order, so a

@@ -126,6 +126,12 @@ def test_the_same_command_resumes_the_same_store_and_another_codec_is_refused(im
     first = extract(ExtractConfig(data=str(image_root), out=str(out), budget="800kB", **KW))
     again = extract(ExtractConfig(data=str(image_root), out=str(out), budget="800kB", **KW))
     assert again.samples == 0 and (again.budget.codec, again.budget.seeds) == (first.budget.codec, first.budget.seeds)
+    lines = []
+    less = extract(ExtractConfig(data=str(image_root), out=str(out), budget="500kB", codec=first.budget.codec, **KW),
+                   announce=lines.append)
+    assert less.samples == 0 and less.budget.seeds < first.budget.seeds == Store.open(str(out)).num_seeds
+    assert any(f"already holds {first.budget.seeds} seeds, more than --budget 500 kB chooses ({less.budget.seeds}); "
+               "nothing is removed" in line for line in lines)
     with pytest.raises(StoreMismatchError, match="codec"):
         extract(ExtractConfig(data=str(image_root), out=str(out), budget="800kB", codec="fp16", **KW))
 

@@ -31,7 +31,7 @@ from ..options import require
 from ..store.layout import StoreInfo, projected_files, view_bytes
 from ..store.location import Location, Occupancy
 from ..store.manifest import Manifest, index
-from ..store.space import check_free_space, parse_size
+from ..store.space import check_free_space, format_size, parse_size
 from ..store.store import Store, manifest_columns
 from ..store.subset import TokenSubset
 from ..store.views import ViewPolicy
@@ -284,6 +284,11 @@ def extract(cfg: ExtractConfig, teacher: Teacher | None = None, announce=None) -
                         announce(choice.text())
                 store = open_or_create(cfg, teacher, manifest, location, occupancy, views_from=source,
                                        announce=announce)
+                if choice is not None and store.num_seeds > choice.seeds and announce is not None:
+                    announce(f"note: {store.url} already holds {store.num_seeds} seeds, more than --budget "
+                             f"{format_size(cfg.budget)} chooses ({choice.seeds}); nothing is removed (train "
+                             f"--seeds-used {choice.seeds} reads the first {choice.seeds}, or --overwrite replaces "
+                             "the store)")
             except FdcacheError as e:
                 error = e
         error, cfg.codec, cfg.seeds = d.broadcast((error, cfg.codec, cfg.seeds))  # the budget's choice too

@@ -34,6 +34,10 @@ def store_table(r: dict) -> Table:
         table.add_row("teacher options", json.dumps(t["model_args"]))
     table.add_row("weights sha256", t["weights_sha256"][:16] + "...")
     table.add_row("shape [S, N, L, D]", str(list(r["shape"].values())))
+    if r.get("token_fraction", 1.0) < 1.0:
+        k = r["arrays"].get("token_rows", {}).get("per_sample_shape", ["?"])[0]
+        table.add_row("token subset", f"{r['token_fraction']:g} of each view's patch tokens: {k} of the {t['tokens']} "
+                      "rows per view stored (token_rows)")
     table.add_row("view policy", json.dumps(r["view_policy"]))
     if "view_set" in r:
         views = r["view_set"][:16] + "..."

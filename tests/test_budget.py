@@ -162,3 +162,11 @@ def test_with_views_from_the_budget_chooses_at_most_the_source_stores_seeds(imag
         extract(ExtractConfig(data=str(image_root), out=str(tmp_path / "c.zarr"), budget="800kB",
                               views_from=str(src), **(KW | {"seeds": 4})))
     assert not (tmp_path / "c.zarr").exists()
+
+
+def test_max_seeds_without_a_budget_is_refused_and_a_zero_size_says_what_to_give(image_root, tmp_path):
+    with pytest.raises(ConfigError, match=r"--max-seeds 5 without --budget \(--max-seeds\)"):
+        ExtractConfig(data=str(image_root), out=str(tmp_path / "m.zarr"), max_seeds=5, **KW)
+    with pytest.raises(ConfigError, match=r"'0\.5B' is not a positive size \(--budget\): give at least one byte"):
+        ExtractConfig(data=str(image_root), out=str(tmp_path / "m.zarr"), budget="0.5B", **KW)
+    assert not (tmp_path / "m.zarr").exists()

@@ -264,3 +264,18 @@ def test_damaged_rows_with_valid_checksums_are_named_by_verify_and_refused_by_tr
     assert any("seed 1, sample 4 (shard" in p and "verify" in p for p in e.value.problems)
     with pytest.raises(StoreDataError, match=r"token_rows of seed 1, sample 4 \(shard 0\)"):
         train(tcfg(tmp_path / "run", cache=str(bad), steps=8))
+
+
+def test_inspect_states_the_token_fraction_and_the_rows_kept(half, whole):
+    from fdcache.store.inspect import inspect_store
+    from fdcache.tables import store_table
+    from rich.console import Console
+
+    def shown(store):
+        c = Console(record=True, width=200)
+        c.print(store_table(inspect_store(str(store))))
+        return c.export_text()
+
+    assert inspect_store(str(half))["token_fraction"] == 0.5 and inspect_store(str(whole))["token_fraction"] == 1.0
+    assert "0.5 of each view's patch tokens: 9 of the 17 rows per view stored" in shown(half)
+    assert "token subset" not in shown(whole)

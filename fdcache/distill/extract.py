@@ -79,6 +79,9 @@ class ExtractConfig:
         require(self)
         if self.budget is not None:
             self.budget = parse_size(self.budget)
+        elif self.max_seeds != MAX_SEEDS:
+            raise ConfigError(f"--max-seeds {self.max_seeds} without --budget (--max-seeds): it is the most seeds a "
+                              "budget may choose; give --budget SIZE, or --seeds N for a number of seeds")
         self.codec_given = self.codec is not None
         try:  # names become specs here, and only here
             self.codec = CodecSpec.of(self.codec if self.codec is not None else "fp16", self.compressor)

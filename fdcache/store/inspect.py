@@ -44,6 +44,7 @@ def inspect_store(url: str) -> dict:
         "manifest_sha256": info.manifest_sha256,
         "view_set": store.view_set(),  # equal for stores on one view set (extract --views-from)
         "views_from": info.views_from,
+        "token_fraction": info.token_subset.fraction,  # of each view's patch tokens stored (1: every token)
         "bytes_stored": stored,
         "bytes_per_sample_view": per_view,
         "raw_fp16_bytes_per_sample_view": raw_fp16,

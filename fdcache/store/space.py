@@ -42,7 +42,7 @@ def parse_size(text: str | int, option: str = "--budget") -> int:
                           "or KiB, MiB, GiB, TiB, PiB (powers of 1024)")
     size = int(value * scale)
     if size < 1:
-        raise ConfigError(f"{option} {text!r} is not a positive size")
+        raise ConfigError(f"{text!r} is not a positive size ({option}): give at least one byte, e.g. 800MB or 1.5TB")
     return size
 
 

@@ -12,7 +12,7 @@ from conftest import extract_tiny, tree_bytes
 
 from fdcache.distill.score import load_trained_student, store_loss
 from fdcache.distill.train import DistillTask, TrainConfig, train
-from fdcache.errors import ConfigError, FdcacheError, StoreError, StoreMismatchError
+from fdcache.errors import ConfigError, StoreError, StoreMismatchError
 from fdcache.store import Store
 from fdcache.store.layout import StoreInfo, view_bytes
 from fdcache.store.subset import ROWS, TokenSubset, bad_rows, kept_rows

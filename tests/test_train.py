@@ -277,7 +277,12 @@ def test_sigint_at_a_random_step_checkpoints_and_resume_is_bit_identical(store, 
     assert e.value.exit_code == 130 and "resume=True" in str(e.value)  # (the CLI prints its command line)
     monkeypatch.undo()
     assert torch.load(tmp_path / "b/checkpoints/last.pt", weights_only=False)["step"] == k
-    train(tcfg(tmp_path / "b", resume=True, **kw))
+    rest = train(tcfg(tmp_path / "b", resume=True, **kw))
+    assert full.steps == rest.steps == 8
+    x = torch.load(tmp_path / "a/checkpoints/last.pt", weights_only=False)
+    y = torch.load(tmp_path / "b/checkpoints/last.pt", weights_only=False)
+    for part in ("model", "ema"):  # the uninterrupted run's weights and EMA, bit for bit
+        assert x[part].keys() == y[part].keys() and all(torch.equal(x[part][n], y[part][n]) for n in x[part])
     a, b = (torch.load(tmp_path / d / "checkpoints/last.pt", weights_only=False) for d in ("a", "b"))
     for part in ("model", "ema"):
         assert all(torch.equal(a[part][n], b[part][n]) for n in a[part]), part
@@ -408,7 +413,6 @@ def test_sharded_checkpoint_resumes_on_one_process(store, one_process_run, tmp_p
     """2 sharded ranks stop after step 2; one process (same total batch) resumes the DCP
     checkpoint: model and AdamW tensors come back exactly as saved, and steps 3-4 give the
     uninterrupted run's losses."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     out = tmp_path / "r"

@@ -22,13 +22,30 @@ the tests (``python -m fdcache``, torchrun) import the mutated package too (``PY
     python tools/mutate.py score                        # per-module table for docs/testing.md
 
 ``score`` counts the equivalent mutants listed in docs/testing.md ("Equivalent mutants").
+
+Modules too big for a full run on this machine are estimated from a seeded random sample of
+their mutants (random mutant sampling: the score of a simple random sample of mutants
+estimates the score of all of them, with a binomial confidence interval):
+
+    nice -n 19 python tools/mutate.py sample 80 --seed 23 --max-children 1 "fdcache.distill.*" ...
+    python tools/mutate.py score --sample        # the sample's killed / drawn and its 95% interval
+
+``sample`` runs in its own stage, ``.mutmut-sample/``, whose test selection is the whole suite
+but ``tests/test_gpu_check.py`` (the per-module runs use pyproject's narrower selection; mutmut
+resets every result when the selection changes, so the two keep separate stages). The drawn
+names, the seed and the patterns are written to ``.mutmut-sample/sample.json`` and the same
+seed over the same code draws the same names. ``--debug`` (before the subcommand) sets
+mutmut's ``debug = true`` in the staged configuration: every pytest call and exit code shown.
 """
 
 from __future__ import annotations
 
 import filecmp
+import fnmatch
 import json
+import math
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -38,9 +55,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE = ROOT / ".mutmut"
+SAMPLE_STAGE = ROOT / ".mutmut-sample"
+# The sample's test selection: every test that runs in the staged layout.
+SAMPLE_TESTS = ["tests", "--ignore=tests/test_gpu_check.py"]
 # Repository folder -> where it lives in the installed package (pyproject's package-dir).
 LAYOUT = {"fdcache": "src/fdcache", "kernels": "src/fdcache/kernels", "cli": "src/fdcache/cli"}
-FILES = ("pyproject.toml", "README.md")
+FILES = ("README.md",)  # pyproject.toml: see _config
 FOLDERS = ("tests", "docs")
 DOC = ROOT / "docs" / "testing.md"
 
@@ -68,18 +88,34 @@ def _nested(rel: Path) -> bool:
     return rel.parts[0] in ("kernels", "cli")
 
 
-def stage() -> Path:
-    """``.mutmut/``: the installed layout of the package, the tests and the files they read."""
+def _config(tests: list[str] | None, debug: bool) -> str:
+    """pyproject.toml as staged: ``tests`` replaces the test selection, ``debug`` is mutmut's."""
+    text = (ROOT / "pyproject.toml").read_text()
+    if tests is not None:
+        text, n = re.subn(r"^pytest_add_cli_args_test_selection = \[.*?\]\n",
+                          f"pytest_add_cli_args_test_selection = {json.dumps(tests)}\n", text,
+                          flags=re.M | re.S)
+        assert n == 1, "pyproject.toml: [tool.mutmut] has no pytest_add_cli_args_test_selection"
+    if debug:
+        text = text.replace("[tool.mutmut]\n", "[tool.mutmut]\ndebug = true\n", 1)
+    return text
+
+
+def stage(where: Path = STAGE, tests: list[str] | None = None, debug: bool = False) -> Path:
+    """``where``: the installed layout of the package, the tests and the files they read."""
     for folder, target in LAYOUT.items():
-        _sync_tree(ROOT / folder, STAGE / target)
+        _sync_tree(ROOT / folder, where / target)
     for name in FILES:
-        _sync_file(ROOT / name, STAGE / name)
+        _sync_file(ROOT / name, where / name)
+    config = _config(tests, debug)
+    if not (where / "pyproject.toml").exists() or (where / "pyproject.toml").read_text() != config:
+        (where / "pyproject.toml").write_text(config)
     for name in FOLDERS:
-        _sync_tree(ROOT / name, STAGE / name)
+        _sync_tree(ROOT / name, where / name)
     # mutmut runs the tests from mutants/ with mutants/src first on sys.path; subprocesses get
     # it from PYTHONPATH, which must name a folder that exists when Python starts.
-    (STAGE / "mutants" / "src").mkdir(parents=True, exist_ok=True)
-    return STAGE
+    (where / "mutants" / "src").mkdir(parents=True, exist_ok=True)
+    return where
 
 
 def module_of(key: str) -> str:
@@ -93,24 +129,33 @@ def equivalent_mutants(doc: Path = DOC) -> dict[str, str]:
     return dict(re.findall(r"^\| `([\w.ǁ]+__mutmut_\d+)` \| (.+?) \|$", section, flags=re.M))
 
 
-def score(stage_dir: Path = STAGE) -> list[dict]:
-    """Per module: mutants, killed, survived, timeouts, no tests, not checked, equivalent."""
+STATUS = {1: "killed", 3: "killed", 0: "survived", 36: "timeout", 24: "timeout", -24: "timeout",
+          152: "timeout", 255: "timeout", 5: "no tests", 33: "no tests", None: "not checked"}
+
+
+def verdicts(stage_dir: Path = STAGE) -> dict[str, str]:
+    """``{mutant name: verdict}`` from mutmut's result files; listed equivalents say so."""
     equivalent = equivalent_mutants()
-    rows: dict[str, Counter] = {}
-    status = {1: "killed", 3: "killed", 0: "survived", 36: "timeout", 24: "timeout", -24: "timeout",
-              152: "timeout", 255: "timeout", 5: "no tests", 33: "no tests", None: "not checked"}
+    out = {}
     for meta in sorted((stage_dir / "mutants").rglob("*.py.meta")):
-        codes = json.loads(meta.read_text())["exit_code_by_key"]
-        for key, code in codes.items():
-            c = rows.setdefault(module_of(key), Counter())
-            c["mutants"] += 1
-            verdict = status.get(code, "other")
-            if verdict == "survived" and key in equivalent:
-                verdict = "equivalent"
-            c[verdict] += 1
+        for key, code in json.loads(meta.read_text())["exit_code_by_key"].items():
+            verdict = STATUS.get(code, "other")
+            out[key] = "equivalent" if verdict in ("survived", "no tests") and key in equivalent else verdict
+    return out
+
+
+def score(stage_dir: Path = STAGE) -> list[dict]:
+    """Per module: mutants, killed, timeouts, survived, equivalent, no tests, not checked.
+
+    A mutant no selected test reaches ("no tests") is not caught: it counts against the score."""
+    rows: dict[str, Counter] = {}
+    for key, verdict in verdicts(stage_dir).items():
+        c = rows.setdefault(module_of(key), Counter())
+        c["mutants"] += 1
+        c[verdict] += 1
     out = []
     for module, c in sorted(rows.items()):
-        live = c["mutants"] - c["equivalent"] - c["no tests"] - c["not checked"]
+        live = c["mutants"] - c["equivalent"] - c["not checked"]
         caught = c["killed"] + c["timeout"]
         out.append({"module": module, **{k: c[k] for k in ("mutants", "killed", "timeout", "survived",
                                                           "equivalent", "no tests", "not checked")},
@@ -128,17 +173,98 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> int:
-    if argv[:1] == ["score"]:
-        print(markdown(score()))
-        return 0
-    if argv[:1] == ["stage"]:
-        print(stage())
-        return 0
-    where = stage()
+def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion k/n (95% by default)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def draw(names: list[str], patterns: list[str], n: int, seed: int) -> list[str]:
+    """``n`` of the mutants matching ``patterns``, drawn without replacement by ``seed``."""
+    pool = sorted(k for k in names if any(fnmatch.fnmatch(k, p) for p in patterns))
+    if n > len(pool):
+        raise SystemExit(f"error: {n} mutants asked for, {len(pool)} match {patterns}")
+    return sorted(random.Random(seed).sample(pool, n))
+
+
+def sample_score(stage_dir: Path = SAMPLE_STAGE) -> str:
+    """The drawn mutants' verdicts: caught / (drawn - equivalent - not run) and its interval."""
+    drawn = json.loads((stage_dir / "sample.json").read_text())
+    got = verdicts(stage_dir)
+    c = Counter(got.get(k, "not checked") for k in drawn["names"])
+    live = len(drawn["names"]) - c["equivalent"] - c["not checked"]
+    caught = c["killed"] + c["timeout"]
+    lo, hi = wilson(caught, live)
+    by_module = Counter(module_of(k) for k in drawn["names"])
+    lines = [f"seed {drawn['seed']}, {len(drawn['names'])} of {drawn['pool']} mutants matching "
+             f"{' '.join(drawn['patterns'])}",
+             "verdicts: " + ", ".join(f"{v} {c[v]}" for v in sorted(c)),
+             f"estimate: {caught}/{live} = {100 * caught / live:.1f}% caught, 95% Wilson interval "
+             f"{100 * lo:.1f}-{100 * hi:.1f}%" if live else "estimate: nothing run yet",
+             "drawn per module: " + ", ".join(f"{m} {k}" for m, k in sorted(by_module.items()))]
+    survivors = [k for k in drawn["names"] if got.get(k) in ("survived", "no tests")]
+    lines += [f"  not caught: {k} ({got[k]})" for k in survivors]
+    return "\n".join(lines)
+
+
+def _mutmut(where: Path, argv: list[str]) -> int:
     env = dict(os.environ, PYTHONPATH=str(where / "mutants" / "src"), OMP_NUM_THREADS="1",
                PYTHONDONTWRITEBYTECODE="1")
     return subprocess.call([sys.executable, "-m", "mutmut", *argv], cwd=where, env=env)
+
+
+# mutmut's own generation step (what ``mutmut run`` does before its stats run), alone: the
+# names must exist before they are drawn, and a run would first run the whole selection twice.
+_GENERATE = """
+import os
+from mutmut.__main__ import create_mutants, store_lines_covered_by_tests
+from mutmut.mutation.trampoline import set_mutant_under_test
+from mutmut.utils.file_utils import copy_also_copy_files, copy_src_dir, setup_source_paths
+set_mutant_under_test("mutant_generation")
+os.makedirs("mutants", exist_ok=True)
+copy_src_dir(); copy_also_copy_files(); setup_source_paths(); store_lines_covered_by_tests()
+create_mutants(1)
+"""
+
+
+def _generate(where: Path) -> None:
+    subprocess.run([sys.executable, "-c", _GENERATE], cwd=where, check=True,
+                   env=dict(os.environ, PYTHONPATH=str(where / "mutants" / "src")))
+
+
+def sample(argv: list[str], debug: bool) -> int:
+    """``sample N --seed S [--max-children K] PATTERN...``: draw, record, run the drawn names."""
+    n, rest = int(argv[0]), argv[1:]
+    seed = int(rest[rest.index("--seed") + 1]) if "--seed" in rest else 0
+    children = rest[rest.index("--max-children") + 1] if "--max-children" in rest else "1"
+    patterns = [a for i, a in enumerate(rest) if not a.startswith("--")
+                and (i == 0 or rest[i - 1] not in ("--seed", "--max-children"))]
+    where = stage(SAMPLE_STAGE, SAMPLE_TESTS, debug)
+    _generate(where)
+    names = list(verdicts(where))
+    drawn = draw(names, patterns or ["*"], n, seed)
+    pool = sum(any(fnmatch.fnmatch(k, p) for p in patterns or ["*"]) for k in names)
+    (where / "sample.json").write_text(json.dumps(
+        {"seed": seed, "patterns": patterns or ["*"], "pool": pool, "names": drawn}, indent=1))
+    return _mutmut(where, ["run", "--max-children", children, *drawn])
+
+
+def main(argv: list[str]) -> int:
+    debug = argv[:1] == ["--debug"]
+    argv = argv[1:] if debug else argv
+    if argv[:1] == ["score"]:
+        print(sample_score() if "--sample" in argv else markdown(score()))
+        return 0
+    if argv[:1] == ["stage"]:
+        print(stage(debug=debug))
+        return 0
+    if argv[:1] == ["sample"]:
+        return sample(argv[1:], debug)
+    return _mutmut(stage(debug=debug), argv)
 
 
 if __name__ == "__main__":

@@ -100,6 +100,42 @@ def test_registering_a_codec_makes_it_usable_by_name():
         unregister("bf16-test")
 
 
+def test_unregister_forgets_a_run_time_codec_once_and_refuses_built_ins():
+    class Copy(Codec):
+        name = "copy-test"
+
+    register(Copy())
+    unregister("copy-test")
+    assert "copy-test" not in list_codecs()
+    with pytest.raises(ValueError, match="unknown codec 'copy-test'"):
+        get_codec("copy-test")
+    unregister("copy-test")  # already gone: nothing to forget (a test's finally may run it twice)
+    for name in ("fp16", "int8", "int4", "int4-dither"):
+        with pytest.raises(ValueError, match=f"'{name}' is a built-in codec"):
+            unregister(name)
+        assert name in list_codecs()
+
+
+@pytest.mark.parametrize("group, dithered, name, bound, rounding", [
+    (32, False, "int4", 0.10, "nearest rounding"),
+    (32, True, "int4-dither", 0.15, "dithered (unbiased) rounding"),
+    (64, False, "int4-g64", 0.10 * 1.25, "nearest rounding"),
+    (16, True, "int4-dither-g16", 0.15 * 0.75, "dithered (unbiased) rounding"),
+])
+def test_an_int4_codec_is_named_bounded_and_described_by_its_group_and_rounding(group, dithered, name, bound,
+                                                                              rounding):
+    """By the definitions in int4.py: the name carries -dither and -gN (N != 32); the error
+    bound is 0.10 nearest, 0.15 dithered at group 32, times (1 + log2(group / 32) / 4)."""
+    c = Int4(group=group, dithered=dithered) if group != 32 or dithered else Int4()
+    assert (c.name, c.group, c.dithered) == (name, group, dithered)
+    assert c.error_bound == pytest.approx(bound, rel=1e-12)
+    assert c.description == f"4-bit per value, fp16 scale/offset per {group} channels, {rounding}"
+    if group == 32:  # the registered instance (built at import) is the same codec
+        reg = get_codec(name)
+        assert (reg.name, reg.group, reg.dithered, reg.error_bound, reg.description) == \
+            (c.name, c.group, c.dithered, c.error_bound, c.description)
+
+
 def test_unknown_codec_is_rejected():
     with pytest.raises(ValueError, match="unknown codec"):
         CodecSpec("fp8")

@@ -136,6 +136,32 @@ def test_an_int4_codec_is_named_bounded_and_described_by_its_group_and_rounding(
             (c.name, c.group, c.dithered, c.error_bound, c.description)
 
 
+def test_whitened_error_is_its_definition_at_its_eps():
+    """Non-affine LayerNorm per token written out ((x - mean) / sqrt(var + eps), biased var),
+    then relative L2, mean cosine per token and max abs difference. Tokens of variance ~1e-4
+    make eps matter: the default is 1e-5 and a given eps normalizes both maps."""
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(2, 5, 8, generator=g, dtype=torch.float64) * 0.01
+    dec = ref + torch.randn(2, 5, 8, generator=g, dtype=torch.float64) * 0.002
+
+    def definition(eps):
+        def ln(t):
+            return (t - t.mean(-1, keepdim=True)) / torch.sqrt(t.var(-1, unbiased=False, keepdim=True) + eps)
+
+        a, b = ln(ref), ln(dec)
+        cos = ((a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))).mean()
+        return {"rel_l2": ((a - b).norm() / a.norm()).item(), "cosine": cos.item(),
+                "max_abs": (a - b).abs().max().item()}
+
+    for eps, got in ((1e-5, whitened_error(ref, dec)), (1e-2, whitened_error(ref, dec, eps=1e-2))):
+        want = definition(eps)
+        assert got.keys() == want.keys()
+        for k in want:
+            assert got[k] == pytest.approx(want[k], rel=1e-9), (eps, k)
+    # eps matters here: at 1e-2 (>> var) the normalized maps, and so max_abs, shrink ~10x
+    assert whitened_error(ref, dec, eps=1e-2)["max_abs"] < 0.2 * whitened_error(ref, dec)["max_abs"]
+
+
 def test_unknown_codec_is_rejected():
     with pytest.raises(ValueError, match="unknown codec"):
         CodecSpec("fp8")

@@ -264,6 +264,8 @@ def main(argv: list[str]) -> int:
         return 0
     if argv[:1] == ["sample"]:
         return sample(argv[1:], debug)
+    if argv[:1] != ["run"]:  # results, show, browse: read the stage as the last run left it
+        return _mutmut(STAGE, argv)
     return _mutmut(stage(debug=debug), argv)
 
 

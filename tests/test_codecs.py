@@ -162,6 +162,15 @@ def test_whitened_error_is_its_definition_at_its_eps():
     assert whitened_error(ref, dec, eps=1e-2)["max_abs"] < 0.2 * whitened_error(ref, dec)["max_abs"]
 
 
+def test_codecspec_of_turns_a_name_or_a_spec_into_a_spec_with_the_compressor_asked_for():
+    spec = CodecSpec("int8", "none", level=5)
+    assert CodecSpec.of(spec) is spec
+    assert CodecSpec.of(spec, "zstd") == CodecSpec("int8", "zstd", 5)
+    assert CodecSpec.of("int4") == CodecSpec("int4", "none", 1)
+    assert CodecSpec.of("int4", "zstd") == CodecSpec("int4", "zstd", 1)
+    assert CodecSpec.from_dict(CodecSpec.of(spec, "zstd").to_dict()) == CodecSpec("int8", "zstd", 5)
+
+
 def test_unknown_codec_is_rejected():
     with pytest.raises(ValueError, match="unknown codec"):
         CodecSpec("fp8")

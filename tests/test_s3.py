@@ -18,7 +18,15 @@ from fdcache.store import Store  # noqa: E402
 
 @pytest.fixture(scope="module")
 def bucket():
-    """A local S3 endpoint; credentials and endpoint by the standard AWS variables."""
+    """A local S3 endpoint; credentials and endpoint by the standard AWS variables.
+
+    fsspec caches filesystem instances by their arguments, and an S3FileSystem reads the
+    endpoint when it is made: without clearing the cache, a second setup of this fixture in
+    one session (tests run by node id in another order, as mutmut runs them) would reach the
+    first, stopped server."""
+    from s3fs import S3FileSystem
+
+    S3FileSystem.clear_instance_cache()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -31,6 +39,7 @@ def bucket():
     yield "s3://fdcache-test"
     mp.undo()
     server.stop()
+    S3FileSystem.clear_instance_cache()
 
 
 def _extract(data, out, **kw):

@@ -147,6 +147,10 @@ def test_the_cli_prints_the_choice_and_refuses_a_bad_budget(image_root, tmp_path
     assert r.exit_code == 0, r.output
     assert "choice: --codec int8 --seeds 2" in r.output
     assert Store.open(str(tmp_path / "c.zarr")).info.codec.name == "int8"
+    # --seeds is the floor through extract too: 800 kB holds int4 x 8 (the hand count), not 40
+    r = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "d.zarr"), "--budget", "800kB", "--seeds", "40"])
+    assert r.exit_code == 2 and "holds no store of 18 images at --seeds 40" in r.output, r.output
+    assert not (tmp_path / "d.zarr").exists()
 
 
 def test_with_views_from_the_budget_chooses_at_most_the_source_stores_seeds(image_root, tmp_path):

@@ -28,7 +28,8 @@ their mutants (random mutant sampling: the score of a simple random sample of mu
 estimates the score of all of them, with a binomial confidence interval):
 
     nice -n 19 python tools/mutate.py sample 80 --seed 23 --max-children 1 "fdcache.distill.*" ...
-    python tools/mutate.py score --sample        # the sample's killed / drawn and its 95% interval
+    nice -n 19 python tools/mutate.py sample-run 300   # the drawn mutants, each in its own pytest -x
+    python tools/mutate.py score --sample        # the sample's caught / evaluated and its 95% interval
 
 ``sample`` runs in its own stage, ``.mutmut-sample/``, whose test selection is the whole suite
 but ``tests/test_gpu_check.py`` (the per-module runs use pyproject's narrower selection; mutmut
@@ -192,22 +193,37 @@ def draw(names: list[str], patterns: list[str], n: int, seed: int) -> list[str]:
 
 
 def sample_score(stage_dir: Path = SAMPLE_STAGE) -> str:
-    """The drawn mutants' verdicts: caught / (drawn - equivalent - not run) and its interval."""
+    """The drawn mutants' verdicts: caught / (evaluated - equivalent) and its 95% interval.
+
+    Counted: the longest run of the seeded evaluation order (``sample-run``'s) with a verdict
+    each, so a sample cut short is still a random subsample; mutants evaluated beyond it are
+    listed, not counted. "not finished" (over the time limit) is left out and listed."""
     drawn = json.loads((stage_dir / "sample.json").read_text())
     got = verdicts(stage_dir)
-    c = Counter(got.get(k, "not checked") for k in drawn["names"])
-    live = len(drawn["names"]) - c["equivalent"] - c["not checked"]
+    equivalent = equivalent_mutants()
+    got.update({k: "equivalent" if v == "survived" and k in equivalent else v
+                for k, v in drawn.get("verdicts", {}).items()})
+    order = list(drawn["names"])
+    random.Random(drawn["seed"]).shuffle(order)
+    prefix = []
+    for k in order:
+        if got.get(k, "not checked") == "not checked":
+            break
+        prefix.append(k)
+    c = Counter(got[k] for k in prefix)
+    live = len(prefix) - c["equivalent"] - c["not finished"]
     caught = c["killed"] + c["timeout"]
     lo, hi = wilson(caught, live)
-    by_module = Counter(module_of(k) for k in drawn["names"])
-    lines = [f"seed {drawn['seed']}, {len(drawn['names'])} of {drawn['pool']} mutants matching "
-             f"{' '.join(drawn['patterns'])}",
+    by_module = Counter(module_of(k) for k in prefix)
+    lines = [f"seed {drawn['seed']}: {len(drawn['names'])} of {drawn['pool']} mutants drawn from "
+             f"{' '.join(drawn['patterns'])}; {len(prefix)} evaluated in the seeded order",
              "verdicts: " + ", ".join(f"{v} {c[v]}" for v in sorted(c)),
              f"estimate: {caught}/{live} = {100 * caught / live:.1f}% caught, 95% Wilson interval "
-             f"{100 * lo:.1f}-{100 * hi:.1f}%" if live else "estimate: nothing run yet",
-             "drawn per module: " + ", ".join(f"{m} {k}" for m, k in sorted(by_module.items()))]
-    survivors = [k for k in drawn["names"] if got.get(k) in ("survived", "no tests")]
-    lines += [f"  not caught: {k} ({got[k]})" for k in survivors]
+             f"{100 * lo:.1f}-{100 * hi:.1f}%" if live else "estimate: nothing evaluated yet",
+             "evaluated per module: " + ", ".join(f"{m} {k}" for m, k in sorted(by_module.items()))]
+    lines += [f"  {got[k]}: {k}" for k in prefix if got[k] not in ("killed", "timeout")]
+    lines += [f"  evaluated out of order, not counted: {k} ({got[k]})" for k in order[len(prefix):]
+              if got.get(k, "not checked") != "not checked"]
     return "\n".join(lines)
 
 
@@ -253,6 +269,45 @@ def sample(argv: list[str], debug: bool) -> int:
     return _mutmut(where, ["run", "--max-children", children, *drawn])
 
 
+def sample_run(limit_s: int, stage_dir: Path = SAMPLE_STAGE) -> int:
+    """Run the drawn mutants here, not through mutmut's run loop: each in a fresh ``python -m
+    pytest -x`` with ``MUTANT_UNDER_TEST`` set (mutmut's own switch), on the tests mutmut's stats
+    run recorded for its function, in the order that run passed them. mutmut's loop would first
+    rerun every covering test clean, by node id (half an hour for a sample's tests here); the
+    stats run already ran them clean. A mutant still running after ``limit_s`` seconds is
+    "not finished": left out of the estimate and listed. Verdicts go to sample.json."""
+    path = stage_dir / "sample.json"
+    drawn = json.loads(path.read_text())
+    stats = json.loads((stage_dir / "mutants" / "mutmut-stats.json").read_text())
+    rank = {t: i for i, t in enumerate(stats["duration_by_test"])}  # the stats run's order
+    done = drawn.setdefault("verdicts", {})
+    order = list(drawn["names"])
+    random.Random(drawn["seed"]).shuffle(order)  # a run cut short is still a random subsample
+    for name in order:
+        if name in done:
+            continue
+        tests = sorted(stats["tests_by_mangled_function_name"].get(re.sub(r"__mutmut_\d+$", "", name), []),
+                       key=lambda t: rank.get(t, len(rank)))
+        verdict = "no tests"
+        if tests:
+            env = dict(os.environ, MUTANT_UNDER_TEST=name, PYTHONPATH=str(stage_dir / "mutants" / "src"),
+                       OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+            p = subprocess.Popen([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+                                 cwd=stage_dir / "mutants", env=env, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, start_new_session=True)
+            try:
+                code = p.wait(timeout=limit_s)
+                verdict = {0: "survived", 1: "killed", 2: "killed", 3: "killed"}.get(code, f"exit {code}")
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, 9)
+                p.wait()
+                verdict = "not finished"
+        done[name] = verdict
+        path.write_text(json.dumps(drawn, indent=1))
+        print(f"{verdict:12} {name}", flush=True)
+    return 0
+
+
 def main(argv: list[str]) -> int:
     debug = argv[:1] == ["--debug"]
     argv = argv[1:] if debug else argv
@@ -264,6 +319,8 @@ def main(argv: list[str]) -> int:
         return 0
     if argv[:1] == ["sample"]:
         return sample(argv[1:], debug)
+    if argv[:1] == ["sample-run"]:
+        return sample_run(int(argv[1]) if len(argv) > 1 else 300)
     if argv[:1] != ["run"]:  # results, show, browse: read the stage as the last run left it
         return _mutmut(STAGE, argv)
     return _mutmut(stage(debug=debug), argv)

@@ -135,8 +135,12 @@ def test_a_damaged_shard_index_is_an_error(fp16_copy):
 def test_a_sample_without_data_in_a_done_shard_is_an_error_not_a_fill_value(fp16_copy):
     # zarr drops an all-fill-value chunk from its shard: the index then marks it absent.
     zarr.open_group(fp16_copy.url, mode="r+")["targets"][0, 6] = 0
-    with pytest.raises(StoreDataError, match="sample 6 has no data"):
+    with pytest.raises(StoreDataError, match="sample 6 has no data") as e:
         fp16_copy.reader().read(0, [6])
+    size, n = fp16_copy.info.shard_size, fp16_copy.info.num_samples  # the shard holding sample 6, by hand
+    k, a = 6 // size, 6 // size * size
+    assert (e.value.shard, e.value.samples) == (k, (a, min(a + size, n))) and size < 6 < n
+    assert f"targets of seed 0, shard {k} (samples {a}..{min(a + size, n) - 1})" in str(e.value)
 
 
 def test_reading_a_shard_not_yet_extracted_says_so(tmp_path):
@@ -224,3 +228,16 @@ def test_a_dithered_int4_store_is_reproducible_and_trains(image_root, tmp_path):
     targets, qparams = t.targets_of(batch, batch.images)
     assert targets.dtype == torch.float32 and qparams is None  # decoded for the loss
     assert torch.isfinite(t.engine.forward_backward(batch))
+
+
+def test_zstd_compresses_the_codecs_arrays_only(tmp_path):
+    """--compressor zstd is the codec's (targets and qparams here); the flags, views and
+    manifest columns stay uncompressed under their crc32c."""
+    store, _ = synthetic_store(tmp_path / "z.zarr", CodecSpec("int8", "zstd"))
+    codec_arrays = {a.name for a in CodecSpec("int8").arrays(5, 32)}
+    metas = {p.parent.relative_to(store.url).as_posix(): p.read_text()
+             for p in Path(store.url).rglob("zarr.json") if json.loads(p.read_text())["node_type"] == "array"}
+    assert codec_arrays < metas.keys() and len(metas) > len(codec_arrays) + 2
+    for name, meta in metas.items():
+        assert ('"zstd"' in meta) == (name in codec_arrays), name
+        assert '"crc32c"' in meta, name

@@ -174,6 +174,11 @@ def test_codecspec_of_turns_a_name_or_a_spec_into_a_spec_with_the_compressor_ask
 def test_unknown_codec_is_rejected():
     with pytest.raises(ValueError, match="unknown codec"):
         CodecSpec("fp8")
+    with pytest.raises(ValueError) as e:
+        CodecSpec("fp8")
+    assert str(e.value) == f"unknown codec 'fp8'; choose from {', '.join(list_codecs())}" and "fp16, int8" in str(e.value)
+    with pytest.raises(ValueError, match=r"^unknown compressor 'lz4'; use zstd or none$"):
+        CodecSpec("int8", "lz4")
 
 
 def test_fp16_codec_is_the_teachers_fp16_output():

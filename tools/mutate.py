@@ -214,17 +214,21 @@ def sample_score(stage_dir: Path = SAMPLE_STAGE) -> str:
     live = len(prefix) - c["equivalent"] - c["not finished"]
     caught = c["killed"] + c["timeout"]
     lo, hi = wilson(caught, live)
+    plo, phi = wilson(caught, live + c["not finished"])
     by_module = Counter(module_of(k) for k in prefix)
     lines = [f"seed {drawn['seed']}: {len(drawn['names'])} of {drawn['pool']} mutants drawn from "
              f"{' '.join(drawn['patterns'])}; {len(prefix)} evaluated in the seeded order",
              "verdicts: " + ", ".join(f"{v} {c[v]}" for v in sorted(c)),
              f"estimate: {caught}/{live} = {100 * caught / live:.1f}% caught, 95% Wilson interval "
              f"{100 * lo:.1f}-{100 * hi:.1f}%" if live else "estimate: nothing evaluated yet",
+             f"counting the {c['not finished']} not finished as not caught: {caught}/{live + c['not finished']} = "
+             f"{100 * caught / (live + c['not finished']):.1f}%, interval {100 * plo:.1f}-{100 * phi:.1f}%"
+             if c["not finished"] else "",
              "evaluated per module: " + ", ".join(f"{m} {k}" for m, k in sorted(by_module.items()))]
     lines += [f"  {got[k]}: {k}" for k in prefix if got[k] not in ("killed", "timeout")]
     lines += [f"  evaluated out of order, not counted: {k} ({got[k]})" for k in order[len(prefix):]
               if got.get(k, "not checked") != "not checked"]
-    return "\n".join(lines)
+    return "\n".join(line for line in lines if line)
 
 
 def _mutmut(where: Path, argv: list[str]) -> int:

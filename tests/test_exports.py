@@ -151,6 +151,10 @@ def test_a_zero_shot_head_and_its_wise_mix_load_with_open_clip_and_their_head_fi
     ref, _, _ = load_export(runs[name], ema=False)
     with torch.no_grad():
         torch.testing.assert_close(loaded[name]["logits"], ref.eval()(_x()), rtol=1e-4, atol=1e-5)
+    # the call model.json tells a user names the folder the loader above read (a sampled mutmut survivor)
+    folder = Path(runs[name]) / "open_clip"
+    assert folder.is_dir() and json.loads((Path(runs[name]) / "model.json").read_text())["loads_with"] == [
+        f"open_clip.create_model_and_transforms('local-dir:{folder}') + head.safetensors"]
 
 
 def test_a_library_form_that_fails_leaves_fdcaches_export_whole(monkeypatch, tmp_path):

@@ -112,22 +112,27 @@ def test_write_error_mid_run_keeps_the_store_resumable_and_resume_is_byte_identi
     assert tree_bytes(out) == tree_bytes(fp16_store)
 
 
-# Runs `fdcache extract` and SIGKILLs itself right after its KILL_AFTER-th shard write
-# returns (the other writer thread may be mid-write): a kill at a known point, not a timing.
-_KILLED_EXTRACT = """
-import os, signal, sys
-from fdcache.store import Store
+# Runs `fdcache extract` and sends itself SIGNAL right after the AT-th call of PATCH
+# (`module:Class.method`) returns: a signal at a known point, not a timing.
+_SIGNALLED_EXTRACT = """
+import importlib, os, signal, sys
 from fdcache.cli.app import main
-real, calls = Store.write_shard, []
-def write_shard(self, *args, **kw):
-    real(self, *args, **kw)
+mod, _, attr = os.environ["PATCH"].partition(":")
+cls_name, meth = attr.split(".")
+cls = getattr(importlib.import_module(mod), cls_name)
+real, calls = getattr(cls, meth), []
+def patched(self, *args, **kw):
+    out = real(self, *args, **kw)
     calls.append(1)
-    if len(calls) == int(os.environ["KILL_AFTER"]):
-        os.kill(os.getpid(), signal.SIGKILL)
-Store.write_shard = write_shard
+    if len(calls) == int(os.environ["AT"]):
+        os.kill(os.getpid(), getattr(signal, os.environ["SIGNAL"]))
+    return out
+setattr(cls, meth, patched)
 sys.argv = ["fdcache", *sys.argv[1:]]
 main()
 """
+# SIGKILL after the 5th shard write returns (the other writer thread may be mid-write).
+_KILL = dict(PATCH="fdcache.store:Store.write_shard", AT="5", SIGNAL="SIGKILL")
 
 
 def test_sigkill_mid_run_then_resume_is_byte_identical(image_root, tmp_path):
@@ -135,8 +140,8 @@ def test_sigkill_mid_run_then_resume_is_byte_identical(image_root, tmp_path):
             "--batch-size", "2", "--shard-size", "2", "--threads", "1"]
     ref, out = tmp_path / "ref.zarr", tmp_path / "killed.zarr"
     subprocess.run([sys.executable, "-m", "fdcache", *args, "--out", str(ref)], check=True, capture_output=True)
-    killed = subprocess.run([sys.executable, "-c", _KILLED_EXTRACT, *args, "--out", str(out)],
-                            capture_output=True, env=dict(os.environ, KILL_AFTER="5"))
+    killed = subprocess.run([sys.executable, "-c", _SIGNALLED_EXTRACT, *args, "--out", str(out)],
+                            capture_output=True, env=dict(os.environ, **_KILL))
     assert killed.returncode == -signal.SIGKILL
     done = Store.open(str(out)).done()
     assert 5 <= done.sum() < done.size  # 3 seeds x 9 shards
@@ -144,23 +149,10 @@ def test_sigkill_mid_run_then_resume_is_byte_identical(image_root, tmp_path):
     assert tree_bytes(out) == tree_bytes(ref)
 
 
-# Ctrl-C as the terminal sends it: SIGINT to the process, handled by Python in the main thread.
-# Sent from the main thread's own encode of the 7th batch, so it arrives there, mid-run, every
-# time (a signal sent from a writer thread reaches the main thread wherever it happens to be).
-_INTERRUPTED_EXTRACT = """
-import os, signal, sys
-from fdcache.codecs.spec import CodecSpec
-from fdcache.cli.app import main
-real, calls = CodecSpec.encode, []
-def encode(self, *args, **kw):
-    calls.append(1)
-    if len(calls) == int(os.environ["INTERRUPT_AT"]):
-        os.kill(os.getpid(), signal.SIGINT)
-    return real(self, *args, **kw)
-CodecSpec.encode = encode
-sys.argv = ["fdcache", *sys.argv[1:]]
-main()
-"""
+# Ctrl-C as the terminal sends it: SIGINT, handled by Python in the main thread. Sent from the
+# main thread's own encode of the 7th batch, so it arrives there mid-run every time (sent from a
+# writer thread it reaches the main thread wherever that happens to be).
+_CTRL_C = dict(PATCH="fdcache.codecs.spec:CodecSpec.encode", AT="7", SIGNAL="SIGINT")
 
 
 def test_ctrl_c_mid_run_says_what_is_kept_and_the_same_command_resumes(image_root, tmp_path):
@@ -168,8 +160,8 @@ def test_ctrl_c_mid_run_says_what_is_kept_and_the_same_command_resumes(image_roo
             "--batch-size", "2", "--shard-size", "2", "--threads", "1"]
     ref, out = tmp_path / "ref.zarr", tmp_path / "int.zarr"
     subprocess.run([sys.executable, "-m", "fdcache", *args, "--out", str(ref)], check=True, capture_output=True)
-    stopped = subprocess.run([sys.executable, "-c", _INTERRUPTED_EXTRACT, *args, "--out", str(out)],
-                             capture_output=True, text=True, env=dict(os.environ, INTERRUPT_AT="7"))
+    stopped = subprocess.run([sys.executable, "-c", _SIGNALLED_EXTRACT, *args, "--out", str(out)],
+                             capture_output=True, text=True, env=dict(os.environ, **_CTRL_C))
     assert stopped.returncode == 130, stopped.stderr
     assert "interrupted: the shards marked done" in stopped.stderr and "Traceback" not in stopped.stderr
     assert Store.open(str(out)).done().sum() < 18

@@ -250,6 +250,15 @@ copy_src_dir(); copy_also_copy_files(); setup_source_paths(); store_lines_covere
 create_mutants(1)
 """
 
+# mutmut's stats run alone (the first step of ``mutmut run``): which tests reach each function,
+# and each test's call time. The run's next step, every covering test rerun clean by node id,
+# is left out: sample-run evaluates the drawn mutants itself.
+_STATS = """
+from mutmut.__main__ import collect_or_load_stats
+from mutmut.workers.isolation import get_mutant_runner
+collect_or_load_stats(get_mutant_runner(1), apply_config_invalidation=True)
+"""
+
 
 def _generate(where: Path) -> None:
     subprocess.run([sys.executable, "-c", _GENERATE], cwd=where, check=True,
@@ -270,45 +279,76 @@ def sample(argv: list[str], debug: bool) -> int:
     pool = sum(any(fnmatch.fnmatch(k, p) for p in patterns or ["*"]) for k in names)
     (where / "sample.json").write_text(json.dumps(
         {"seed": seed, "patterns": patterns or ["*"], "pool": pool, "names": drawn}, indent=1))
-    return _mutmut(where, ["run", "--max-children", children, *drawn])
+    if "--run" in rest:  # mutmut's own loop: every covering test clean first, then the mutants
+        return _mutmut(where, ["run", "--max-children", children, *drawn])
+    env = dict(os.environ, PYTHONPATH=str(where / "mutants" / "src"), OMP_NUM_THREADS="1",
+               PYTHONDONTWRITEBYTECODE="1")
+    return subprocess.call([sys.executable, "-c", _STATS], cwd=where, env=env)
 
 
-def sample_run(limit_s: int, stage_dir: Path = SAMPLE_STAGE) -> int:
+def covering_tests(stats: dict, name: str) -> list[str]:
+    """The tests mutmut's stats run recorded for ``name``'s function, a file at a time (a
+    module-scoped fixture is set up once), the files with the least recorded call time first
+    (a mutant most tests catch fails in the cheapest file), in the stats run's order inside."""
+    rank = {t: i for i, t in enumerate(stats["duration_by_test"])}
+    tests = stats["tests_by_mangled_function_name"].get(re.sub(r"__mutmut_\d+$", "", name), [])
+    files: dict[str, list[str]] = {}
+    for t in sorted(tests, key=lambda t: rank.get(t, len(rank))):
+        files.setdefault(t.split("::")[0], []).append(t)
+    cost = {f: sum(stats["duration_by_test"].get(t, 0.0) for t in ts) for f, ts in files.items()}
+    return [t for f in sorted(files, key=lambda f: (cost[f], f)) for t in files[f]]
+
+
+def _evaluate(stage_dir: Path, name: str, tests: list[str], limit_s: int) -> str:
+    env = dict(os.environ, MUTANT_UNDER_TEST=name, PYTHONPATH=str(stage_dir / "mutants" / "src"),
+               OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+    p = subprocess.Popen([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+                         cwd=stage_dir / "mutants", env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        code = p.wait(timeout=limit_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, 9)
+        p.wait()
+        return "not finished"
+    return {0: "survived", 1: "killed", 2: "killed", 3: "killed"}.get(code, f"exit {code}")
+
+
+def sample_run(limit_s: int, jobs: int = 1, stage_dir: Path = SAMPLE_STAGE) -> int:
     """Run the drawn mutants here, not through mutmut's run loop: each in a fresh ``python -m
     pytest -x`` with ``MUTANT_UNDER_TEST`` set (mutmut's own switch), on the tests mutmut's stats
-    run recorded for its function, in the order that run passed them. mutmut's loop would first
-    rerun every covering test clean, by node id (half an hour for a sample's tests here); the
-    stats run already ran them clean. A mutant still running after ``limit_s`` seconds is
-    "not finished": left out of the estimate and listed. Verdicts go to sample.json."""
+    run recorded for its function (``covering_tests``). mutmut's loop would first rerun every
+    covering test clean, by node id (half an hour for a sample's tests here); the stats run
+    already ran them clean. A mutant still running after 4 times its tests' recorded call time
+    plus 3 minutes (at least ``limit_s`` seconds) is "not finished": left out of the estimate
+    and listed. ``jobs`` mutants run at once, taken in the
+    seeded order. Verdicts go to sample.json as each one ends."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
     path = stage_dir / "sample.json"
     drawn = json.loads(path.read_text())
     stats = json.loads((stage_dir / "mutants" / "mutmut-stats.json").read_text())
-    rank = {t: i for i, t in enumerate(stats["duration_by_test"])}  # the stats run's order
     done = drawn.setdefault("verdicts", {})
     order = list(drawn["names"])
     random.Random(drawn["seed"]).shuffle(order)  # a run cut short is still a random subsample
-    for name in order:
-        if name in done:
-            continue
-        tests = sorted(stats["tests_by_mangled_function_name"].get(re.sub(r"__mutmut_\d+$", "", name), []),
-                       key=lambda t: rank.get(t, len(rank)))
-        verdict = "no tests"
-        if tests:
-            env = dict(os.environ, MUTANT_UNDER_TEST=name, PYTHONPATH=str(stage_dir / "mutants" / "src"),
-                       OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
-            p = subprocess.Popen([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
-                                 cwd=stage_dir / "mutants", env=env, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL, start_new_session=True)
-            try:
-                code = p.wait(timeout=limit_s)
-                verdict = {0: "survived", 1: "killed", 2: "killed", 3: "killed"}.get(code, f"exit {code}")
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, 9)
-                p.wait()
-                verdict = "not finished"
-        done[name] = verdict
-        path.write_text(json.dumps(drawn, indent=1))
-        print(f"{verdict:12} {name}", flush=True)
+    todo = [n for n in order if n not in done]
+    with ThreadPoolExecutor(jobs) as pool:
+        running = {}
+        while todo or running:
+            while todo and len(running) < jobs:
+                name = todo.pop(0)
+                tests = covering_tests(stats, name)
+                # its tests' recorded call time, 4 times over (fixtures, subprocess start-up and
+                # a shared machine are not in it), and 3 minutes; at least limit_s
+                seconds = max(limit_s, int(4 * sum(stats["duration_by_test"].get(t, 0.0) for t in tests)) + 180)
+                running[pool.submit(_evaluate, stage_dir, name, tests, seconds) if tests
+                        else pool.submit(lambda: "no tests")] = name
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for f in finished:
+                name = running.pop(f)
+                done[name] = f.result()
+                path.write_text(json.dumps(drawn, indent=1))
+                print(f"{done[name]:12} {name}", flush=True)
     return 0
 
 
@@ -324,7 +364,9 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["sample"]:
         return sample(argv[1:], debug)
     if argv[:1] == ["sample-run"]:
-        return sample_run(int(argv[1]) if len(argv) > 1 else 300)
+        jobs = int(argv[argv.index("--jobs") + 1]) if "--jobs" in argv else 1
+        rest = [a for i, a in enumerate(argv[1:], 1) if a != "--jobs" and argv[i - 1] != "--jobs"]
+        return sample_run(int(rest[0]) if rest else 300, jobs)
     if argv[:1] != ["run"]:  # results, show, browse: read the stage as the last run left it
         return _mutmut(STAGE, argv)
     return _mutmut(stage(debug=debug), argv)

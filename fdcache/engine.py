@@ -163,7 +163,8 @@ def load_checkpoint(path: Path, fix: str) -> dict:
 
 def truncate_log(path: Path, step: int) -> None:
     """Keep the records of steps up to ``step`` (the checkpoint's): a resumed run logs each
-    step once. A line cut short by a crash is dropped. Rewritten atomically."""
+    step once. A record without a step is kept; a line cut short by a crash is dropped.
+    Rewritten atomically."""
     if not path.exists():
         return
 

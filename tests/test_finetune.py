@@ -267,10 +267,29 @@ def test_wise_endpoints_are_the_models_and_the_middle_their_mean(zs_run, tmp_pat
         torch.testing.assert_close(wh[k], (zs[k] + ft[k]) / 2)
     model, spec, _ = load_export(paths[1])  # loadable, and the default takes the EMA end when kept
     assert spec.head == "zeroshot"
+    for alpha, p in zip([0.0, 0.5, 1.0], paths):  # each export says what it mixes
+        assert json.loads((p / "model.json").read_text())["wise"] == {
+            "alpha": alpha, "zeroshot": str(zs_run / "init"), "finetuned": str(zs_run),
+            "finetuned_weights": "model.safetensors"}
     ema = load_file(str(zs_run / "model_ema.safetensors"))
     (mid,) = wise(zs_run / "init", zs_run, [0.5], tmp_path / "w_ema")
     torch.testing.assert_close(load_file(str(mid / "model.safetensors"))["head.weight"],
                                (zs["head.weight"] + ema["head.weight"]) / 2)
+
+
+def test_the_wise_command_mixes_the_ema_weights_unless_told_not_to(zs_run, tmp_path):
+    """``fdcache wise`` (sweep): by default the fine-tuned end is the run's EMA weights, with
+    --no-ema its raw weights; the alpha 0.5 export is the mean of the ends, by hand."""
+    from fdcache.tune.wise import sweep
+
+    zs, ft, ema = (load_file(str(p)) for p in (zs_run / "init" / "model.safetensors",
+                                                zs_run / "model.safetensors", zs_run / "model_ema.safetensors"))
+    assert not torch.equal(ft["head.weight"], ema["head.weight"])
+    for kw, end in (({}, ema), ({"ema": False}, ft)):
+        ((alpha, path, results),) = sweep(zs_run / "init", zs_run, [0.5], tmp_path / f"w{len(kw)}", **kw)
+        assert alpha == 0.5 and results is None
+        torch.testing.assert_close(load_file(str(path / "model.safetensors"))["head.weight"],
+                                   (zs["head.weight"] + end["head.weight"]) / 2)
 
 
 def test_wise_refuses_models_that_differ(zs_run, folder, tmp_path):
@@ -278,7 +297,8 @@ def test_wise_refuses_models_that_differ(zs_run, folder, tmp_path):
     finetune(fcfg(other, folder, steps=1))
     with pytest.raises(FdcacheError, match="differ"):
         wise(zs_run / "init", other, [0.5], tmp_path / "w")
-    with pytest.raises(FdcacheError, match="--head zeroshot"):  # a fresh-head run has no init/
+    with pytest.raises(FdcacheError, match=r"no zero-shot end to interpolate with. WiSE-FT needs a run started with "
+                       r"--head zeroshot, or an fdcache flyp run \(both write OUT/init\)$"):  # a fresh head: no init/
         wise(other / "init", other, [0.5], tmp_path / "w")
     with pytest.raises(FdcacheError, match=r"\[0, 1\]"):
         wise(zs_run / "init", zs_run, [1.5], tmp_path / "w")

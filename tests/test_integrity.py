@@ -497,3 +497,26 @@ def test_views_from_creation_and_growth_cut_at_every_write_are_finished_by_the_s
             command(out, seeds)  # the same command again
             assert tree_bytes(out) == ref, f"{seeds} seed(s), cut at write {k}"
             shutil.rmtree(out)
+
+
+def test_views_audit_checks_every_block_of_every_seed(tmp_path):
+    """A store past 65,536 images has several views blocks per seed (too big to build here):
+    _audit_views on a views array of 3 blocks of 4 samples, 2 seeds, names exactly the blocks
+    whose chunk is missing or unreadable, by seed and block."""
+    import os
+
+    from fdcache.store.audit import Problem, _audit_views
+    from fdcache.store.layout import chunk_key
+
+    arr = zarr.create_array(str(tmp_path / "s.zarr"), name="views", shape=(2, 10, 5), chunks=(1, 4, 5),
+                            dtype="<i4", fill_value=-1)
+    arr[:] = 1
+    root = tmp_path / "s.zarr"
+    have = {str(p.relative_to(root)).replace(os.sep, "/") for p in root.rglob("*") if p.is_file()}
+    assert {chunk_key("views", (s, j, 0)) for s in range(2) for j in range(3)} <= have
+    (root / "views" / "c" / "1" / "2" / "0").write_bytes(b"not a chunk")
+    problems: list[Problem] = []
+    _audit_views(arr, 2, have - {chunk_key("views", (0, 1, 0))}, problems)
+    assert [p.text.split(" (", 2)[:2] for p in problems] == [["views of seed 0", "chunk 1): missing"],
+                                                            ["views of seed 1", "chunk 2): unreadable"]]
+    assert [p.repair for p in problems] == [("views", 0), ("views", 1)]

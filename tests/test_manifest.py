@@ -102,3 +102,26 @@ def test_a_non_image_file_stops_indexing_naming_it_unless_skip_bad(images):
     m = index(images, skip_bad=True)
     i = m.paths.index("class_001/zz_notes.jpg")
     assert m.bad[i] and m.bad.sum() == 1
+
+
+def test_first_difference_names_the_first_field_that_differs_by_its_singular(tmp_path):
+    """One field changed at a time, the others equal: the message names that field ("content
+    checksum" for crc32c), the first file where it differs, both values, and how many differ."""
+    from fdcache.store.manifest import Manifest
+
+    def m(**change):
+        base = dict(root=tmp_path, paths=["a/x.jpg", "a/y.jpg", "b/z.jpg"], labels=np.array([0, 0, 1], np.int32),
+                    widths=np.array([64, 64, 32], np.int32), heights=np.array([48, 48, 40], np.int32),
+                    sizes=np.array([10, 11, 12], np.int64), mtimes=np.ones(3, np.int64), classes=["a", "b"],
+                    crc32c=np.array([7, 8, 9], np.uint32))
+        return Manifest(**(base | change))
+
+    assert m().first_difference(m()) is None
+    assert m().first_difference(m(heights=np.array([48, 50, 41], np.int32))) == \
+        "height of 'a/y.jpg' differs (48 vs 50); 2 file(s) differ in heights"
+    assert m().first_difference(m(widths=np.array([64, 64, 33], np.int32))) == \
+        "width of 'b/z.jpg' differs (32 vs 33); 1 file(s) differ in widths"
+    assert m().first_difference(m(crc32c=np.array([7, 8, 10], np.uint32))) == \
+        "content checksum of 'b/z.jpg' differs (9 vs 10); 1 file(s) differ in crc32c"
+    assert m().first_difference(m(labels=np.array([0, 1, 1], np.int32))) == \
+        "label of 'a/y.jpg' differs (0 vs 1); 1 file(s) differ in labels"

@@ -307,3 +307,38 @@ def test_a_subset_store_of_another_grid_among_several_is_refused_naming_it(two_s
     b = str(extract_t2(image_root, tmp_path / "b48.zarr", a, "--token-fraction", "0.5"))  # T2 at 48 px: 3x3
     with pytest.raises(FdcacheError, match="store .*b48.zarr: student .*4x4.*3x3 grid, and the store keeps 0.5 of each view's patch tokens"):
         DistillTask(tcfg(tmp_path / "r", cache=[a, b], resize_targets=True))
+
+
+def test_one_pretrained_tag_for_several_online_teachers_is_refused_naming_the_offline_way(image_root, tmp_path):
+    with pytest.raises(FdcacheError, match=r"^--pretrained with several --online --teacher: one tag for all is "
+                       r"ambiguous. Extract each teacher \(the second with --views-from the first\) and train "
+                       r"with --cache A --cache B$"):
+        DistillTask(tcfg(tmp_path / "r", online=True, teacher=[TINY_TEACHER, T2], pretrained="openai",
+                         data=str(image_root)))
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+
+
+def test_an_existing_store_given_views_from_another_view_set_is_refused_naming_the_fix(two_stores, image_root,
+                                                                                      tmp_path):
+    """B was made from A's views; the same command with --views-from C is refused before any
+    work, naming the store, the seed and the two ways out. C: a copy of A as a store older than
+    the binding's record of its views' hashes (the hashes then come from the views array), whose
+    seed-0 views another zarr client rewrote."""
+    import zarr
+
+    a, _ = two_stores
+    b = extract_t2(image_root, tmp_path / "b.zarr", a)
+    c = tmp_path / "c.zarr"
+    shutil.copytree(a, c)
+    group = zarr.open_group(str(c), mode="r+")
+    group["views"][0, 0] = group["views"][0, 1]
+    group.attrs["fdcache"] = {k: v for k, v in group.attrs["fdcache"].items() if k != "views_sha256"}
+    before = tree_bytes(b)
+    r = runner.invoke(app, ["extract", str(image_root), "--out", str(b), "--teacher", T2, "--random-init",
+                            "--resolution", str(T2_RES), "--views-from", str(c), "--codec", "int8",
+                            "--shard-size", "4", "--batch-size", "4", "--threads", "2"])
+    assert r.exit_code == 2, r.output
+    text = " ".join(r.output.split())
+    assert (f"holds other views than --views-from store {Store.open(str(c)).url} (seed 0 differs): it was not "
+            "made from them. Use another --out, or --overwrite to replace it.") in text, text
+    assert tree_bytes(b) == before

@@ -241,3 +241,37 @@ def test_zstd_compresses_the_codecs_arrays_only(tmp_path):
     for name, meta in metas.items():
         assert ('"zstd"' in meta) == (name in codec_arrays), name
         assert '"crc32c"' in meta, name
+
+
+def test_chunk_payloads_are_each_samples_stored_bytes_without_the_checksum(made):
+    """What a decoder alone is given (benchmarks): per array, per sample of the shard in order,
+    the chunk's bytes; zstd-decompressed, zarr-python's row of that array."""
+    from numcodecs import Zstd
+
+    store, _ = made
+    reader = store.reader()
+    got = reader.chunk_payloads(1, 1)  # samples 4..7
+    names = [a.name for a in store.array_specs()]
+    assert [lay.name for lay, _ in got] == [n for n in names for _ in range(4)]
+    want = _zarr_rows(store, 1, [4, 5, 6, 7])
+    for j, (lay, payload) in enumerate(got):
+        raw = Zstd().decode(payload) if lay.zstd else payload
+        assert raw == want[lay.name][j % 4].tobytes(), (lay.name, j)
+
+
+def test_a_dataset_without_decoding_never_decodes_on_the_host(made, monkeypatch):
+    """decode=False gives the stored arrays as they are, for a loop that decodes on its device:
+    the host's decode is not run at all (it is the cost the option exists to avoid)."""
+    from fdcache.store.dataset import StoreDataset
+
+    store, _ = made
+    ds = StoreDataset(store.url, seed=1, decode=False)
+    calls = []
+    real = type(ds.codec).decode
+    monkeypatch.setattr(type(ds.codec), "decode", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    items = ds.__getitems__([0, 2])
+    assert calls == []
+    want = _zarr_rows(store, 1, ds.indices[[0, 2]])
+    for r, item in enumerate(items):
+        assert set(item["target"]) == set(want)
+        assert all(np.array_equal(item["target"][k].numpy(), want[k][r]) for k in want)

@@ -36,3 +36,43 @@ def test_wise_refuses_an_alpha_folder_already_there(tmp_path):
     with pytest.raises(FdcacheError, match="--overwrite"):
         wise(tmp_path / "zs", tmp_path / "ft", [0.5], tmp_path / "w")
     assert (taken / "model.safetensors").read_text() == "mine"
+
+
+def test_a_resumed_runs_log_keeps_the_records_up_to_the_checkpoint_and_those_without_a_step(tmp_path):
+    """truncate_log(log, 2): steps 1 and 2 stay, 3 and 4 go (the resumed run logs them again),
+    a record without a step (a note another tool added) stays, a line cut short by a crash
+    goes; by hand."""
+    from fdcache.engine import truncate_log
+
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1, "loss": 0.5}\n{"note": "by hand"}\n{"step": 2, "loss": 0.4}\n'
+                   '{"step": 3, "loss": 0.3}\n\n{"step": 4, "loss": 0.2}\n{"step": 5, "lo')
+    truncate_log(log, 2)
+    assert log.read_text() == '{"step": 1, "loss": 0.5}\n{"note": "by hand"}\n{"step": 2, "loss": 0.4}\n'
+    assert not (tmp_path / "log.jsonl.tmp").exists()
+    truncate_log(tmp_path / "none.jsonl", 2)  # a run that logged nothing yet
+    assert not (tmp_path / "none.jsonl").exists()
+
+
+def test_a_timm_folder_not_written_by_fdcache_train_is_not_taken_as_a_student(tmp_path):
+    """read_student takes only an fdcache train export: timm's own layout (config.json +
+    model.safetensors) without fdcache's section, or of another kind, is a named error."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from fdcache.tune.classifiers import read_student
+
+    msg = (r"expected the --out directory of a finished fdcache train run \(config.json \+ "
+           r"model.safetensors\)$")
+    for cfg in ({"architecture": "vit_small_patch16_224", "num_classes": 0},
+                {"architecture": "vit_small_patch16_224", "fdcache": {"export": {"kind": "classifier"}}},
+                ["not", "a", "dict"]):
+        run = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps(cfg))
+        save_file({"w": torch.zeros(1)}, str(run / "model.safetensors"))
+        for given in (run, run / "model.safetensors"):
+            with pytest.raises(FdcacheError, match=msg):
+                read_student(given)

@@ -181,9 +181,12 @@ def test_non_finite_loss_stops_with_the_step_and_a_checkpoint(image_root, tmp_pa
     s = _extract(image_root, tmp_path / "nan.zarr", seeds=1)
     t = Store.open(str(s), mode="r+").group["targets"]
     t[0] = np.full(t.shape[1:], np.nan, dtype=np.float16)
-    with pytest.raises(TrainError, match="at step 1"):
+    with pytest.raises(TrainError, match="^loss is nan at step 1; state saved to "):
         train(tcfg(tmp_path / "r", cache=str(s)))
     assert (tmp_path / "r" / "checkpoints" / "nonfinite-step1.pt").exists()
+    # logging every 3 steps, the loss is read back at step 3: the window is named
+    with pytest.raises(TrainError, match="^loss is nan in steps 1..3; state saved to .*nonfinite-step3.pt"):
+        train(tcfg(tmp_path / "r3", cache=str(s), log_every=3))
 
 
 def test_student_layout_follows_fd():

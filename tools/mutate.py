@@ -311,7 +311,9 @@ def _evaluate(stage_dir: Path, name: str, tests: list[str], limit_s: int) -> str
         os.killpg(p.pid, 9)
         p.wait()
         return "not finished"
-    return {0: "survived", 1: "killed", 2: "killed", 3: "killed"}.get(code, f"exit {code}")
+    # 1: a test failed; 2: interrupted (a collection error); 3: internal error; 4: conftest's
+    # import raised (the mutated package cannot be imported: every use of it fails).
+    return {0: "survived", 1: "killed", 2: "killed", 3: "killed", 4: "killed"}.get(code, f"exit {code}")
 
 
 def sample_run(limit_s: int, jobs: int = 1, stage_dir: Path = SAMPLE_STAGE) -> int:

@@ -541,3 +541,20 @@ def test_ctrl_c_reaching_the_loader_workers_too_still_stops_cleanly_and_resumes_
     assert a.losses[3:] == b.losses
     wa, wb = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("a", "b"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_the_length_given_replaces_the_presets_length(tmp_path, monkeypatch):
+    """A preset that fixes steps, run with --epochs, trains for those epochs (and the other way
+    round): the caller's length replaces the preset's instead of meeting it as 'not both'."""
+    import fdcache.tune.finetune as ftmod
+    from fdcache.config import FinetuneConfig
+
+    (tmp_path / "by-steps.json").write_text(json.dumps({"mode": "finetune", "values": {"steps": 100}}))
+    (tmp_path / "by-epochs.json").write_text(json.dumps({"mode": "finetune", "values": {"epochs": 7}}))
+    monkeypatch.setattr(ftmod, "PRESET_DIR", tmp_path)
+    cfg = make_config("by-steps", out="o", data="d", epochs=2)
+    assert (cfg.epochs, cfg.steps) == (2, FinetuneConfig.steps)
+    cfg = make_config("by-epochs", out="o", data="d", steps=5)
+    assert (cfg.epochs, cfg.steps) == (FinetuneConfig.epochs, 5)
+    cfg = make_config("by-steps", out="o", data="d")
+    assert cfg.steps == 100

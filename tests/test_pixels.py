@@ -52,3 +52,19 @@ def test_a_truncated_jpeg_fails_naming_the_file(images):
     with pytest.raises(BadImageError) as e:
         list(_stream([m.abspath(i) for i in range(len(m))], views, batch=4))
     assert e.value.paths == [victim]
+
+
+def test_dali_alone_refuses_only_a_damaged_file_with_or_without_a_view(images):
+    """dali_refusal(f, view): None for a whole file, given its whole-image view or no view
+    (the whole image then); DALI's reason for a file cut short."""
+    from fdcache.distill.pixels import dali_refusal
+
+    m = index(images)
+    good, victim = m.abspath(2), m.abspath(6)
+    assert dali_refusal(good) is None
+    assert dali_refusal(good, (0, 0, int(m.heights[2]), int(m.widths[2]), 0)) is None
+    data = open(victim, "rb").read()
+    open(victim, "wb").write(data[: len(data) // 3])
+    for view in (None, (0, 0, int(m.heights[6]), int(m.widths[6]), 0)):
+        why = dali_refusal(victim, view)
+        assert isinstance(why, str) and why, view

@@ -558,3 +558,22 @@ def test_the_length_given_replaces_the_presets_length(tmp_path, monkeypatch):
     assert (cfg.epochs, cfg.steps) == (FinetuneConfig.epochs, 5)
     cfg = make_config("by-steps", out="o", data="d")
     assert cfg.steps == 100
+
+
+def test_a_starting_point_given_replaces_the_presets(tmp_path, monkeypatch):
+    """A preset's random_init gives way to --pretrained or --model; its model and pretrained
+    give way to --student-run, and its pretrained to --random-init."""
+    import fdcache.tune.finetune as ftmod
+
+    (tmp_path / "rand.json").write_text(json.dumps({"mode": "finetune", "values": {"random_init": True}}))
+    (tmp_path / "oa.json").write_text(json.dumps({"mode": "finetune", "values": {"model": "ViT-B-16",
+                                                                                  "pretrained": "openai"}}))
+    monkeypatch.setattr(ftmod, "PRESET_DIR", tmp_path)
+    cfg = make_config("rand", out="o", data="d", pretrained="openai")
+    assert (cfg.random_init, cfg.pretrained) == (False, "openai")
+    cfg = make_config("rand", out="o", data="d", model="ViT-B-32")
+    assert (cfg.random_init, cfg.model) == (False, "ViT-B-32")
+    cfg = make_config("oa", out="o", data="d", random_init=True)
+    assert (cfg.random_init, cfg.pretrained, cfg.model) == (True, None, "ViT-B-16")
+    cfg = make_config("oa", out="o", data="d", student_run="run")
+    assert (cfg.student_run, cfg.pretrained, cfg.model) == ("run", None, None)

@@ -279,3 +279,14 @@ def test_inspect_states_the_token_fraction_and_the_rows_kept(half, whole):
     assert inspect_store(str(half))["token_fraction"] == 0.5 and inspect_store(str(whole))["token_fraction"] == 1.0
     assert "0.5 of each view's patch tokens: 9 of the 17 rows per view stored" in shown(half)
     assert "token subset" not in shown(whole)
+
+
+def test_bad_rows_is_its_definition_with_and_without_prefix_tokens():
+    """Prefix rows 0..P-1 in order, then patch rows strictly ascending in P..L-1; by hand for
+    P = 1 (a CLS token) and P = 0 (a map without prefix tokens: the first pair counts too)."""
+    from fdcache.store.subset import bad_rows
+
+    one = np.array([[0, 1, 3, 4], [0, 3, 1, 4], [1, 0, 3, 4], [0, 1, 1, 4], [0, 1, 3, 5], [0, 0, 3, 4]])
+    assert bad_rows(one, tokens=5, prefix=1).tolist() == [False, True, True, True, True, True]
+    none = np.array([[0, 1, 2], [1, 0, 2], [0, 2, 1], [2, 3, 4], [1, 1, 2], [0, 2, 5]])
+    assert bad_rows(none, tokens=5, prefix=0).tolist() == [False, True, True, False, True, True]

@@ -130,3 +130,32 @@ def test_a_shard_write_with_the_wrong_number_of_rows_is_refused(tiny_store, tmp_
     with pytest.raises(FdcacheError, match="8"):
         store.write_shard(0, 0, {"targets": rows}, np.zeros(6, bool))
     assert tree_bytes(out) == before
+
+
+def test_growing_to_the_seeds_a_store_has_or_fewer_writes_nothing(tmp_path, monkeypatch):
+    """grow_seeds(S) with S at or below the store's seeds is no write at all (a re-run of the
+    same command on a finished store, or on a read-only copy); S + 1 writes the new seed's
+    views and every array's metadata. Observed at zarr's LocalStore."""
+    from conftest import synthetic_store
+
+    store, _ = synthetic_store(tmp_path / "s.zarr", seeds=2)
+    store = Store.open(store.url, mode="r+")
+    keys = []
+    real_set, real_delete = LocalStore.set, LocalStore.delete
+
+    async def set_(self, key, value, *a, **kw):
+        keys.append(key)
+        return await real_set(self, key, value, *a, **kw)
+
+    async def delete(self, key):
+        keys.append(key)
+        return await real_delete(self, key)
+
+    monkeypatch.setattr(LocalStore, "set", set_)
+    monkeypatch.setattr(LocalStore, "delete", delete)
+    manifest = store.manifest()
+    for seeds in (2, 1, 0):
+        store.grow_seeds(manifest, seeds)
+    assert keys == [] and store.num_seeds == 2
+    store.grow_seeds(manifest, 3)
+    assert "views/c/2/0/0" in keys and "done/zarr.json" in keys and Store.open(store.url).num_seeds == 3

@@ -123,11 +123,23 @@ def module_of(key: str) -> str:
     return key.split(".x_")[0].split(".xǁ")[0]
 
 
+def _listed(heading: str, doc: Path = DOC) -> dict[str, str]:
+    """``{mutant name: second column}`` of the table under docs/testing.md's ``heading``."""
+    text = doc.read_text() if doc.exists() else ""
+    section = text.split(heading, 1)[1].split("\n#", 1)[0] if heading in text else ""
+    return dict(re.findall(r"^\| `([\w.ǁ]+__mutmut_\d+)` \| (.+?) \|$", section, flags=re.M))
+
+
 def equivalent_mutants(doc: Path = DOC) -> dict[str, str]:
     """``{mutant name: why}`` from docs/testing.md's table of equivalent mutants."""
-    text = doc.read_text() if doc.exists() else ""
-    section = text.split("### Equivalent mutants", 1)[-1] if "### Equivalent mutants" in text else ""
-    return dict(re.findall(r"^\| `([\w.ǁ]+__mutmut_\d+)` \| (.+?) \|$", section, flags=re.M))
+    return _listed("### Equivalent mutants", doc)
+
+
+def caught_outside_the_map(doc: Path = DOC) -> dict[str, str]:
+    """``{mutant name: test}``: survivors of mutmut's run that a test it does not map to their
+    function catches (a torchrun or CLI subprocess: the stats run traces this process only),
+    each shown by running that test with the mutant switched on."""
+    return _listed("### Caught outside mutmut's map", doc)
 
 
 STATUS = {1: "killed", 3: "killed", 0: "survived", 36: "timeout", 24: "timeout", -24: "timeout",
@@ -215,6 +227,8 @@ def sample_score(stage_dir: Path = SAMPLE_STAGE) -> str:
     caught = c["killed"] + c["timeout"]
     lo, hi = wilson(caught, live)
     plo, phi = wilson(caught, live + c["not finished"])
+    outside = [k for k in prefix if got[k] in ("survived", "no tests") and k in caught_outside_the_map()]
+    olo, ohi = wilson(caught + len(outside), live)
     by_module = Counter(module_of(k) for k in prefix)
     lines = [f"seed {drawn['seed']}: {len(drawn['names'])} of {drawn['pool']} mutants drawn from "
              f"{' '.join(drawn['patterns'])}; {len(prefix)} evaluated in the seeded order",
@@ -224,8 +238,12 @@ def sample_score(stage_dir: Path = SAMPLE_STAGE) -> str:
              f"counting the {c['not finished']} not finished as not caught: {caught}/{live + c['not finished']} = "
              f"{100 * caught / (live + c['not finished']):.1f}%, interval {100 * plo:.1f}-{100 * phi:.1f}%"
              if c["not finished"] else "",
+             f"with the {len(outside)} caught by tests outside mutmut's map: {caught + len(outside)}/{live} = "
+             f"{100 * (caught + len(outside)) / live:.1f}%, interval {100 * olo:.1f}-{100 * ohi:.1f}%"
+             if outside else "",
              "evaluated per module: " + ", ".join(f"{m} {k}" for m, k in sorted(by_module.items()))]
-    lines += [f"  {got[k]}: {k}" for k in prefix if got[k] not in ("killed", "timeout")]
+    lines += [f"  {got[k]}{' (caught outside the map)' if k in outside else ''}: {k}" for k in prefix
+              if got[k] not in ("killed", "timeout")]
     lines += [f"  evaluated out of order, not counted: {k} ({got[k]})" for k in order[len(prefix):]
               if got.get(k, "not checked") != "not checked"]
     return "\n".join(line for line in lines if line)

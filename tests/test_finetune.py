@@ -592,3 +592,10 @@ def test_a_fresh_head_starts_as_ft_clips_truncated_normal_times_1e_3():
     assert abs(w.std().item() / 2e-5 - 1) < 0.05 and abs(w.mean().item()) < 2e-6
     assert torch.equal(m.head.bias, torch.zeros(100))
     assert torch.equal(m.fc_norm.weight, torch.ones(64)) and torch.equal(m.fc_norm.bias, torch.zeros(64))
+
+
+def test_each_logged_step_names_its_epoch(folder, tmp_path):
+    """16 images at batch 4: four steps an epoch, so steps 1-4 are epoch 0 and 5-6 epoch 1."""
+    finetune(fcfg(tmp_path / "r", folder, steps=6))
+    log = [json.loads(line) for line in open(tmp_path / "r" / "log.jsonl")]
+    assert [(r["step"], r["epoch"]) for r in log] == [(1, 0), (2, 0), (3, 0), (4, 0), (5, 1), (6, 1)]

@@ -76,3 +76,21 @@ def test_a_timm_folder_not_written_by_fdcache_train_is_not_taken_as_a_student(tm
         for given in (run, run / "model.safetensors"):
             with pytest.raises(FdcacheError, match=msg):
                 read_student(given)
+
+
+def test_the_resume_command_is_the_command_line_with_resume_and_says_torchrun_only_under_it(monkeypatch):
+    import sys
+
+    from fdcache.engine import resume_command
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/fdcache", "train", "--cache", "a b.zarr", "--overwrite"])
+    assert resume_command() == "fdcache train --cache 'a b.zarr' --resume"
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert resume_command() == "fdcache train --cache 'a b.zarr' --resume"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(sys, "argv", ["fdcache", "train", "--resume"])
+    assert resume_command() == "fdcache train --resume (under torchrun, with the same torchrun options)"
+    monkeypatch.setattr(sys, "argv", ["my_script.py"])  # the Python API: no command line to give
+    monkeypatch.setattr(sys.modules["__main__"], "__spec__", None, raising=False)
+    assert resume_command() == "the same call with resume=True"

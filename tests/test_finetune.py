@@ -599,3 +599,17 @@ def test_each_logged_step_names_its_epoch(folder, tmp_path):
     finetune(fcfg(tmp_path / "r", folder, steps=6))
     log = [json.loads(line) for line in open(tmp_path / "r" / "log.jsonl")]
     assert [(r["step"], r["epoch"]) for r in log] == [(1, 0), (2, 0), (3, 0), (4, 0), (5, 1), (6, 1)]
+
+
+@pytest.mark.parametrize("model", [TINY_TEACHER, "timm:vit_tiny_patch16_224"])
+def test_freeze_patch_embed_keeps_the_patch_embedding_of_a_clip_or_timm_model(folder, tmp_path, model):
+    """--freeze-patch-embed: after two steps the patch embedding (open_clip's conv1, timm's
+    patch_embed) is bit-identical to its start, and the blocks moved."""
+    ft = FinetuneTask(fcfg(tmp_path / "r", folder, model=model, steps=2, freeze_patch_embed=True))
+    prefix = "visual.conv1." if model == TINY_TEACHER else "patch_embed."
+    before = {k: v.clone() for k, v in ft.model.state_dict().items()}
+    ft.fit()
+    after = ft.model.state_dict()
+    frozen = [k for k in before if prefix in k]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in before if "blocks" in k or "resblocks" in k)

@@ -94,3 +94,32 @@ def test_the_resume_command_is_the_command_line_with_resume_and_says_torchrun_on
     monkeypatch.setattr(sys, "argv", ["my_script.py"])  # the Python API: no command line to give
     monkeypatch.setattr(sys.modules["__main__"], "__spec__", None, raising=False)
     assert resume_command() == "the same call with resume=True"
+
+
+def test_overwrite_removes_the_old_runs_files_on_the_main_rank_only(tmp_path):
+    """Under torchrun every rank runs Engine.begin; the old run's files are removed once, by
+    rank 0, after the barrier (another rank removing them too would race it). Engine.begin
+    called on stand-ins for a rank-1 and a rank-0 engine."""
+    from types import SimpleNamespace
+
+    from fdcache.engine import RUN_FILES, Engine, run_files
+
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    old = [out / "log.jsonl", out / "checkpoints" / "last.pt"]
+    for p in old:
+        p.write_text("old")
+    mine = out / "notes.txt"
+    mine.write_text("mine")
+    cfg = SimpleNamespace(resume=False, overwrite=True, to_dict=lambda: {}, preset=None)
+    barriers = []
+
+    def engine(is_main):
+        dist = SimpleNamespace(is_main=is_main, barrier=lambda: barriers.append(is_main))
+        return SimpleNamespace(out=out, cfg=cfg, dist=dist, task=SimpleNamespace(outputs=(), name="train"))
+
+    assert sorted(run_files(out, RUN_FILES)) == sorted(old)  # fdcache's names, not notes.txt
+    assert Engine.begin(engine(False)) is True
+    assert all(p.read_text() == "old" for p in old) and barriers == [False, False]
+    Engine.begin(engine(True))
+    assert not any(p.exists() for p in old) and mine.read_text() == "mine"

@@ -520,3 +520,23 @@ def test_views_audit_checks_every_block_of_every_seed(tmp_path):
     assert [p.text.split(" (", 2)[:2] for p in problems] == [["views of seed 0", "chunk 1): missing"],
                                                             ["views of seed 1", "chunk 2): unreadable"]]
     assert [p.repair for p in problems] == [("views", 0), ("views", 1)]
+
+
+def test_a_corrupt_skip_flags_chunk_is_named_by_seed_shard_and_samples_and_repaired(small_root, small_store, tmp_path):
+    """A byte flipped in seed 0's skip flags of shard 1 (zarr checks their crc32c): verify names
+    that array, seed, shard and its samples by hand count, offers to un-mark it, and the same
+    extract then recomputes the shard to the store it was."""
+    store = tmp_path / "s.zarr"
+    shutil.copytree(small_store, store)
+    info = Store.open(str(store)).info
+    size, end = info.shard_size, min(2 * info.shard_size, info.num_samples)  # the last shard may be short
+    _damage(store / "skipped" / "c" / "0" / "1", "flip")
+    with pytest.raises(VerifyError) as e:
+        verify_store(str(store), check_files=False)
+    (problem,) = e.value.problems
+    assert problem.startswith(f"skipped seed 0 shard 1 (samples {size}..{end - 1}): unreadable ("), problem
+    with pytest.raises(VerifyError, match="repair: "):
+        verify_store(str(store), check_files=False, repair=True)
+    assert not Store.open(str(store)).done()[0, 1]
+    extract(cfg(small_root, store))
+    assert tree_bytes(store) == tree_bytes(small_store)

@@ -68,3 +68,18 @@ def test_dali_alone_refuses_only_a_damaged_file_with_or_without_a_view(images):
     for view in (None, (0, 0, int(m.heights[6]), int(m.widths[6]), 0)):
         why = dali_refusal(victim, view)
         assert isinstance(why, str) and why, view
+
+
+def test_a_dali_failure_no_single_file_explains_passes_dalis_own_reason_on(images):
+    """explain_decode_failure: each file of the batch decodes alone, so the error is DALI's
+    own cause (after its 'encountered:'), the batch and how many files were in flight."""
+    from fdcache.distill.pixels import explain_decode_failure
+    from fdcache.errors import DataError
+
+    m = index(images)
+    err = RuntimeError("Critical error in pipeline:\nError in thread 0: [/opt/dali/decoder.cc:12] "
+                       "encountered:\nout of host memory while decoding")
+    e = explain_decode_failure([(m.abspath(0), None), (m.abspath(1), None)], err, "batch 3")
+    assert isinstance(e, DataError) and not isinstance(e, BadImageError)
+    assert str(e) == ("DALI failed on batch 3, and each of its files decodes alone: out of host memory while "
+                      "decoding (2 file(s) in flight): please report this with DALI's message")

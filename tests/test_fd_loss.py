@@ -245,3 +245,13 @@ def test_compiled_kernel_on_gpu_matches_reference(dtype):
     torch.testing.assert_close(loss.double().cpu(), ref_loss, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(pred.grad.double().cpu(), ref_grad, rtol=TOL[dtype],
                                atol=TOL[dtype] * ref_grad.abs().max().item())
+
+
+def test_launch_config_is_its_definition_at_the_one_block_boundary():
+    """A row up to ONE_BLOCK_MAX (8192) wide is one block of the next power of two; wider rows
+    loop in blocks of 4096. Warps: each thread holds 16 bytes of the narrowest input's row."""
+    assert kmod.launch_config(768) == {"BLOCK_D": 1024, "ONE_BLOCK": True, "num_warps": 4}  # 1024 / (32 * 8)
+    assert kmod.launch_config(768, min_itemsize=1) == {"BLOCK_D": 1024, "ONE_BLOCK": True, "num_warps": 2}
+    assert kmod.launch_config(8192) == {"BLOCK_D": 8192, "ONE_BLOCK": True, "num_warps": 16}  # 32 capped at 16
+    assert kmod.launch_config(8193) == {"BLOCK_D": 4096, "ONE_BLOCK": False, "num_warps": 16}
+    assert kmod.launch_config(20) == {"BLOCK_D": 32, "ONE_BLOCK": True, "num_warps": 1}

@@ -613,3 +613,22 @@ def test_freeze_patch_embed_keeps_the_patch_embedding_of_a_clip_or_timm_model(fo
     frozen = [k for k in before if prefix in k]
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
     assert any(not torch.equal(before[k], after[k]) for k in before if "blocks" in k or "resblocks" in k)
+
+
+def test_a_timm_models_input_size_mean_and_std_come_from_its_pretrained_config():
+    """A timm CLIP tower's spec takes OpenAI CLIP's mean and std from timm's pretrained_cfg
+    (not the 0.5 of a config without them), and its resolution from its patch embedding."""
+    import timm
+
+    from fdcache.tune.classifiers import ModelSpec, _with_timm_cfg
+
+    net = timm.create_model("vit_base_patch16_clip_224.openai", pretrained=False, img_size=64, depth=1,
+                            embed_dim=64, num_heads=2, num_classes=3)
+    spec = ModelSpec(kind="classifier", source="timm", name="vit_base_patch16_clip_224", resolution=0, mean=(),
+                     std=(), classnames=("a", "b", "c"))
+    got = _with_timm_cfg(spec, net)
+    assert got.resolution == 64
+    assert got.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))
+    assert got.std == pytest.approx((0.26862954, 0.26130258, 0.27577711))
+    net.pretrained_cfg = {}  # a config without them: CLIP-style 0.5
+    assert (_with_timm_cfg(spec, net).mean, _with_timm_cfg(spec, net).std) == ((0.5,) * 3, (0.5,) * 3)

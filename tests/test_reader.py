@@ -275,3 +275,21 @@ def test_a_dataset_without_decoding_never_decodes_on_the_host(made, monkeypatch)
     for r, item in enumerate(items):
         assert set(item["target"]) == set(want)
         assert all(np.array_equal(item["target"][k].numpy(), want[k][r]) for k in want)
+
+
+@pytest.mark.parametrize("codec", [CodecSpec("fp16"), CodecSpec("fp16", "zstd")], ids=["none", "zstd"])
+def test_a_shard_file_cut_short_under_an_open_reader_names_the_sample(tmp_path, codec):
+    """The reader keeps each shard's index and descriptor open; a file another process cut short
+    afterwards makes the next read of a sample past the cut short: a StoreDataError naming the
+    array, seed, shard (by hand count) and sample, not a fill value or a bare OSError."""
+    import os
+
+    store, _ = synthetic_store(tmp_path / "s.zarr", codec, samples=10, shard_size=4, seeds=1)
+    reader = store.reader(threads=1)
+    reader.read(0, [4])  # shard 1 (samples 4..7): index and descriptor now cached
+    path = tmp_path / "s.zarr" / "targets" / "c" / "0" / "1" / "0" / "0"
+    os.truncate(path, path.stat().st_size // 3)
+    with pytest.raises(StoreDataError, match=r"^targets of seed 0, shard 1 \(samples 4..7\) in .*: sample 7 is "
+                                             r"cut short\. The shard is marked done") as e:
+        reader.read(0, [7])
+    assert (e.value.seed, e.value.shard, e.value.samples) == (0, 1, (4, 8))

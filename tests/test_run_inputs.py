@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from fdcache.cli.app import app
 from fdcache.distill.teachers import TINY_TEACHER
-from fdcache.errors import DataError
+from fdcache.errors import DataError, FdcacheError
 from fdcache.samples import make_image_folder
 from fdcache.store.manifest import index
 
@@ -192,3 +192,29 @@ def test_resume_into_a_run_still_being_written_names_its_writer(tiny_store, tmp_
         holder.communicate(input="", timeout=60)
     line = one_error_line(run(*train_args(tiny_store, out, "--resume")))  # once it has gone: the usual advice
     assert "stopped before its first checkpoint" in line, line
+
+
+def test_a_checkpoint_file_that_cannot_be_created_is_named_and_leaves_the_last_one_whole(tmp_path, monkeypatch):
+    """No inode left (ENOSPC when the temporary file is created, injected): atomic_save raises
+    the named error; there is no temporary file to remove and the last checkpoint is unchanged."""
+    import builtins
+    import errno
+
+    from fdcache.engine import atomic_save
+
+    ck = tmp_path / "checkpoints" / "last.pt"
+    atomic_save({"step": 1}, ck)
+    before = ck.read_bytes()
+    real_open = builtins.open
+
+    def no_inode(file, *a, **kw):
+        if str(file).endswith(".tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(file, *a, **kw)
+
+    monkeypatch.setattr(builtins, "open", no_inode)
+    with pytest.raises(FdcacheError, match=r"^writing the checkpoint failed: No space left on device \(.*last\.pt\): "
+                                           r"free disk space"):
+        atomic_save({"step": 2}, ck)
+    monkeypatch.undo()
+    assert ck.read_bytes() == before and not list(ck.parent.glob("*.tmp"))

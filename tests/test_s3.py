@@ -93,3 +93,21 @@ def test_extract_looks_at_a_bucket_store_with_one_listing(bucket, image_root, mo
         listings.clear()
         _extract(image_root, url)
         assert len(listings) == 1, (run, listings)
+
+
+def test_a_flipped_byte_in_a_bucket_is_an_error_naming_the_sample(bucket, image_root):
+    """The object-store read path checks each sample's crc32c as the local one does: one byte
+    flipped inside sample 4's chunk (the first of shard 1, so the file's first bytes) is a
+    StoreDataError naming seed, shard (by hand count: 4 // 4 = 1, samples 4..7) and sample."""
+    import s3fs
+
+    url = f"{bucket}/flipped.zarr"
+    _extract(image_root, url)
+    fs, key = s3fs.S3FileSystem(), f"{url[5:]}/targets/c/0/1/0/0"
+    raw = bytearray(fs.cat_file(key))
+    raw[10] ^= 0x01
+    fs.pipe_file(key, bytes(raw))
+    with pytest.raises(StoreDataError, match=r"targets of seed 0, shard 1 \(samples 4\.\.7\) in .*: sample 4 fails "
+                                             r"its crc32c checksum") as e:
+        Store.open(url).reader().read(0, [0, 4])
+    assert (e.value.seed, e.value.shard) == (0, 1)

@@ -632,3 +632,17 @@ def test_a_timm_models_input_size_mean_and_std_come_from_its_pretrained_config()
     assert got.std == pytest.approx((0.26862954, 0.26130258, 0.27577711))
     net.pretrained_cfg = {}  # a config without them: CLIP-style 0.5
     assert (_with_timm_cfg(spec, net).mean, _with_timm_cfg(spec, net).std) == ((0.5,) * 3, (0.5,) * 3)
+
+
+def test_a_bad_auto_augment_policy_is_refused_before_the_run_starts(folder, tmp_path):
+    out = tmp_path / "r"
+    with pytest.raises(FdcacheError, match=r"^'rand-zz9' is not a timm augmentation policy \(--auto-augment\): give "
+                                           r"one such as rand-m9-mstd0.5-inc1, or none \("):
+        FinetuneTask(fcfg(out, folder, auto_augment="rand-zz9"))
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_finetune_export_records_its_steps_and_checkpoint(folder, tmp_path):
+    finetune(fcfg(tmp_path / "r", folder, steps=3))
+    meta = json.loads((tmp_path / "r" / "model.json").read_text())
+    assert meta["steps"] == 3 and meta["checkpoint"] == "last.pt" and meta["eval"] is None

@@ -123,3 +123,22 @@ def test_overwrite_removes_the_old_runs_files_on_the_main_rank_only(tmp_path):
     assert all(p.read_text() == "old" for p in old) and barriers == [False, False]
     Engine.begin(engine(True))
     assert not any(p.exists() for p in old) and mine.read_text() == "mine"
+
+
+def test_a_student_export_without_model_args_builds_with_none(tmp_path):
+    """timm writes model_args into config.json only when the model was made with some: a student
+    export without them reads as no keyword arguments, not as a damaged export."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from fdcache.tune.classifiers import read_student
+
+    cfg = {"architecture": "vit_small_patch16_224", "fdcache": {"export": {"kind": "student"}}}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    save_file({"w": torch.ones(2)}, str(tmp_path / "model.safetensors"))
+    meta, state = read_student(tmp_path)
+    assert meta == {"timm_name": "vit_small_patch16_224", "kwargs": {}} and torch.equal(state["w"], torch.ones(2))
+    (tmp_path / "config.json").write_text(json.dumps(cfg | {"model_args": {"depth": 4}}))
+    assert read_student(tmp_path / "model.safetensors")[0]["kwargs"] == {"depth": 4}

@@ -342,3 +342,13 @@ def test_an_existing_store_given_views_from_another_view_set_is_refused_naming_t
     assert (f"holds other views than --views-from store {Store.open(str(c)).url} (seed 0 differs): it was not "
             "made from them. Use another --out, or --overwrite to replace it.") in text, text
     assert tree_bytes(b) == before
+
+
+def test_views_from_a_store_of_another_policy_and_global_seed_takes_them_without_options(image_root, tmp_path):
+    """A source made with --views full and --global-seed 3: --views-from it, given neither
+    option, takes both (they are the source's views), and the views are its bytes."""
+    src = extract_tiny(image_root, tmp_path / "src.zarr", policy="full", global_seed=3)
+    dst = extract_tiny(image_root, tmp_path / "dst.zarr", views_from=str(src))
+    a, b = Store.open(str(src)), Store.open(str(dst))
+    assert b.info.policy == a.info.policy and b.info.policy.kind == "full" and b.info.global_seed == 3
+    assert np.array_equal(a.views(0), b.views(0))

@@ -50,6 +50,8 @@ def test_a_resumed_runs_log_keeps_the_records_up_to_the_checkpoint_and_those_wit
     truncate_log(log, 2)
     assert log.read_text() == '{"step": 1, "loss": 0.5}\n{"note": "by hand"}\n{"step": 2, "loss": 0.4}\n'
     assert not (tmp_path / "log.jsonl.tmp").exists()
+    truncate_log(log, 0)  # a checkpoint before the first step: only the record without a step stays
+    assert log.read_text() == '{"note": "by hand"}\n'
     truncate_log(tmp_path / "none.jsonl", 2)  # a run that logged nothing yet
     assert not (tmp_path / "none.jsonl").exists()
 

@@ -460,3 +460,21 @@ def test_resuming_a_sharded_checkpoint_with_another_total_batch_is_refused(store
     assert (tmp_path / "r" / "checkpoints" / "last" / "run.pt").is_file()
     with pytest.raises(FdcacheError, match="same total batch"):
         train(tcfg(tmp_path / "r", cache=str(store), steps=4, batch_size=2, shard_model=True, resume=True))
+
+
+def test_data_wait_is_the_time_spent_waiting_for_batches_over_the_runs_clock(tiny_store, tmp_path, monkeypatch):
+    """A clock that advances 1 s per read (engine.time.perf_counter): each of 3 steps waits 1 s for
+    its batch between reads at 1-2, 4-5, 7-8 of a run timed from 0 to 10, so the run waited
+    3 / 10 of its time and each log window (3 s) 1 / 3; 12 images in 10 s, 4 in each window."""
+    import time as real_time
+    from types import SimpleNamespace
+
+    import fdcache.engine as engine_mod
+
+    ticks = iter(range(1000))
+    monkeypatch.setattr(engine_mod, "time", SimpleNamespace(perf_counter=lambda: float(next(ticks)),
+                                                            time=real_time.time, sleep=real_time.sleep))
+    r = DistillTask(tcfg(tmp_path / "r", cache=str(tiny_store), steps=3, log_every=1)).fit()
+    assert r.data_wait_fraction == pytest.approx(3 / 10) and r.images_per_s == pytest.approx(12 / 10)
+    log = [json.loads(line) for line in open(tmp_path / "r" / "log.jsonl")]
+    assert [(x["data_wait"], x["images_per_s"]) for x in log] == [pytest.approx((1 / 3, 4 / 3))] * 3

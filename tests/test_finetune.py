@@ -646,3 +646,41 @@ def test_a_finetune_export_records_its_steps_and_checkpoint(folder, tmp_path):
     finetune(fcfg(tmp_path / "r", folder, steps=3))
     meta = json.loads((tmp_path / "r" / "model.json").read_text())
     assert meta["steps"] == 3 and meta["checkpoint"] == "last.pt" and meta["eval"] is None
+
+
+def test_wise_between_two_timm_runs_writes_a_timm_export_of_the_mean(folder, tmp_path):
+    """WiSE-FT's interpolation between two fine-tuned timm models of one architecture (a soup of
+    two runs): the alpha 0.5 export is their weights' mean and loads in timm by its folder."""
+    import timm
+
+    from fdcache.tune.wise import wise
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    finetune(fcfg(a, folder, model="timm:vit_tiny_patch16_224", steps=1))
+    finetune(fcfg(b, folder, model="timm:vit_tiny_patch16_224", steps=2))
+    (mid,) = wise(a, b, [0.5], tmp_path / "w", ema=False)
+    wa, wb, wm = (load_file(str(p / "model.safetensors")) for p in (a, b, mid))
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa)
+    for k in wa:
+        torch.testing.assert_close(wm[k], (wa[k] + wb[k]) / 2)
+    net = timm.create_model(f"local-dir:{mid}", pretrained=True)
+    assert net.num_classes == 4 and torch.equal(net.state_dict()["head.weight"], wm["head.weight"])
+
+
+def test_a_students_finetuning_form_is_fds_mean_pooling_with_fc_norm():
+    """FD fine-tunes a ViT student with mean pooling and fc_norm (not the CLS token), drop path
+    as given; BEiT gets per-block relative position bias; Swin keeps its own head's mean pool.
+    The export's own num_classes and pretrained_cfg_overlay are dropped."""
+    import timm
+
+    from fdcache.tune.classifiers import _student_kwargs
+
+    given = {"depth": 2, "num_classes": 0, "pretrained_cfg_overlay": {"mean": (0.5,) * 3}}
+    kw = _student_kwargs(given, "vit_tiny_patch16_224", 0.1)
+    assert kw == {"depth": 2, "drop_path_rate": 0.1, "global_pool": "avg", "fc_norm": True}
+    net = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=3, **kw)
+    assert net.global_pool == "avg" and not isinstance(net.fc_norm, torch.nn.Identity)
+    assert _student_kwargs({}, "swin_tiny_patch4_window7_224", 0.0) == {"drop_path_rate": 0.0, "global_pool": "avg"}
+    assert _student_kwargs({}, "beit_base_patch16_224", 0.2) == {
+        "drop_path_rate": 0.2, "use_shared_rel_pos_bias": False, "use_rel_pos_bias": True, "use_fc_norm": True,
+        "global_pool": "avg"}

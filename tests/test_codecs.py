@@ -259,3 +259,21 @@ def test_int4_group_size_is_a_parameter():
     assert whitened_error(x, c.decode(c.encode(x)))["rel_l2"] < c.error_bound
     with pytest.raises(ValueError, match="multiple"):
         Int4(group=48).encode(feature_like(1, L, D))
+
+
+@pytest.mark.parametrize("name", ["fp16", "int8", "int4", "int4-dither"])
+def test_a_stores_arrays_name_their_dimensions(tmp_path, name):
+    """Zarr's dimension_names of each per-sample array, from the codec's definition: seed and
+    sample, then the array's own (token, dim; int8: token, scale_offset; int4: token,
+    dim_pairs and token, group, scale_offset)."""
+    import json
+
+    from conftest import synthetic_store
+
+    store, _ = synthetic_store(tmp_path / "s.zarr", CodecSpec(name), seeds=1)
+    want = {"fp16": {"targets": ["token", "dim"]},
+            "int8": {"targets": ["token", "dim"], "qparams": ["token", "scale_offset"]},
+            "int4": {"targets": ["token", "dim_pairs"], "qparams": ["token", "group", "scale_offset"]}}
+    for array, dims in want[name.split("-")[0]].items():
+        meta = json.loads((tmp_path / "s.zarr" / array / "zarr.json").read_text())
+        assert meta["dimension_names"] == ["seed", "sample", *dims], (array, meta["dimension_names"])

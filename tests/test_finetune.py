@@ -684,3 +684,29 @@ def test_a_students_finetuning_form_is_fds_mean_pooling_with_fc_norm():
     assert _student_kwargs({}, "beit_base_patch16_224", 0.2) == {
         "drop_path_rate": 0.2, "use_shared_rel_pos_bias": False, "use_rel_pos_bias": True, "use_fc_norm": True,
         "global_pool": "avg"}
+
+
+def test_wise_interpolation_keeps_each_tensors_dtype_and_takes_integers_from_the_finetuned_end():
+    """(1 - a) * zs + a * ft computed in float32 and returned in the tensor's own dtype (a
+    half-precision export stays half); integer buffers (a step count) come from the fine-tuned
+    end; the ends are copies. By hand."""
+    from fdcache.tune.wise import interpolate
+
+    zs = {"w": torch.tensor([1.0, 2.0], dtype=torch.float16), "b": torch.tensor([0.5], dtype=torch.bfloat16),
+          "n": torch.tensor([3])}
+    ft = {"w": torch.tensor([3.0, 6.0], dtype=torch.float16), "b": torch.tensor([1.5], dtype=torch.bfloat16),
+          "n": torch.tensor([7])}
+    mid = interpolate(zs, ft, 0.25)
+    assert mid["w"].dtype == torch.float16 and torch.equal(mid["w"], torch.tensor([1.5, 3.0], dtype=torch.float16))
+    assert mid["b"].dtype == torch.bfloat16 and torch.equal(mid["b"], torch.tensor([0.75], dtype=torch.bfloat16))
+    assert torch.equal(mid["n"], torch.tensor([7]))
+    end = interpolate(zs, ft, 0.0)
+    assert torch.equal(end["w"], zs["w"]) and end["w"].data_ptr() != zs["w"].data_ptr()
+
+
+def test_a_run_seed_past_32_bits_of_numpys_legacy_seed_still_starts(folder, tmp_path):
+    """numpy's legacy seed is 32-bit: seed * 1000 + rank is taken modulo 2**32, so a large
+    --seed starts a run instead of failing in np.random.seed."""
+    ft = FinetuneTask(fcfg(tmp_path / "r", folder, seed=5_000_000))
+    assert ft.cfg.seed == 5_000_000
+    assert np.random.get_state()[1][0] == np.random.RandomState((5_000_000 * 1000) % 2**32).get_state()[1][0]

@@ -174,3 +174,13 @@ def test_max_seeds_without_a_budget_is_refused_and_a_zero_size_says_what_to_give
     with pytest.raises(ConfigError, match=r"'0\.5B' is not a positive size \(--budget\): give at least one byte"):
         ExtractConfig(data=str(image_root), out=str(tmp_path / "m.zarr"), budget="0.5B", **KW)
     assert not (tmp_path / "m.zarr").exists()
+
+
+def test_a_budget_with_a_compressor_chooses_among_that_compressors_codecs(image_root, tmp_path):
+    """--budget with --compressor zstd: the candidates are the codecs under zstd, and the store
+    written is the chosen codec under zstd (the projection then counts zstd's bound on bytes)."""
+    r = extract(ExtractConfig(data=str(image_root), out=str(tmp_path / "s.zarr"), budget="800kB",
+                              compressor="zstd", **KW))
+    store = Store.open(str(tmp_path / "s.zarr"))
+    assert store.info.codec.compressor == "zstd" and store.info.codec.name == r.budget.codec
+    assert store.num_seeds == r.budget.seeds

@@ -277,3 +277,19 @@ def test_a_stores_arrays_name_their_dimensions(tmp_path, name):
     for array, dims in want[name.split("-")[0]].items():
         meta = json.loads((tmp_path / "s.zarr" / array / "zarr.json").read_text())
         assert meta["dimension_names"] == ["seed", "sample", *dims], (array, meta["dimension_names"])
+
+
+def test_int4_codes_are_clamped_to_0_15_where_the_fp16_offset_rounds_below_a_group():
+    """Groups far from zero with a narrow range (values near 1000, range 0.3): the float16
+    offset rounds by up to 0.25, so (x - lo16) / scale16 reaches past 15 (to 17 here). Each code
+    is clamp(round((x - lo16) / scale16), 0, 15), packed two to a byte, low nibble first: by hand."""
+    from fdcache.codecs.int4 import quantize_int4
+
+    g = torch.Generator().manual_seed(0)
+    x = 1000.0 + 0.3 * torch.rand(4, 64, generator=g)
+    packed, qp = quantize_int4(x, group=32)
+    s16, lo16 = qp[..., 0:1].float(), qp[..., 1:2].float()
+    raw = torch.round((x.reshape(4, 2, 32) - lo16) / s16)
+    assert raw.max() > 15  # the clamp is exercised
+    q = raw.clamp(0, 15).to(torch.uint8).reshape(4, 64)
+    assert torch.equal(packed, q[:, 0::2] | (q[:, 1::2] << 4))

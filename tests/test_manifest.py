@@ -125,3 +125,12 @@ def test_first_difference_names_the_first_field_that_differs_by_its_singular(tmp
         "content checksum of 'b/z.jpg' differs (9 vs 10); 1 file(s) differ in crc32c"
     assert m().first_difference(m(labels=np.array([0, 1, 1], np.int32))) == \
         "label of 'a/y.jpg' differs (0 vs 1); 1 file(s) differ in labels"
+
+
+def test_a_file_list_that_is_not_text_is_named_with_its_byte_and_the_fix(images, tmp_path):
+    bad = tmp_path / "list.txt"
+    bad.write_bytes(b"class_000/a.jpg 0\n\xff\xfe\n")
+    with pytest.raises(DataError) as e:
+        index(images, file_list=str(bad))
+    assert str(e.value) == (f"{bad} is not a file list: byte 18 is not UTF-8 text (--file-list): give a text file "
+                            "of 'relative/path [label]' lines")

@@ -460,6 +460,17 @@ def test_resuming_a_sharded_checkpoint_with_another_total_batch_is_refused(store
     assert (tmp_path / "r" / "checkpoints" / "last" / "run.pt").is_file()
     with pytest.raises(FdcacheError, match="same total batch"):
         train(tcfg(tmp_path / "r", cache=str(store), steps=4, batch_size=2, shard_model=True, resume=True))
+    run_pt = tmp_path / "r" / "checkpoints" / "last" / "run.pt"
+    run_pt.write_bytes(run_pt.read_bytes()[:100])  # cut short: the sharded checkpoint's record is unreadable
+    with pytest.raises(FdcacheError, match=r"^the checkpoint is unreadable: .*run\.pt\): restore it from a "
+                                           r"copy, or start the run again without --resume \(--overwrite replaces "
+                                           r"what the old run left\)$"):
+        train(tcfg(tmp_path / "r", cache=str(store), steps=4, shard_model=True, resume=True))
+    torch.save({"step": 2}, run_pt)  # a readable archive, but not fdcache's record: named when it is loaded
+    with pytest.raises(FdcacheError, match=r"^the file is not an fdcache checkpoint \(no model, .*\) \(.*run\.pt\): "
+                                           r"restore the folder from a copy, or start the run again without --resume "
+                                           r"\(--overwrite replaces what the old run left\)$"):
+        train(tcfg(tmp_path / "r", cache=str(store), steps=4, shard_model=True, resume=True))
 
 
 def test_data_wait_is_the_time_spent_waiting_for_batches_over_the_runs_clock(tiny_store, tmp_path, monkeypatch):

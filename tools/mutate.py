@@ -27,9 +27,12 @@ Modules too big for a full run on this machine are estimated from a seeded rando
 their mutants (random mutant sampling: the score of a simple random sample of mutants
 estimates the score of all of them, with a binomial confidence interval):
 
-    nice -n 19 python tools/mutate.py sample 80 --seed 23 --max-children 1 "fdcache.distill.*" ...
-    nice -n 19 python tools/mutate.py sample-run 300   # the drawn mutants, each in its own pytest -x
+    nice -n 19 python tools/mutate.py sample 400 --seed 23 "fdcache.*"   # draw, then mutmut's stats run
+    nice -n 19 python tools/mutate.py sample-run 300 --jobs 2   # the drawn mutants, each in its own pytest -x
     python tools/mutate.py score --sample        # the sample's caught / evaluated and its 95% interval
+
+(``sample ... --run`` hands the drawn names to mutmut's own loop instead, which first reruns
+every covering test clean, by node id.)
 
 ``sample`` runs in its own stage, ``.mutmut-sample/``, whose test selection is the whole suite
 but ``tests/test_gpu_check.py`` (the per-module runs use pyproject's narrower selection; mutmut

@@ -35,7 +35,7 @@ estimates the score of all of them, with a binomial confidence interval):
 every covering test clean, by node id.)
 
 ``sample`` runs in its own stage, ``.mutmut-sample/``, whose test selection is the whole suite
-but ``tests/test_gpu_check.py`` (the per-module runs use pyproject's narrower selection; mutmut
+but ``tests/test_gpu_check.py`` and the tool's own tests (``SAMPLE_TESTS``; the per-module runs use pyproject's narrower selection; mutmut
 resets every result when the selection changes, so the two keep separate stages). The drawn
 names, the seed and the patterns are written to ``.mutmut-sample/sample.json`` and the same
 seed over the same code draws the same names. ``--debug`` (before the subcommand) sets

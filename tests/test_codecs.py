@@ -244,6 +244,34 @@ def test_int4_dither_is_reproducible_keyed_by_seed_sample_and_token():
         codec.encode(x)
 
 
+def _dither_by_definition(seed: int, sample: int, token: int, channel: int) -> float:
+    """int4-dither's u, in Python integers from the store format's definition (fdcache.codecs.int4):
+    three rounds of the 32-bit finalizer over (sample, seed), then token, then channel; the top
+    24 bits over 2**24. A store resumed by another fdcache version must draw the same u."""
+    m = 0xFFFFFFFF
+
+    def mix(h):
+        h ^= h >> 16
+        h = (h * 0x7FEB352D) & m
+        h ^= h >> 15
+        h = (h * 0x5BD1E995) & m
+        return h ^ (h >> 16)
+
+    h = mix((sample * 0x27D4EB2F + seed * 0x165667B1 + 0x3C6EF372) & m)
+    h = mix((h ^ token * 0x61C88647) & m)
+    h = mix((h ^ channel * 0x2545F491) & m)
+    return (h >> 8) / 2 ** 24
+
+
+@pytest.mark.parametrize("seed", [0, 7, 2 ** 32 - 1])
+def test_int4_dither_is_its_defined_hash_of_seed_sample_token_and_channel(seed):
+    samples = [0, 3, 65_535, 1_000_000_007]
+    u = dither(seed, torch.tensor(samples), 3, 5)
+    want = torch.tensor([[[_dither_by_definition(seed, s, t, c) for c in range(5)] for t in range(3)]
+                         for s in samples], dtype=torch.float64)
+    assert u.dtype == torch.float32 and torch.equal(u.double(), want)  # 24-bit values: exact in float32
+
+
 def test_int4_dithered_rounding_is_unbiased_where_nearest_is_not():
     x = feature_like(1, L, D)
     codec = get_codec("int4-dither")

@@ -185,6 +185,9 @@ def test_a_distilled_student_starts_finetuning_from_its_weights(student, folder,
         assert torch.equal(blk.attn.relative_position_bias_table, state["rel_pos_bias.relative_position_bias_table"])
     assert m.head.out_features == 4 and m.global_pool == "avg" and isinstance(m.fc_norm, torch.nn.LayerNorm)
     assert m.blocks[1].drop_path1.drop_prob == pytest.approx(0.1)
+    spec = ft.spec  # what model.json records: a classifier with a fresh head, its size from the built model
+    assert (spec.kind, spec.source, spec.head, spec.pretrained) == ("classifier", "student", "fresh", student.name)
+    assert spec.resolution == m.patch_embed.img_size[0]
 
 
 def test_resume_is_exact_with_mixup_drop_path_randaugment_and_ema(student, folder, tmp_path):

@@ -83,3 +83,26 @@ def test_a_dali_failure_no_single_file_explains_passes_dalis_own_reason_on(image
     assert isinstance(e, DataError) and not isinstance(e, BadImageError)
     assert str(e) == ("DALI failed on batch 3, and each of its files decodes alone: out of host memory while "
                       "decoding (2 file(s) in flight): please report this with DALI's message")
+
+
+@pytest.mark.parametrize("count", [5, 7])
+def test_a_decode_failure_names_the_first_five_files_and_marks_more(tmp_path, count):
+    """explain_decode_failure with ``count`` damaged files: the message counts them all, shows the
+    first five with their reasons and ends the list with ' ...' only when there are more; the
+    error carries every name (relative to the root)."""
+    from fdcache.distill.pixels import explain_decode_failure, undecodable
+
+    files = []
+    for i in range(count):
+        f = tmp_path / f"{i}.jpg"
+        f.write_bytes(b"not an image %d" % i)
+        files.append(str(f))
+    why = undecodable([(f, None) for f in files])
+    assert list(why) == files
+    e = explain_decode_failure([(f, None) for f in files], RuntimeError("DALI"), "batch 0",
+                               root_len=len(str(tmp_path)) + 1)
+    shown = "; ".join(f"{i}.jpg: {why[files[i]]}" for i in range(5))
+    more = " ..." if count > 5 else ""
+    assert isinstance(e, BadImageError)
+    assert str(e) == f"cannot decode {count} image(s) ({shown}{more}): remove or fix them"
+    assert e.paths == [f"{i}.jpg" for i in range(count)]

@@ -489,3 +489,21 @@ def test_data_wait_is_the_time_spent_waiting_for_batches_over_the_runs_clock(tin
     assert r.data_wait_fraction == pytest.approx(3 / 10) and r.images_per_s == pytest.approx(12 / 10)
     log = [json.loads(line) for line in open(tmp_path / "r" / "log.jsonl")]
     assert [(x["data_wait"], x["images_per_s"]) for x in log] == [pytest.approx((1 / 3, 4 / 3))] * 3
+
+
+def test_tensorboard_scalars_are_the_logs_records(tiny_store, tmp_path):
+    """``--tensorboard``: each logged step's loss, lr, images/s and data wait, under the task's
+    name, hold the values log.jsonl records for that step (float32 in the event file)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "r"
+    train(tcfg(out, cache=str(tiny_store), steps=3, log_every=1, tensorboard=True))
+    log = _log(out)
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    keys = ("loss", "lr", "images_per_s", "data_wait")
+    assert {f"train/{k}" for k in keys} <= set(events.Tags()["scalars"])
+    for k in keys:
+        got = [(e.step, e.value) for e in events.Scalars(f"train/{k}")]
+        assert got == [(r["step"], pytest.approx(r[k], rel=1e-6)) for r in log], k
+    assert [r["step"] for r in log] == [1, 2, 3]

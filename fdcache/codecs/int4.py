@@ -32,7 +32,12 @@ def _mix(h: torch.Tensor) -> torch.Tensor:
 
 
 def dither(seed: int, samples: torch.Tensor, tokens: int, dim: int) -> torch.Tensor:
-    """Uniform [0, 1) float32 ``[len(samples), tokens, dim]`` keyed by (seed, sample, token, dim)."""
+    """Uniform [0, 1) float32 ``[len(samples), tokens, dim]`` keyed by (seed, sample, token, dim).
+
+    Part of the store format (a store resumed or re-made by another version draws the same u):
+    ``h = mix(sample * 0x27D4EB2F + seed * 0x165667B1 + 0x3C6EF372)``, then
+    ``h = mix(h ^ token * 0x61C88647)``, ``h = mix(h ^ channel * 0x2545F491)`` (each modulo
+    2**32, ``mix`` the finalizer above), ``u = (h >> 8) / 2**24``."""
     dev = samples.device
     h = _mix((samples.to(torch.int64).view(-1, 1, 1) * 0x27D4EB2F + int(seed) * 0x165667B1 + 0x3C6EF372) & _MASK)
     h = _mix((h ^ torch.arange(tokens, device=dev, dtype=torch.int64).view(1, -1, 1) * 0x61C88647) & _MASK)

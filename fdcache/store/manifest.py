@@ -244,7 +244,7 @@ def index(root: str | os.PathLike, *, file_list: str | os.PathLike | None = None
 
     rows, bad = [], []
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        for k, (row, err) in enumerate(pool.map(lambda r: _probe(root, r, checksums), paths, chunksize=64)):
+        for k, (row, err) in enumerate(pool.map(lambda r: _probe(root, r, checksums), paths)):
             if err:
                 bad.append((paths[k], err))
             rows.append(row)
@@ -325,7 +325,7 @@ def compare_files(manifest: Manifest, *, content: bool = False, headers: str = "
         return None
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        for r in pool.map(check, range(len(manifest)), chunksize=256):
+        for r in pool.map(check, range(len(manifest))):
             if r is not None:
                 getattr(out, r[0]).append(r[1])
     return out

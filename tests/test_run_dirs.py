@@ -127,6 +127,22 @@ def test_overwrite_removes_the_old_runs_files_on_the_main_rank_only(tmp_path):
     assert not any(p.exists() for p in old) and mine.read_text() == "mine"
 
 
+def test_every_rank_makes_the_out_folder_with_its_parents(tmp_path):
+    """Each rank makes ``OUT`` (and folders above it) itself: on another node's own disk rank 0's
+    lock file has made nothing, and a sharded checkpoint writes every rank's shards there.
+    Engine.begin called on a stand-in for a rank-1 engine."""
+    from types import SimpleNamespace
+
+    from fdcache.engine import Engine
+
+    out = tmp_path / "node1" / "runs" / "r"
+    cfg = SimpleNamespace(resume=False, overwrite=False, to_dict=lambda: {}, preset=None)
+    rank1 = SimpleNamespace(out=out, cfg=cfg, dist=SimpleNamespace(is_main=False, barrier=lambda: None),
+                            task=SimpleNamespace(outputs=(), name="train"))
+    assert Engine.begin(rank1) is True
+    assert out.is_dir() and list(out.iterdir()) == []  # rank 1 writes no run record
+
+
 def test_a_student_export_without_model_args_builds_with_none(tmp_path):
     """timm writes model_args into config.json only when the model was made with some: a student
     export without them reads as no keyword arguments, not as a damaged export."""

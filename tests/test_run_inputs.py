@@ -49,6 +49,23 @@ def test_a_damaged_checkpoint_on_resume_is_a_named_error(tiny_run, tiny_store, t
     assert "checkpoint is unreadable" in line and str(ck) in line and "--overwrite" in line
 
 
+
+def test_a_readable_checkpoint_that_is_not_fdcaches_is_named_with_the_fix_on_resume(tiny_run, tiny_store, tmp_path):
+    """A torch archive that reads (so the cheap index check passes) but lacks fdcache's keys:
+    refused when loaded, naming the file, the keys it needs and the fix."""
+    import torch
+
+    from fdcache.engine import CHECKPOINT_KEYS
+
+    out = shutil.copytree(tiny_run, tmp_path / "run")
+    ck = out / "checkpoints" / "last.pt"
+    torch.save({"step": 2, "model": {}}, ck)
+    r = run(*train_args(tiny_store, out, "--resume"))
+    assert r.exit_code == 2
+    assert one_error_line(r) == (f"error: the file is not an fdcache checkpoint (no {', '.join(CHECKPOINT_KEYS)}) "
+                                 f"({ck}): restore it from a copy, or start the run again without --resume "
+                                 "(--overwrite replaces what the old run left)")
+
 @contextlib.contextmanager
 def file_size_limit(nbytes: int):
     """Writes past ``nbytes`` fail with EFBIG in this process, as on a full disk (a quota)."""

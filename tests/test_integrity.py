@@ -263,7 +263,9 @@ def test_a_copied_data_folder_trains_with_a_warning(small_store, small_root, tmp
     shutil.copytree(small_root, copy, copy_function=shutil.copyfile)  # new mtimes, same bytes
     DistillTask(TrainConfig(out=str(tmp_path / "run"), cache=str(small_store), data=str(copy), student="fd-tiny",
                         steps=1, batch_size=2, progress=False, device="cpu"))
-    assert "verify" in caplog.text and "--content" in caplog.text
+    n = sum(1 for p in small_root.rglob("*") if p.is_file())
+    assert f"{n} file(s) have a new mtime but their recorded size" in caplog.text
+    assert f"To check their bytes run: fdcache verify {small_store} --data {copy} --content" in caplog.text
     assert verify_store(str(small_store), data=copy, content=True)["warnings"] == []
 
 

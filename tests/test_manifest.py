@@ -125,6 +125,9 @@ def test_first_difference_names_the_first_field_that_differs_by_its_singular(tmp
         "content checksum of 'b/z.jpg' differs (9 vs 10); 1 file(s) differ in crc32c"
     assert m().first_difference(m(labels=np.array([0, 1, 1], np.int32))) == \
         "label of 'a/y.jpg' differs (0 vs 1); 1 file(s) differ in labels"
+    seven = [f"c{i}" for i in range(7)]
+    assert m(classes=seven).first_difference(m(classes=["x", *seven[1:]])) == \
+        "class names differ: ['c0', 'c1', 'c2', 'c3', 'c4']... vs ['x', 'c1', 'c2', 'c3', 'c4']..."  # five of each
 
 
 def test_a_file_list_that_is_not_text_is_named_with_its_byte_and_the_fix(images, tmp_path):

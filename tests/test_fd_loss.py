@@ -27,8 +27,11 @@ SCALER = 2.0 ** 16  # GradScaler's initial scale: the grad_output fp16 AMP train
 
 @pytest.fixture(autouse=True)
 def poisoned(monkeypatch):
-    """Every output buffer starts as NaN, so an element the kernel misses fails the test."""
+    """Every output buffer starts as NaN, so an element the kernel misses fails the test. Each
+    is placed on a device named explicitly: left to torch's default it is on the CPU, where a
+    GPU kernel cannot write it (a bug the CPU interpreter alone would not show)."""
     def empty(shape, dtype=None, device=None, **kw):
+        assert device is not None, "the launcher allocated an output buffer without naming its device"
         return torch.full(shape if isinstance(shape, tuple) else (shape,), float("nan"),
                           dtype=dtype, device=device)
     monkeypatch.setattr(kmod, "_empty", empty)

@@ -96,7 +96,9 @@ def test_a_full_disk_while_saving_a_checkpoint_is_named_and_leaves_the_last_one_
 def test_resume_without_a_run_says_there_is_none(tiny_store, tmp_path):
     (tmp_path / "empty").mkdir()
     r = run(*train_args(tiny_store, tmp_path / "empty", "--resume"))
-    assert r.exit_code == 2 and "there is no run to resume" in one_error_line(r)
+    assert r.exit_code == 2
+    assert one_error_line(r) == (f"error: there is no run to resume in {tmp_path / 'empty'} (--resume): start it "
+                                 "without --resume (or give the --out of the run to continue)")
 
 
 def test_a_file_given_as_an_image_folder_is_called_a_file(image_root, tmp_path):

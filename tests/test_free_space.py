@@ -108,3 +108,21 @@ def test_a_remote_store_is_not_checked_and_says_so():
     assert loc.free_space() is None
     line = check_free_space(loc, {1000: 3}, 3, 1000)
     assert "not checked" in line and "s3://bucket/x.zarr is remote" in line and "3 kB" in line
+
+
+def test_used_bytes_is_the_blocks_of_a_local_stores_files_and_zero_where_none_are_counted(tmp_path):
+    """Location.used_bytes: the allocated blocks (st_blocks x 512) of every file under a local
+    store, a hand count; 0 for a folder that does not exist and for a remote store."""
+    import os
+
+    from fdcache.store.location import Location
+
+    root = tmp_path / "s.zarr"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "zarr.json").write_text("{}")
+    (root / "a" / "b" / "0").write_bytes(os.urandom(10_000))
+    (root / "a" / "empty").write_bytes(b"")
+    by_hand = sum(os.lstat(p).st_blocks * 512 for p in (root / "zarr.json", root / "a" / "b" / "0"))
+    assert Location.resolve(str(root)).used_bytes() == by_hand >= 10_000
+    assert Location.resolve(str(tmp_path / "absent.zarr")).used_bytes() == 0
+    assert Location.resolve("s3://bucket/absent.zarr").used_bytes() == 0

@@ -82,6 +82,7 @@ def test_a_timm_folder_not_written_by_fdcache_train_is_not_taken_as_a_student(tm
 
 def test_the_resume_command_is_the_command_line_with_resume_and_says_torchrun_only_under_it(monkeypatch):
     import sys
+    from types import SimpleNamespace
 
     from fdcache.engine import resume_command
 
@@ -93,6 +94,11 @@ def test_the_resume_command_is_the_command_line_with_resume_and_says_torchrun_on
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(sys, "argv", ["fdcache", "train", "--resume"])
     assert resume_command() == "fdcache train --resume (under torchrun, with the same torchrun options)"
+    # python -m fdcache (torchrun -m fdcache): argv[0] is the package's __main__.py, the module spec names it
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setattr(sys, "argv", ["/venv/lib/fdcache/__main__.py", "train", "--out", "r"])
+    monkeypatch.setattr(sys.modules["__main__"], "__spec__", SimpleNamespace(name="fdcache.__main__"), raising=False)
+    assert resume_command() == "fdcache train --out r --resume"
     monkeypatch.setattr(sys, "argv", ["my_script.py"])  # the Python API: no command line to give
     monkeypatch.setattr(sys.modules["__main__"], "__spec__", None, raising=False)
     assert resume_command() == "the same call with resume=True"

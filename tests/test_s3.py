@@ -43,8 +43,9 @@ def bucket():
 
 
 def _extract(data, out, **kw):
-    return extract(ExtractConfig(data=str(data), out=str(out), teacher=TINY_TEACHER, random_init=True, seeds=1,
-                                 batch_size=4, shard_size=4, progress=False, num_threads=1, **kw))
+    base = dict(teacher=TINY_TEACHER, random_init=True, seeds=1, batch_size=4, shard_size=4, progress=False,
+                num_threads=1)
+    return extract(ExtractConfig(data=str(data), out=str(out), **(base | kw)))
 
 
 def test_reader_and_trainer_work_on_a_store_in_a_bucket(bucket, image_root, tmp_path):
@@ -94,6 +95,20 @@ def test_extract_looks_at_a_bucket_store_with_one_listing(bucket, image_root, mo
         _extract(image_root, url)
         assert len(listings) == 1, (run, listings)
 
+
+def test_a_sample_without_data_in_a_bucket_store_is_an_error_naming_seed_shard_and_sample(bucket, image_root):
+    """The object-store read path plans its range requests as the local one does: a sample whose
+    chunk zarr dropped (all fill value: the shard index marks it absent) is a StoreDataError
+    naming seed 1, shard 1 (samples 4..7, by hand count) and the sample, not a fill value."""
+    import zarr
+
+    url = f"{bucket}/lost.zarr"
+    _extract(image_root, url, seeds=2)
+    zarr.open_group(url, mode="r+")["targets"][1, 6] = 0
+    with pytest.raises(StoreDataError, match=r"^targets of seed 1, shard 1 \(samples 4\.\.7\) in .*: sample 6 has no "
+                                             r"data in its shard") as e:
+        Store.open(url).reader().read(1, [0, 6])
+    assert (e.value.seed, e.value.shard, e.value.samples) == (1, 1, (4, 8))
 
 def test_a_flipped_byte_in_a_bucket_is_an_error_naming_the_sample(bucket, image_root):
     """The object-store read path checks each sample's crc32c as the local one does: one byte

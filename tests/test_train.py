@@ -73,6 +73,17 @@ def test_resume_reproduces_the_uninterrupted_loss_sequence_bit_exactly(store, tm
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
+
+def test_a_sharded_run_resumes_its_random_state_bit_exactly(store, tmp_path):
+    """--shard-model (FSDP2, one process): stopped after step 3 and resumed, drop path draws what
+    the uninterrupted run drew, so the losses are the same numbers."""
+    kw = dict(cache=str(store), steps=5, save_every=3, drop_path=0.2, shard_model=True)
+    full = train(tcfg(tmp_path / "a", **kw))
+    part = train(tcfg(tmp_path / "b", run_steps=3, **kw))
+    assert (tmp_path / "b" / "checkpoints" / "last" / "run.pt").is_file()
+    rest = train(tcfg(tmp_path / "b", resume=True, **kw))
+    assert part.losses + rest.losses == full.losses and len(full.losses) == 5
+
 def test_an_existing_run_is_not_overwritten_without_resume(store, tmp_path):
     train(tcfg(tmp_path / "r", cache=str(store), steps=2))
     with pytest.raises(FdcacheError, match="--resume"):

@@ -179,6 +179,11 @@ def test_non_contiguous_inputs_are_handled():
     wide_t = torch.randn(3, 17, 200, device=DEVICE).half()[..., ::2]  # last dim strided
     p2 = torch.randn(3, 17, 100, device=DEVICE, requires_grad=True)
     _check(p2, wide_t)
+    # Column-major [rows, D] (a transposed [D, rows]): unit stride between rows, not along them.
+    cm_p = torch.randn(100, 51, device=DEVICE).T.requires_grad_()
+    cm_t = torch.randn(100, 51, device=DEVICE).half().T
+    assert cm_p.stride() == (1, 51) and cm_t.stride() == (1, 51)
+    _check(cm_p, cm_t)
 
 
 @pytest.mark.gpu

@@ -217,7 +217,8 @@ def sample_score(stage_dir: Path = SAMPLE_STAGE) -> str:
     drawn = json.loads((stage_dir / "sample.json").read_text())
     got = verdicts(stage_dir)
     equivalent = equivalent_mutants()
-    got.update({k: "equivalent" if v == "survived" and k in equivalent else "killed" if v == "exit 4" else v
+    got.update({k: ("equivalent" if v in ("survived", "no tests") and k in equivalent
+                    else "killed" if v == "exit 4" else v)
                 for k, v in drawn.get("verdicts", {}).items()})
     order = list(drawn["names"])
     random.Random(drawn["seed"]).shuffle(order)

@@ -307,6 +307,24 @@ def test_a_stores_arrays_name_their_dimensions(tmp_path, name):
         assert meta["dimension_names"] == ["seed", "sample", *dims], (array, meta["dimension_names"])
 
 
+
+def test_the_views_array_is_declared_as_the_store_format_says(tmp_path):
+    """README's store format: views ``[S, N, 5]`` int32, chunks of min(N, 65536) samples of one
+    seed, -1 where nothing is recorded (no view has a negative size), named seed, sample, yxhwf."""
+    import json
+
+    import zarr
+    from conftest import synthetic_store
+
+    synthetic_store(tmp_path / "s.zarr", seeds=1, samples=10)
+    meta = json.loads((tmp_path / "s.zarr" / "views" / "zarr.json").read_text())
+    assert (meta["shape"], meta["data_type"], meta["fill_value"], meta["dimension_names"]) == \
+        ([1, 10, 5], "int32", -1, ["seed", "sample", "yxhwf"])
+    assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [1, 10, 5]
+    views = zarr.open_array(str(tmp_path / "s.zarr" / "views"), mode="r+")
+    views.resize((2, 10, 5))  # a seed whose views are not written yet
+    assert (views[1] == -1).all() and (views[0][:, 2:4] > 0).all()
+
 def test_int4_codes_are_clamped_to_0_15_where_the_fp16_offset_rounds_below_a_group():
     """Groups far from zero with a narrow range (values near 1000, range 0.3): the float16
     offset rounds by up to 0.25, so (x - lo16) / scale16 reaches past 15 (to 17 here). Each code

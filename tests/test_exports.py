@@ -158,6 +158,31 @@ def test_a_zero_shot_head_and_its_wise_mix_load_with_open_clip_and_their_head_fi
         f"open_clip.create_model_and_transforms('local-dir:{folder}') + head.safetensors"]
 
 
+def test_a_timm_form_that_computes_something_else_is_not_written(monkeypatch, tmp_path):
+    """An FT-CLIP export's timm form is run against the model on a probe image before it is
+    written: a conversion that loses a weight (here the head's sign, injected) is refused,
+    recorded in model.json, and no timm/ weights are left for timm to load."""
+    from fdcache import exports
+    from fdcache.tune.classifiers import init_model, save_export
+
+    real = exports.openclip_to_timm_state
+
+    def wrong_head(state, model):
+        out = dict(real(state, model))
+        out["head.weight"] = -out["head.weight"]
+        return out
+
+    monkeypatch.setattr(exports, "openclip_to_timm_state", wrong_head)
+    model, spec = init_model(model=TINY_TEACHER, pretrained=None, random_init=True, student=None, kind="classifier",
+                             classnames=["a", "b"], head="fresh", templates="openai", resolution=None, drop_path=0.0)
+    with torch.no_grad():
+        model.head.weight.normal_()  # FT-CLIP's fresh head starts near zero: make it matter
+    with pytest.warns(UserWarning, match="not its timm/open_clip form"):
+        save_export(tmp_path, spec, model)
+    meta = json.loads((tmp_path / "model.json").read_text())
+    assert "the timm form of this model computes something else than the model" in meta["library_form_error"]
+    assert not (tmp_path / "timm" / "model.safetensors").exists()
+
 def test_a_library_form_that_fails_leaves_fdcaches_export_whole(monkeypatch, tmp_path):
     from fdcache import exports
     from fdcache.errors import FdcacheError

@@ -321,6 +321,8 @@ def test_the_views_array_is_declared_as_the_store_format_says(tmp_path):
     assert (meta["shape"], meta["data_type"], meta["fill_value"], meta["dimension_names"]) == \
         ([1, 10, 5], "int32", -1, ["seed", "sample", "yxhwf"])
     assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [1, 10, 5]
+    for name, dims in (("skipped", ["seed", "sample"]), ("done", ["seed", "shard"])):
+        assert json.loads((tmp_path / "s.zarr" / name / "zarr.json").read_text())["dimension_names"] == dims, name
     views = zarr.open_array(str(tmp_path / "s.zarr" / "views"), mode="r+")
     views.resize((2, 10, 5))  # a seed whose views are not written yet
     assert (views[1] == -1).all() and (views[0][:, 2:4] > 0).all()

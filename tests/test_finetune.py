@@ -713,3 +713,21 @@ def test_a_run_seed_past_32_bits_of_numpys_legacy_seed_still_starts(folder, tmp_
     ft = FinetuneTask(fcfg(tmp_path / "r", folder, seed=5_000_000))
     assert ft.cfg.seed == 5_000_000
     assert np.random.get_state()[1][0] == np.random.RandomState((5_000_000 * 1000) % 2**32).get_state()[1][0]
+
+
+def test_openais_clip_weights_are_built_with_the_quickgelu_config_they_were_trained_with(monkeypatch):
+    """--model ViT-B-16 --pretrained openai: open_clip's ViT-B-16 config lacks QuickGELU, so the
+    tower is built as ViT-B-16-quickgelu (open_clip's docs) and the spec records that name. The
+    download is replaced by the tiny CLIP (no network in tests); the name asked for is checked."""
+    import fdcache.tune.classifiers as classifiers
+
+    asked = []
+
+    def offline(name, pretrained, resolution=None):
+        asked.append((name, pretrained))
+        return create_openclip(TINY_TEACHER, None, resolution)
+
+    monkeypatch.setattr(classifiers, "create_openclip", offline)
+    _, spec = init_model(model="ViT-B-16", pretrained="openai", random_init=False, student=None, kind="classifier",
+                         classnames=["a", "b"], head="fresh", templates="openai", resolution=None, drop_path=0.0)
+    assert asked == [("ViT-B-16-quickgelu", "openai")] and spec.name == "ViT-B-16-quickgelu"

@@ -300,6 +300,32 @@ def test_verify_reports_any_single_damaged_file_and_never_crashes(small_store, t
         shutil.rmtree(store)
 
 
+
+def test_verify_names_a_damaged_shards_sample_range_and_a_missing_manifest_chunk(small_store, tmp_path):
+    """A flipped byte in seed 0's shard 1 of targets: one problem naming the shard's samples
+    a..b-1 (a hand count from the shard size); a deleted manifest chunk: its array and chunk."""
+    from fdcache.store.audit import _REMAKE
+
+    store = tmp_path / "s.zarr"
+    shutil.copytree(small_store, store)
+    size, n = Store.open(str(store)).info.shard_size, Store.open(str(store)).info.num_samples
+    a, b = size, min(2 * size, n)
+    shard = store / "targets" / "c" / "0" / "1" / "0" / "0"
+    raw = bytearray(shard.read_bytes())
+    raw[10] ^= 0x01
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(VerifyError) as e:
+        verify_store(str(store), check_files=False)
+    assert len(e.value.problems) == 1
+    assert e.value.problems[0].startswith(f"seed 0 shard 1 (samples {a}..{b - 1}): targets of seed 0, shard 1 "
+                                          f"(samples {a}..{b - 1}) in "), e.value.problems
+    shutil.rmtree(store)
+    shutil.copytree(small_store, store)
+    (store / "manifest" / "labels" / "c" / "0").unlink()
+    with pytest.raises(VerifyError) as e:
+        verify_store(str(store), check_files=False)
+    assert f"manifest/labels: chunk(s) [0] missing. {_REMAKE}" in e.value.problems
+
 def test_verify_names_a_missing_views_chunk_and_edited_attributes(small_store, tmp_path):
     store = tmp_path / "s.zarr"
     shutil.copytree(small_store, store)

@@ -213,6 +213,29 @@ def test_resume_into_a_run_still_being_written_names_its_writer(tiny_store, tmp_
     assert "stopped before its first checkpoint" in line, line
 
 
+
+def test_a_checkpoint_write_failing_without_an_os_error_names_torchs_reason(tmp_path, monkeypatch):
+    """torch's zip writer failing with its own RuntimeError (no OSError inside, injected): the
+    named error carries torch's reason, the temporary file is gone, the last checkpoint whole."""
+    import fdcache.engine as engine_mod
+    from fdcache.engine import atomic_save
+
+    ck = tmp_path / "checkpoints" / "last.pt"
+    atomic_save({"step": 1}, ck)
+    before = ck.read_bytes()
+
+    def failing_save(obj, f):
+        f.write(b"PK")
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(engine_mod.torch, "save", failing_save)
+    with pytest.raises(FdcacheError) as e:
+        atomic_save({"step": 2}, ck)
+    assert str(e.value) == ("writing the checkpoint failed: [enforce fail at inline_container.cc:603] . unexpected "
+                            f"pos 64 vs 0 ({ck}): free disk space (or raise the quota), then resume; the previous "
+                            "checkpoint, if any, is unchanged")
+    assert ck.read_bytes() == before and not (tmp_path / "checkpoints" / "last.pt.tmp").exists()
+
 def test_a_checkpoint_file_that_cannot_be_created_is_named_and_leaves_the_last_one_whole(tmp_path, monkeypatch):
     """No inode left (ENOSPC when the temporary file is created, injected): atomic_save raises
     the named error; there is no temporary file to remove and the last checkpoint is unchanged."""

@@ -194,8 +194,9 @@ def test_a_library_form_that_fails_leaves_fdcaches_export_whole(monkeypatch, tmp
     monkeypatch.setattr(exports, "write_timm_from_openclip", broken)
     model, spec = init_model(model=TINY_TEACHER, pretrained=None, random_init=True, student=None, kind="classifier",
                              classnames=["a", "b"], head="fresh", templates="openai", resolution=None, drop_path=0.0)
-    with pytest.warns(UserWarning, match="not its timm/open_clip form"):
+    with pytest.warns(UserWarning, match="not its timm/open_clip form") as warned:
         save_export(tmp_path, spec, model)
+    assert warned[0].filename == __file__  # the warning points at the caller of save_export
     meta = json.loads((tmp_path / "model.json").read_text())
     assert "computes something else" in meta["library_form_error"]
     ref, _, _ = load_export(tmp_path)  # fdcache's own export still loads

@@ -66,6 +66,24 @@ def test_a_readable_checkpoint_that_is_not_fdcaches_is_named_with_the_fix_on_res
                                  f"({ck}): restore it from a copy, or start the run again without --resume "
                                  "(--overwrite replaces what the old run left)")
 
+
+def test_a_checkpoint_of_another_model_is_named_with_the_fix_on_resume(tiny_run, tiny_store, tmp_path):
+    """last.pt with fdcache's keys but a model state this run's student cannot load (a weight
+    removed, injected): refused naming torch's reason, the file and the fix."""
+    import torch
+
+    out = shutil.copytree(tiny_run, tmp_path / "run")
+    ck = out / "checkpoints" / "last.pt"
+    state = torch.load(ck, weights_only=False)
+    gone = sorted(state["model"])[0]
+    del state["model"][gone]
+    torch.save(state, ck)
+    r = run(*train_args(tiny_store, out, "--resume"))
+    assert r.exit_code == 2
+    line = one_error_line(r)
+    assert line.startswith("error: the checkpoint does not fit this run (") and gone in line
+    assert line.endswith(f" ({ck}): resume with the options it was started with (OUT/config.json lists them)")
+
 @contextlib.contextmanager
 def file_size_limit(nbytes: int):
     """Writes past ``nbytes`` fail with EFBIG in this process, as on a full disk (a quota)."""
